@@ -1,0 +1,195 @@
+//! Socket.IO handlers for namespace `/`: who may connect, heartbeats, disconnects.
+
+use std::fmt;
+
+use serde_json::{Value, json};
+use socketioxide::extract::{AckSender, MaybeHttpExtension, SocketRef, State, TryData};
+use socketioxide::socket::DisconnectReason;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::registry::{Heartbeat, Session};
+use super::{AgentsState, AnonymousAgents};
+use crate::identity::Peer;
+
+/// Why a Socket.IO connect was refused; the client receives the text as its
+/// `connect_error` message.
+#[derive(Debug)]
+pub enum ConnectRefused {
+    NoCertificate,
+}
+
+impl fmt::Display for ConnectRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NoCertificate => {
+                "agent certificate required: connect with the client certificate uploaded for this agent"
+            }
+        })
+    }
+}
+
+/// Connect middleware: an agent identity from the TLS handshake, or the development switch.
+pub async fn authenticate(
+    MaybeHttpExtension(peer): MaybeHttpExtension<Peer>,
+    State(state): State<AgentsState>,
+) -> Result<(), ConnectRefused> {
+    let remote = peer.as_ref().map(|p| p.remote_addr);
+    match peer.and_then(|p| p.identity) {
+        Some(_) => Ok(()),
+        None => match state.anonymous {
+            AnonymousAgents::AllowWithWarning => {
+                tracing::warn!(
+                    ?remote,
+                    "anonymous Socket.IO client connected (allow_anonymous_agents = true)"
+                );
+                Ok(())
+            }
+            AnonymousAgents::Deny => {
+                tracing::info!(
+                    ?remote,
+                    "refused Socket.IO connect without an agent certificate"
+                );
+                Err(ConnectRefused::NoCertificate)
+            }
+        },
+    }
+}
+
+pub async fn on_connect(
+    socket: SocketRef,
+    MaybeHttpExtension(peer): MaybeHttpExtension<Peer>,
+    State(state): State<AgentsState>,
+) {
+    let Some(peer) = peer else {
+        // Every request gets a Peer from the server; a socket without one cannot exist.
+        return;
+    };
+    let identity = peer.identity.clone();
+    state.registry.connect(
+        identity.as_ref().map(|i| &i.agent_id),
+        Session {
+            sid: socket.id,
+            fingerprint: identity.as_ref().map(|i| i.fingerprint),
+            remote_addr: peer.remote_addr,
+            connected_at: OffsetDateTime::now_utc(),
+        },
+    );
+    match &identity {
+        Some(id) => tracing::info!(
+            agent_id = %id.agent_id, sid = %socket.id, remote = %peer.remote_addr,
+            transport = ?socket.transport_type(), "agent connected"
+        ),
+        None => {
+            tracing::info!(sid = %socket.id, remote = %peer.remote_addr, "anonymous client connected")
+        }
+    }
+    socket.on("heartbeat", on_heartbeat);
+    socket.on_disconnect(on_disconnect);
+}
+
+async fn on_heartbeat(
+    socket: SocketRef,
+    TryData(data): TryData<Value>,
+    MaybeHttpExtension(peer): MaybeHttpExtension<Peer>,
+    State(state): State<AgentsState>,
+    ack: AckSender,
+) {
+    let identity = peer.and_then(|p| p.identity);
+    let payload = match data
+        .map_err(|e| e.to_string())
+        .and_then(|v| check_heartbeat(&v).map(|()| v))
+    {
+        Ok(v) => v,
+        Err(reason) => {
+            tracing::debug!(sid = %socket.id, %reason, "malformed heartbeat");
+            let _ = socket.emit("error", &json!({ "event": "heartbeat", "message": reason }));
+            return;
+        }
+    };
+    let received_at = OffsetDateTime::now_utc();
+    if let Some(id) = &identity {
+        state.registry.heartbeat(
+            &id.agent_id,
+            Heartbeat {
+                received_at,
+                payload,
+            },
+        );
+    }
+    let reply = json!({
+        "status": "ok",
+        "agent_id": identity.as_ref().map(|i| i.agent_id.as_str()),
+        "received_at": received_at.format(&Rfc3339).unwrap_or_default(),
+    });
+    let _ = socket.emit("heartbeat_ack", &reply);
+    // Agents that emit with a callback get the same reply as their acknowledgement.
+    let _ = ack.send(&reply);
+}
+
+/// `{cpu_usage, memory_usage, disk_usage, timestamp?}`, numbers for the three usages.
+fn check_heartbeat(v: &Value) -> Result<(), String> {
+    let obj = v
+        .as_object()
+        .ok_or("heartbeat payload must be a JSON object")?;
+    for field in ["cpu_usage", "memory_usage", "disk_usage"] {
+        match obj.get(field) {
+            Some(Value::Number(_)) => {}
+            Some(_) => return Err(format!("heartbeat field `{field}` must be a number")),
+            None => return Err(format!("heartbeat field `{field}` is missing")),
+        }
+    }
+    match obj.get("timestamp") {
+        None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
+        Some(_) => Err("heartbeat field `timestamp` must be a string".into()),
+    }
+}
+
+async fn on_disconnect(
+    socket: SocketRef,
+    reason: DisconnectReason,
+    MaybeHttpExtension(peer): MaybeHttpExtension<Peer>,
+    State(state): State<AgentsState>,
+) {
+    let identity = peer.and_then(|p| p.identity);
+    state
+        .registry
+        .disconnect(identity.as_ref().map(|i| &i.agent_id), socket.id);
+    state.bindings.unbind(&socket.id.to_string());
+    match identity {
+        Some(id) => {
+            tracing::info!(agent_id = %id.agent_id, sid = %socket.id, %reason, "agent disconnected")
+        }
+        None => tracing::info!(sid = %socket.id, %reason, "anonymous client disconnected"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_payload_rules() {
+        assert!(
+            check_heartbeat(&json!({"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}))
+                .is_ok()
+        );
+        assert!(
+            check_heartbeat(&json!({"cpu_usage": 0.5, "memory_usage": 1, "disk_usage": 1, "timestamp": "2025-11-13T12:00:00"}))
+                .is_ok()
+        );
+        assert_eq!(
+            check_heartbeat(&json!("x")).unwrap_err(),
+            "heartbeat payload must be a JSON object"
+        );
+        assert_eq!(
+            check_heartbeat(&json!({"cpu_usage": "high", "memory_usage": 1, "disk_usage": 1}))
+                .unwrap_err(),
+            "heartbeat field `cpu_usage` must be a number"
+        );
+        assert_eq!(
+            check_heartbeat(&json!({"cpu_usage": 1, "memory_usage": 1})).unwrap_err(),
+            "heartbeat field `disk_usage` is missing"
+        );
+    }
+}

@@ -1,0 +1,122 @@
+//! The agent side: Socket.IO handlers (connect, heartbeat, disconnect), the registry of
+//! connected agents, and the guard that binds Engine.IO sessions to TLS identities.
+
+pub mod handlers;
+pub mod registry;
+pub mod session_guard;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::socket::Sid;
+use socketioxide::{SocketIo, TransportType};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::identity::{AgentId, Fingerprint};
+pub use registry::AgentRegistry;
+pub use session_guard::SessionBindings;
+
+/// Whether Socket.IO clients without an agent certificate may connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnonymousAgents {
+    /// The production rule: no certificate, no socket.
+    Deny,
+    /// Development only; every such connect is logged as a warning.
+    AllowWithWarning,
+}
+
+/// Cheap-to-clone handle on everything agent-facing.
+#[derive(Clone)]
+pub struct Agents {
+    pub io: SocketIo,
+    pub registry: AgentRegistry,
+    pub bindings: SessionBindings,
+}
+
+/// What the Socket.IO handlers share (socketioxide state).
+#[derive(Clone)]
+pub struct AgentsState {
+    pub registry: AgentRegistry,
+    pub bindings: SessionBindings,
+    pub anonymous: AnonymousAgents,
+}
+
+impl Agents {
+    /// Builds the Socket.IO layer (to mount on the router) and the handle.
+    pub fn build(config: &Config) -> (SocketIoLayer, Agents) {
+        let state = AgentsState {
+            registry: AgentRegistry::default(),
+            bindings: SessionBindings::default(),
+            anonymous: if config.allow_anonymous_agents {
+                AnonymousAgents::AllowWithWarning
+            } else {
+                AnonymousAgents::Deny
+            },
+        };
+        let (layer, io) = SocketIo::builder()
+            .ping_interval(Duration::from_secs(config.socketio.ping_interval_secs))
+            .ping_timeout(Duration::from_secs(config.socketio.ping_timeout_secs))
+            .max_payload(config.socketio.max_payload_bytes)
+            .with_state(state.clone())
+            .build_layer();
+        io.ns("/", handlers::on_connect.with(handlers::authenticate));
+        let agents = Agents {
+            io,
+            registry: state.registry,
+            bindings: state.bindings,
+        };
+        (layer, agents)
+    }
+
+    /// Disconnects the live sessions of `agent_id` that authenticated with `fingerprint`
+    /// (or all of them with `None`); returns how many were closed.
+    pub fn disconnect_sessions(
+        &self,
+        agent_id: &AgentId,
+        fingerprint: Option<Fingerprint>,
+    ) -> usize {
+        let mut closed = 0;
+        for sid in self.registry.sessions_of(agent_id, fingerprint) {
+            if let Some(socket) = self.io.get_socket(sid)
+                && socket.disconnect().is_ok()
+            {
+                closed += 1;
+            }
+            // The disconnect handler removes the session; do it here too in case the
+            // socket was already gone and no handler will run.
+            self.registry.disconnect(Some(agent_id), sid);
+            self.bindings.unbind(&sid.to_string());
+        }
+        closed
+    }
+
+    /// The transport a live session uses now (it changes on upgrade).
+    pub fn transport_of(&self, sid: Sid) -> Option<TransportType> {
+        self.io.get_socket(sid).map(|s| s.transport_type())
+    }
+
+    /// Periodically forgets session bindings of Engine.IO sessions that are gone.
+    pub fn spawn_binding_pruner(&self, shutdown: CancellationToken, max_age: Duration) {
+        let agents = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(max_age);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let io = agents.io.clone();
+                let alive =
+                    |sid: &str| Sid::from_str(sid).is_ok_and(|sid| io.get_socket(sid).is_some());
+                let pruned = agents.bindings.prune(max_age, alive);
+                if pruned > 0 {
+                    tracing::debug!(pruned, "pruned bindings of ended Socket.IO sessions");
+                }
+            }
+        });
+    }
+}
+
+use socketioxide::handler::ConnectHandler as _;

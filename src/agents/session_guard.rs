@@ -1,0 +1,192 @@
+//! Binds each Engine.IO session to the TLS identity that opened it.
+//!
+//! socketioxide looks a long-polling or upgrade request up by its `sid` query parameter
+//! alone, so without this layer anyone who learns an agent's sid could read its events and
+//! send as it (DESIGN.md, "Facts already checked", the pitfall). The guard records the
+//! owner of every sid when the polling handshake answers, and refuses a request carrying a
+//! sid from a connection with no identity or another identity. A WebSocket opened without
+//! polling never exposes its sid to a request, so it needs no entry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::identity::{Fingerprint, Peer};
+
+/// The Socket.IO request path, as socketioxide serves it.
+pub const SOCKET_IO_PATH: &str = "/socket.io";
+
+/// Largest polling handshake body we read to learn the sid (it is about 120 bytes).
+const MAX_HANDSHAKE_BODY: usize = 4096;
+
+/// sid -> the fingerprint of the connection that opened it (`None`: anonymous).
+#[derive(Debug, Clone, Default)]
+pub struct SessionBindings {
+    /// A std Mutex: no `.await` while it is held.
+    inner: Arc<Mutex<HashMap<String, Binding>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Binding {
+    owner: Option<Fingerprint>,
+    created: Instant,
+}
+
+impl SessionBindings {
+    pub fn bind(&self, sid: &str, owner: Option<Fingerprint>) {
+        self.lock().insert(
+            sid.to_owned(),
+            Binding {
+                owner,
+                created: Instant::now(),
+            },
+        );
+    }
+
+    pub fn unbind(&self, sid: &str) {
+        self.lock().remove(sid);
+    }
+
+    /// `Some(owner)` if the sid is bound.
+    pub fn owner_of(&self, sid: &str) -> Option<Option<Fingerprint>> {
+        self.lock().get(sid).map(|b| b.owner)
+    }
+
+    /// Drops bindings older than `max_age` for which `alive` says the session is gone:
+    /// sessions that were opened and never joined a namespace leave no disconnect event.
+    pub fn prune(&self, max_age: Duration, alive: impl Fn(&str) -> bool) -> usize {
+        let mut map = self.lock();
+        let before = map.len();
+        map.retain(|sid, b| b.created.elapsed() < max_age || alive(sid));
+        before - map.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Binding>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// axum middleware in front of the Socket.IO layer.
+pub async fn guard(State(bindings): State<SessionBindings>, req: Request, next: Next) -> Response {
+    if !is_socket_io_path(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let owner = req
+        .extensions()
+        .get::<Peer>()
+        .and_then(|p| p.identity.as_ref())
+        .map(|i| i.fingerprint);
+    let query = req.uri().query().unwrap_or("").to_owned();
+    // The same parse as engineioxide's (first `sid=`, no percent-decoding), so the guard
+    // and the engine always look at the same sid.
+    if let Some(sid) = query.split('&').find_map(|s| s.strip_prefix("sid=")) {
+        return match bindings.owner_of(sid) {
+            Some(bound) if bound == owner => next.run(req).await,
+            Some(_) => {
+                let remote = req.extensions().get::<Peer>().map(|p| p.remote_addr);
+                tracing::warn!(
+                    ?remote,
+                    sid,
+                    "refused Socket.IO request: session belongs to another identity"
+                );
+                refuse(
+                    StatusCode::FORBIDDEN,
+                    "this Socket.IO session was opened by another client identity",
+                )
+            }
+            None => refuse(StatusCode::BAD_REQUEST, "unknown Socket.IO session id"),
+        };
+    }
+    let is_polling_handshake =
+        req.method() == Method::GET && query.split('&').any(|s| s == "transport=polling");
+    let response = next.run(req).await;
+    if !is_polling_handshake || response.status() != StatusCode::OK {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = match http_body_util::Limited::new(body, MAX_HANDSHAKE_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Socket.IO handshake could not be read",
+            );
+        }
+    };
+    match handshake_sid(&bytes) {
+        Some(sid) => bindings.bind(&sid, owner),
+        // Without a binding every later request of this session is refused, which is the
+        // safe failure; it would mean socketioxide changed its handshake format.
+        None => {
+            tracing::error!("Socket.IO polling handshake without a sid; the session cannot be used")
+        }
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+fn is_socket_io_path(path: &str) -> bool {
+    path.strip_prefix(SOCKET_IO_PATH)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The sid of an Engine.IO v4 open packet: `0{"sid":"...",...}`.
+fn handshake_sid(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Open {
+        sid: String,
+    }
+    let json = body.strip_prefix(b"0")?;
+    serde_json::from_slice::<Open>(json).ok().map(|o| o.sid)
+}
+
+fn refuse(status: StatusCode, detail: &str) -> Response {
+    (status, axum::Json(serde_json::json!({ "detail": detail }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_sid_of_an_open_packet() {
+        let body = br#"0{"sid":"AAAAAAAAAAAAAAAA","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,"maxPayload":100000}"#;
+        assert_eq!(handshake_sid(body).as_deref(), Some("AAAAAAAAAAAAAAAA"));
+        assert_eq!(handshake_sid(b"4hello"), None);
+    }
+
+    #[test]
+    fn matches_the_socket_io_path_only() {
+        assert!(is_socket_io_path("/socket.io/"));
+        assert!(is_socket_io_path("/socket.io"));
+        assert!(!is_socket_io_path("/socket.iox/"));
+        assert!(!is_socket_io_path("/agent/certificate"));
+    }
+
+    #[test]
+    fn prune_keeps_live_and_young_sessions() {
+        let b = SessionBindings::default();
+        b.bind("young", None);
+        assert_eq!(b.prune(Duration::from_secs(60), |_| false), 0);
+        assert_eq!(b.prune(Duration::ZERO, |sid| sid == "young"), 0);
+        assert_eq!(b.prune(Duration::ZERO, |_| false), 1);
+        assert!(b.is_empty());
+    }
+}

@@ -1,0 +1,53 @@
+//! agentgate: one binary that terminates TLS for a fleet of orchestrator agents, checks
+//! each agent's self-signed client certificate inside the handshake against the
+//! certificates uploaded through its API, and carries heartbeats over Socket.IO.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file and environment, validated before anything binds.
+//! - [`tls`]: rustls server configuration, server certificate sources, and
+//!   [`tls::verifier`], the agent certificate verifier.
+//! - [`store`]: the certificate store (index + file backend) and the upload rules.
+//! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
+//! - [`server`]: accept loop, handshake, per-connection identity, graceful shutdown.
+//! - [`api`]: the HTTP API, one file per resource.
+//! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding.
+//! - [`certgen`]: `agentgate cert generate`.
+//! - [`signal`](mod@signal): SIGINT/SIGTERM/SIGHUP.
+
+#![forbid(unsafe_code)]
+
+pub mod agents;
+pub mod api;
+pub mod certgen;
+pub mod config;
+pub mod fsutil;
+pub mod identity;
+pub mod server;
+pub mod signal;
+pub mod store;
+pub mod tls;
+
+use std::future::Future;
+
+pub use config::Config;
+pub use server::{Gateway, StartError};
+
+/// Runs the gateway for `config` until `shutdown` resolves: builds it, binds the listener,
+/// reloads the server certificate files on SIGHUP.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let gateway = Gateway::new(config.clone())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen))?;
+    let server_cert = gateway.server_cert().clone();
+    signal::on_hangup(move || match server_cert.reload() {
+        Ok(true) => tracing::info!(cert = %server_cert.describe(), "server certificate reloaded"),
+        Ok(false) => tracing::info!("SIGHUP: nothing to reload for this certificate source"),
+        Err(e) => {
+            tracing::error!(error = %e, "server certificate reload failed; keeping the current one")
+        }
+    });
+    gateway.serve(listener, shutdown).await?;
+    Ok(())
+}

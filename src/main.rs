@@ -1,0 +1,138 @@
+//! The `agentgate` command line: parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use agentgate::config::{Config, LogFormat};
+use agentgate::identity::AgentId;
+
+#[derive(Parser)]
+#[command(
+    name = "agentgate",
+    version,
+    about = "mTLS gateway for orchestrator agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// TOML configuration file (optional; environment variables override it).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Agent certificate tools.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Validate a configuration and print the effective settings (secrets masked).
+    CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Write a self-signed ECDSA P-256 agent certificate and key.
+    Generate {
+        /// The agent id; becomes the certificate's CN.
+        #[arg(long)]
+        agent_id: String,
+        /// Output directory for <agent_id>.crt and <agent_id>.key.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(c) => {
+                println!("# configuration is valid; effective settings:");
+                print!("{}", c.to_masked_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Cert {
+            command:
+                CertCommand::Generate {
+                    agent_id,
+                    out,
+                    days,
+                },
+        } => {
+            let id = match AgentId::parse(&agent_id) {
+                Ok(id) => id,
+                Err(e) => return fail(&format!("--agent-id: {e}")),
+            };
+            let result = agentgate::certgen::generate(&id, days).and_then(|cert| {
+                agentgate::certgen::write(&out, &id, &cert).map(|paths| (cert, paths))
+            });
+            match result {
+                Ok((cert, (cert_path, key_path))) => {
+                    println!("certificate: {}", cert_path.display());
+                    println!(
+                        "private key: {} (mode 0600; keep it on the agent)",
+                        key_path.display()
+                    );
+                    println!("sha256 fingerprint: {}", cert.fingerprint);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+fn serve(config_path: Option<PathBuf>) -> ExitCode {
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the tokio runtime: {e}")),
+    };
+    match runtime.block_on(agentgate::run(config, agentgate::signal::shutdown())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            fail(&format!("{e:#}"))
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("agentgate: {e}");
+    ExitCode::from(2)
+}

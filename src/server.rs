@@ -1,0 +1,309 @@
+//! The gateway: accept loop, TLS handshake under a timeout, identity attached to each
+//! connection, HTTP/1.1 with upgrades served by hyper-util, and graceful shutdown.
+//!
+//! `Gateway::serve` takes its listener and its shutdown future as arguments, so tests
+//! start it on 127.0.0.1:0 and stop it when they like (mini-redis `server::run`).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use http::HeaderName;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::ServerConfig;
+use rustls::pki_types::UnixTime;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::agents::{Agents, session_guard};
+use crate::api::{self, ApiKeys, AppState};
+use crate::config::Config;
+use crate::identity::{AgentIdentity, Peer};
+use crate::store::{CertStore, StoreError};
+use crate::tls::server_cert::ServerCertError;
+use crate::tls::verifier::AgentCertVerifier;
+use crate::tls::{self, HandshakeFailure, ServerCert};
+
+/// Client-supplied headers that claim a TLS identity; an nginx in front of the system we
+/// replace set them, and a client could forge them. Identity only comes from our handshake.
+const IDENTITY_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("x-ssl-client-cert"),
+    HeaderName::from_static("x-ssl-client-verify"),
+];
+
+/// How long a client may take to send request headers (slowloris protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("certificate store {dir}: {source}")]
+    Store { dir: String, source: StoreError },
+    #[error("server certificate: {0}")]
+    ServerCert(#[from] ServerCertError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Everything a running gateway needs, built from a validated [`Config`].
+pub struct Gateway {
+    config: Config,
+    store: CertStore,
+    server_cert: ServerCert,
+    verifier: Arc<AgentCertVerifier>,
+    tls: Arc<ServerConfig>,
+    agents: Agents,
+    app: Router,
+}
+
+impl Gateway {
+    /// Loads the store and the server certificate and builds the TLS and HTTP stacks.
+    /// Must be called inside a tokio runtime.
+    pub fn new(config: Config) -> Result<Self, StartError> {
+        let (store, skipped) =
+            CertStore::open(&config.store.dir).map_err(|source| StartError::Store {
+                dir: config.store.dir.display().to_string(),
+                source,
+            })?;
+        for s in &skipped {
+            tracing::warn!(path = %s.path.display(), reason = %s.reason, "skipped file in certificate store");
+        }
+        tracing::info!(
+            dir = %config.store.dir.display(), certificates = store.len(), skipped = skipped.len(),
+            "certificate store loaded"
+        );
+        let provider = tls::provider();
+        let server_cert = ServerCert::from_config(&config, provider.clone())?;
+        let verifier = Arc::new(AgentCertVerifier::new(
+            store.clone(),
+            provider.signature_verification_algorithms,
+        ));
+        let tls = tls::server_config(server_cert.resolver.clone(), verifier.clone(), provider)?;
+        let (sio_layer, agents) = Agents::build(&config);
+        let state = AppState {
+            store: store.clone(),
+            agents: agents.clone(),
+            api_keys: ApiKeys::new(&config.api_keys),
+        };
+        let app = api::router(state, &config.cors_origins)
+            .layer(sio_layer)
+            .layer(axum::middleware::from_fn_with_state(
+                agents.bindings.clone(),
+                session_guard::guard,
+            ));
+        Ok(Self {
+            config,
+            store,
+            server_cert,
+            verifier,
+            tls,
+            agents,
+            app,
+        })
+    }
+
+    pub fn store(&self) -> &CertStore {
+        &self.store
+    }
+
+    pub fn agents(&self) -> &Agents {
+        &self.agents
+    }
+
+    pub fn server_cert(&self) -> &ServerCert {
+        &self.server_cert
+    }
+
+    /// Serves connections from `listener` until `shutdown` resolves, then drains.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        let local = listener.local_addr()?;
+        tracing::info!(
+            %local, server_cert = %self.server_cert.describe(),
+            anonymous_agents = ?self.agents_anonymous(), "agentgate listening"
+        );
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let ping = self.config.socketio.ping_interval_secs + self.config.socketio.ping_timeout_secs;
+        self.agents
+            .spawn_binding_pruner(token.clone(), Duration::from_secs(ping.max(60) * 2));
+        let conn = Arc::new(ConnShared {
+            acceptor: TlsAcceptor::from(self.tls.clone()),
+            handshake_timeout: self.config.handshake_timeout(),
+            verifier: self.verifier.clone(),
+            store: self.store.clone(),
+            app: self.app.clone(),
+            shutdown: token.clone(),
+        });
+        let limit = Arc::new(Semaphore::new(self.config.max_connections));
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break, // the semaphore is never closed
+                },
+                _ = &mut shutdown => break,
+            };
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        handle_accept_error(e).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            tracker.spawn(conn.clone().serve(tcp, remote, permit));
+        }
+        drop(listener);
+        let grace = self.config.shutdown_grace();
+        tracing::info!(
+            in_flight = tracker.len(),
+            grace_secs = grace.as_secs(),
+            "shutting down"
+        );
+        token.cancel();
+        tracker.close();
+        // Disconnects every socket with a Socket.IO "server shutting down" reason, so agents
+        // reconnect (elsewhere, behind a load balancer) instead of waiting for a timeout.
+        let io = self.agents.io.clone();
+        if tokio::time::timeout(grace, async {
+            io.close().await;
+            tracker.wait().await;
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                remaining = tracker.len(),
+                "shutdown grace period expired; dropping connections"
+            );
+        }
+        Ok(())
+    }
+
+    fn agents_anonymous(&self) -> bool {
+        self.config.allow_anonymous_agents
+    }
+}
+
+/// What each connection task needs.
+struct ConnShared {
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    verifier: Arc<AgentCertVerifier>,
+    store: CertStore,
+    app: Router,
+    shutdown: CancellationToken,
+}
+
+impl ConnShared {
+    async fn serve(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let (kind, reason) = HandshakeFailure::classify(&e);
+                if kind.is_certificate_rejection() {
+                    tracing::warn!(peer = %remote, kind = kind.as_str(), %reason, "TLS handshake rejected");
+                } else {
+                    tracing::debug!(peer = %remote, kind = kind.as_str(), %reason, "TLS handshake failed");
+                }
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %remote, "TLS handshake timed out");
+                return;
+            }
+        };
+        // A resumed session skips the verifier, so the decision is taken again here against
+        // the store as it is now: a deleted or expired certificate does not come back in
+        // through a session ticket.
+        let identity: Option<AgentIdentity> = match tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+        {
+            None => None,
+            Some(leaf) => match self.verifier.decide(leaf, UnixTime::now()) {
+                Ok(identity) => Some(identity),
+                Err(e) => {
+                    tracing::warn!(peer = %remote, reason = %e, "TLS session resumed with a certificate no longer accepted; closing");
+                    return;
+                }
+            },
+        };
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            let headers = req.headers_mut();
+            for name in &IDENTITY_HEADERS {
+                headers.remove(name);
+            }
+            // Per request, so that a deleted or replaced certificate stops counting on a
+            // connection that is kept alive.
+            let identity = identity.clone().filter(|id| this.store.is_current(id));
+            req.extensions_mut().insert(Peer {
+                remote_addr: remote,
+                identity,
+            });
+            this.app.clone().oneshot(req)
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+        let mut conn = std::pin::pin!(conn);
+        let mut cancelled = std::pin::pin!(self.shutdown.cancelled());
+        let mut draining = false;
+        let result = loop {
+            tokio::select! {
+                result = conn.as_mut() => break result,
+                _ = &mut cancelled, if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Accept errors are retried, never fatal: per-connection errors at once, resource
+/// exhaustion (EMFILE/ENFILE) after a pause so the loop does not spin (axum `serve`).
+async fn handle_accept_error(e: io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}

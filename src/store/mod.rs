@@ -1,0 +1,171 @@
+//! The certificate store: which agent certificates are allowed in, indexed for the
+//! handshake (by fingerprint) and for the API (by agent id), persisted by a backend.
+//!
+//! Reads are lock-light and synchronous because the verifier runs inside rustls, which
+//! cannot await; writes go to the backend first and reach the index only once durable, so
+//! a failed write never leaves an agent half-stored.
+
+pub mod cert;
+pub mod file;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+pub use cert::{CertError, StoredCert};
+use file::{FileBackend, Skipped};
+
+use crate::identity::{AgentId, AgentIdentity, Fingerprint};
+
+/// Cheap-to-clone handle on the shared store.
+#[derive(Clone, Debug)]
+pub struct CertStore {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    backend: FileBackend,
+    /// Held (no `.await` inside) only for map operations, never across I/O.
+    index: RwLock<Index>,
+    /// Serialises writers so that backend order and index order agree.
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    by_fingerprint: HashMap<Fingerprint, Arc<StoredCert>>,
+    by_agent: HashMap<AgentId, Arc<StoredCert>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("certificate store I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What `put` changed.
+#[derive(Debug)]
+pub struct PutOutcome {
+    pub stored: Arc<StoredCert>,
+    /// The certificate it replaced, if the agent had a different one.
+    pub replaced: Option<Arc<StoredCert>>,
+}
+
+impl CertStore {
+    /// Opens the file store at `dir`, loading every certificate in it.
+    pub fn open(dir: &Path) -> Result<(Self, Vec<Skipped>), StoreError> {
+        let backend = FileBackend::open(dir)?;
+        let (certs, skipped) = backend.load_all()?;
+        let mut index = Index::default();
+        for cert in certs {
+            index.insert(Arc::new(cert));
+        }
+        let shared = Shared {
+            backend,
+            index: RwLock::new(index),
+            write_lock: tokio::sync::Mutex::new(()),
+        };
+        Ok((
+            Self {
+                shared: Arc::new(shared),
+            },
+            skipped,
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.shared.backend.dir()
+    }
+
+    /// The handshake lookup: O(1), no I/O.
+    pub fn by_fingerprint(&self, fp: &Fingerprint) -> Option<Arc<StoredCert>> {
+        self.read().by_fingerprint.get(fp).cloned()
+    }
+
+    pub fn by_agent(&self, agent_id: &AgentId) -> Option<Arc<StoredCert>> {
+        self.read().by_agent.get(agent_id).cloned()
+    }
+
+    /// Whether `identity` still names the certificate stored for its agent.
+    pub fn is_current(&self, identity: &AgentIdentity) -> bool {
+        self.read()
+            .by_fingerprint
+            .get(&identity.fingerprint)
+            .is_some_and(|c| c.agent_id == identity.agent_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().by_agent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every stored certificate, sorted by agent id.
+    pub fn list(&self) -> Vec<Arc<StoredCert>> {
+        let mut all: Vec<_> = self.read().by_agent.values().cloned().collect();
+        all.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        all
+    }
+
+    /// Stores `cert` for its agent, replacing any previous one; durable before it is visible.
+    pub async fn put(&self, cert: StoredCert) -> Result<PutOutcome, StoreError> {
+        let _writer = self.shared.write_lock.lock().await;
+        let cert = Arc::new(cert);
+        let shared = self.shared.clone();
+        let to_write = cert.clone();
+        tokio::task::spawn_blocking(move || shared.backend.write(&to_write))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))??;
+        let replaced = self.write().insert(cert.clone());
+        let replaced = replaced.filter(|old| old.fingerprint != cert.fingerprint);
+        Ok(PutOutcome {
+            stored: cert,
+            replaced,
+        })
+    }
+
+    /// Removes the agent's certificate; returns it, or `None` if there was none.
+    pub async fn remove(&self, agent_id: &AgentId) -> Result<Option<Arc<StoredCert>>, StoreError> {
+        let _writer = self.shared.write_lock.lock().await;
+        if self.by_agent(agent_id).is_none() {
+            return Ok(None);
+        }
+        let shared = self.shared.clone();
+        let id = agent_id.clone();
+        tokio::task::spawn_blocking(move || shared.backend.remove(&id))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))??;
+        Ok(self.write().remove(agent_id))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        // A poisoned lock means a panic while holding it; the maps are still consistent
+        // because every mutation is a single insert/remove pair below.
+        self.shared.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.shared.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Index {
+    fn insert(&mut self, cert: Arc<StoredCert>) -> Option<Arc<StoredCert>> {
+        let old = self.by_agent.insert(cert.agent_id.clone(), cert.clone());
+        if let Some(old) = &old {
+            self.by_fingerprint.remove(&old.fingerprint);
+        }
+        self.by_fingerprint.insert(cert.fingerprint, cert);
+        old
+    }
+
+    fn remove(&mut self, agent_id: &AgentId) -> Option<Arc<StoredCert>> {
+        let old = self.by_agent.remove(agent_id)?;
+        self.by_fingerprint.remove(&old.fingerprint);
+        Some(old)
+    }
+}

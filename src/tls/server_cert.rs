@@ -1,0 +1,174 @@
+//! Where the server certificate comes from: generated once (self-signed) or PEM files
+//! reloaded on SIGHUP. Both sit behind a resolver whose key can be swapped while
+//! connections are live; ACME plugs in as another `ResolvesServerCert`.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerCertError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("server key does not match the certificate or is unsupported: {0}")]
+    Key(String),
+    #[error("generating the self-signed certificate: {0}")]
+    Generate(String),
+}
+
+/// A resolver holding one certificate that can be replaced atomically; handshakes in
+/// progress keep the key they started with.
+#[derive(Debug)]
+pub struct SwappableCert {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl SwappableCert {
+    pub fn new(key: CertifiedKey) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(key),
+        }
+    }
+
+    pub fn replace(&self, key: CertifiedKey) {
+        self.current.store(Arc::new(key));
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}
+
+impl ResolvesServerCert for SwappableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Loads a PEM chain (leaf first) and its private key.
+pub fn load_files(
+    cert_file: &Path,
+    key_file: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, ServerCertError> {
+    let file_err = |path: &Path, message: String| ServerCertError::File {
+        path: path.into(),
+        message,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| file_err(cert_file, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(cert_file, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(file_err(cert_file, "no CERTIFICATE block found".into()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key_file).map_err(|e| file_err(key_file, e.to_string()))?;
+    certified_key(chain, key, provider)
+}
+
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, ServerCertError> {
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| ServerCertError::Key(e.to_string()))?;
+    let ck = CertifiedKey::new(chain, signing_key);
+    ck.keys_match()
+        .map_err(|e| ServerCertError::Key(e.to_string()))?;
+    Ok(ck)
+}
+
+/// The self-signed certificate for `names`, generated on first use and kept in
+/// `<data_dir>/self-signed/` so that clients that pinned it keep working across restarts.
+/// A kept certificate that expired or was made for other names is replaced.
+pub fn self_signed(
+    data_dir: &Path,
+    names: &[String],
+    provider: &CryptoProvider,
+) -> Result<(CertifiedKey, PathBuf), ServerCertError> {
+    let dir = data_dir.join("self-signed");
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    if let Ok(ck) = load_files(&cert_path, &key_path, provider) {
+        if kept_cert_fits(&ck, names) {
+            return Ok((ck, cert_path));
+        }
+        tracing::info!(path = %cert_path.display(), "kept self-signed certificate expired or names changed; generating a new one");
+    }
+    let io_err = |e: io::Error| ServerCertError::Generate(e.to_string());
+    let mut params = rcgen::CertificateParams::new(names.to_vec())
+        .map_err(|e| ServerCertError::Generate(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, names[0].clone());
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| ServerCertError::Generate(e.to_string()))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| ServerCertError::Generate(e.to_string()))?;
+    fs::create_dir_all(&dir).map_err(io_err)?;
+    crate::fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
+        .map_err(io_err)?;
+    crate::fsutil::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644).map_err(io_err)?;
+    tracing::info!(path = %cert_path.display(), names = ?names, "generated self-signed server certificate");
+    let ck = load_files(&cert_path, &key_path, provider)?;
+    Ok((ck, cert_path))
+}
+
+fn kept_cert_fits(ck: &CertifiedKey, names: &[String]) -> bool {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Some(leaf) = ck.cert.first() else {
+        return false;
+    };
+    let Ok((_, x509)) = X509Certificate::from_der(leaf) else {
+        return false;
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    // Renew a month before expiry rather than serve an expired certificate one day.
+    if x509.validity().not_after.timestamp() < now + 30 * 86_400 {
+        return false;
+    }
+    let Ok(Some(san)) = x509.subject_alternative_name() else {
+        return false;
+    };
+    let present: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::IPAddress(ip) => ip_to_string(ip),
+            _ => None,
+        })
+        .collect();
+    names
+        .iter()
+        .all(|n| present.iter().any(|p| normalize(p) == normalize(n)))
+}
+
+fn normalize(name: &str) -> String {
+    name.parse::<std::net::IpAddr>()
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|_| name.to_ascii_lowercase())
+}
+
+fn ip_to_string(bytes: &[u8]) -> Option<String> {
+    match bytes.len() {
+        4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?).to_string()),
+        16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?).to_string()),
+        _ => None,
+    }
+}
