@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The project's test command (CI runs it through .ci/run): ./scripts/test.sh
+#
+# 1. installs what the tests need and is missing (Debian packages, a Python venv with
+#    the test agent's pinned dependencies in ./.venv);
+# 2. cargo fmt --check, cargo clippy -D warnings, cargo test.
+#
+# Idempotent: a second run installs nothing and skips pip. Quiet: prints only failures
+# and the test summary. Meant for Debian 12 as root (CI); works as a normal user when
+# nothing has to be installed with apt.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+die() {
+    echo "test.sh: FAILED: $*" >&2
+    exit 1
+}
+
+# Run a command with its output hidden; on failure show the output and stop.
+quiet() {
+    local what="$1"
+    shift
+    local out
+    out="$(mktemp)"
+    if ! "$@" >"$out" 2>&1; then
+        cat "$out" >&2
+        rm -f "$out"
+        die "$what"
+    fi
+    rm -f "$out"
+}
+
+# ---------------------------------------------------------------- system packages
+
+APT_UPDATED=0
+
+# apt_install PKG...: install Debian packages; `apt-get update` runs once, and only when
+# something has to be installed.
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "need Debian packages ($*) but apt-get is missing"
+    local sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || die "need root to install Debian packages: $*"
+        sudo=(sudo)
+    fi
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq update
+        APT_UPDATED=1
+    fi
+    quiet "apt-get install $*" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get -qq install -y --no-install-recommends "$@"
+}
+
+# need_cmd COMMAND [PACKAGE]: install PACKAGE (default: COMMAND) when COMMAND is missing.
+need_cmd() {
+    command -v "$1" >/dev/null 2>&1 || apt_install "${2:-$1}"
+}
+
+install_base_tools() {
+    need_cmd openssl             # openssl s_client as a TLS peer in the tests
+    need_cmd curl                # curl as a TLS/HTTP peer in the tests
+    need_cmd python3             # the Python test agent
+    # Debian's python3 ships venv without ensurepip; python3-venv brings it back.
+    # (A pyenv or other non-Debian python3 already has both.)
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        apt_install python3-venv
+    fi
+}
+
+# Services that later tests need. Add them here, one need_cmd each, e.g.:
+#   need_cmd pebble                    # ACME test server (Debian package `pebble`)
+#   need_cmd redis-server              # scale-out tests (Debian package `redis-server`)
+# Tests start their own instances on 127.0.0.1 and find them on PATH.
+install_services() {
+    :
+}
+
+# ---------------------------------------------------------------- Python test agent
+
+VENV="$repo/.venv"
+REQUIREMENTS="$repo/tests/agents/requirements.txt"
+
+setup_venv() {
+    local stamp="$VENV/.agentgate-requirements.sha256"
+    local want
+    want="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
+
+    # Up to date: the venv's python runs, imports the agent's modules, and was filled
+    # from this very requirements file.
+    if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
+        "$VENV/bin/python" -c 'import socketio, aiohttp' >/dev/null 2>&1; then
+        return 0
+    fi
+
+    # A venv whose interpreter is gone (its base python moved) is rebuilt from scratch.
+    if [ -e "$VENV" ] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        rm -rf "$VENV"
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        quiet "python3 -m venv $VENV" python3 -m venv "$VENV"
+    fi
+    quiet "pip install -r $REQUIREMENTS" "$VENV/bin/python" -m pip install \
+        --quiet --disable-pip-version-check --no-input -r "$REQUIREMENTS"
+    "$VENV/bin/python" -c 'import socketio, aiohttp' >/dev/null 2>&1 ||
+        die "the venv at $VENV cannot import socketio and aiohttp after pip install"
+    echo "$want" >"$stamp"
+}
+
+# ---------------------------------------------------------------- main
+
+install_base_tools
+install_services
+setup_venv
+export AGENTGATE_TEST_PYTHON="$VENV/bin/python"
+
+command -v cargo >/dev/null 2>&1 || die "cargo is not on PATH (the Rust toolchain is needed)"
+
+cargo fmt --all -- --check ||
+    die "cargo fmt: code is not formatted (run: cargo fmt --all)"
+cargo clippy --all-targets --locked --quiet -- -D warnings ||
+    die "cargo clippy: warnings or errors (see above)"
+cargo test --all-targets --locked --quiet ||
+    die "cargo test: tests failed (see above)"

@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""A test agent that connects to agentgate exactly like the existing orchestrator agents.
+
+Existing agents use python-socketio's ``socketio.AsyncClient`` with an aiohttp session
+whose SSL context holds the agent certificate and key, connect to ``https://<host>``
+(Engine.IO v4, HTTP long-polling first, then the upgrade to WebSocket), emit
+``heartbeat`` and listen for ``heartbeat_ack``. This script does the same, driven from
+the command line, and reports what happened as JSON lines on stdout so that the Rust
+integration tests can assert on it.
+
+Output (one JSON object per line, flushed):
+    {"event": "connected", "transport": "websocket"|"polling"[, "sid": ..., "eio_sid": ...]}
+    {"event": "heartbeat_ack", "data": {...}}        one per heartbeat, or
+    {"event": "error", "data": ...}                  when the server answers with "error"
+    {"event": "disconnected"}                        the server closed the session
+    {"event": "connect_error", "message": "...", "data": ...}
+    {"event": "timeout"}
+
+Exit codes:
+    0  success (with --wait-disconnect: the server closed the session)
+    2  bad command line (argparse)
+    3  connect error (TLS handshake refused, namespace connect refused, ...)
+    4  timeout (--timeout seconds for the whole run)
+    5  the server closed the session while it was not expected (no --wait-disconnect)
+
+Differences from a production agent, on purpose: reconnection is off (a test wants to
+see the first outcome, not a retry loop), and the namespace-connect wait is --timeout
+rather than python-socketio's 1 s default (a debug server on a busy 2-core machine can be
+slower than that). Diagnostics go to stderr; stdout carries only the JSON lines.
+"""
+
+import argparse
+import asyncio
+import json
+import ssl
+import sys
+
+import aiohttp
+import socketio
+
+DEFAULT_PAYLOAD = {"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}
+
+EXIT_OK = 0
+EXIT_CONNECT_ERROR = 3
+EXIT_TIMEOUT = 4
+EXIT_UNEXPECTED_DISCONNECT = 5
+
+
+def emit_line(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def log(msg):
+    sys.stderr.write(f"agent.py: {msg}\n")
+    sys.stderr.flush()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", required=True, help="e.g. https://localhost:8443")
+    p.add_argument("--ca", required=True, help="PEM file of the CA (or self-signed cert) to trust")
+    p.add_argument("--cert", help="agent certificate (PEM)")
+    p.add_argument("--key", help="agent private key (PEM)")
+    p.add_argument(
+        "--transports",
+        help="comma-separated Engine.IO transports, e.g. 'polling,websocket' or 'websocket' "
+        "(default: python-socketio's default, polling then upgrade to websocket)",
+    )
+    p.add_argument("--heartbeats", type=int, default=1, help="heartbeats to send (default 1)")
+    p.add_argument(
+        "--payload",
+        default=json.dumps(DEFAULT_PAYLOAD),
+        help="JSON payload of each heartbeat (default %(default)s)",
+    )
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds for the whole run (default 15)")
+    p.add_argument(
+        "--wait-disconnect",
+        action="store_true",
+        help="after the heartbeats, wait until the server closes the session",
+    )
+    p.add_argument(
+        "--print-sid",
+        action="store_true",
+        help="add the Socket.IO sid and the Engine.IO sid to the connected line",
+    )
+    args = p.parse_args(argv)
+    if (args.cert is None) != (args.key is None):
+        p.error("--cert and --key go together")
+    if args.heartbeats < 0:
+        p.error("--heartbeats must be >= 0")
+    try:
+        args.payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        p.error(f"--payload is not JSON: {exc}")
+    if args.transports is not None:
+        args.transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+        for t in args.transports:
+            if t not in ("polling", "websocket"):
+                p.error(f"unknown transport {t!r}")
+    return args
+
+
+def make_ssl_context(args):
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.ca)
+    if args.cert:
+        ctx.load_cert_chain(certfile=args.cert, keyfile=args.key)
+    return ctx
+
+
+async def run(args, sio, events, state):
+    """Everything that the --timeout covers. Returns the exit code."""
+    try:
+        await sio.connect(
+            args.url,
+            transports=args.transports,
+            wait_timeout=args.timeout,
+        )
+    except socketio.exceptions.ConnectionError as exc:
+        emit_line({"event": "connect_error", "message": str(exc), "data": state.get("connect_error")})
+        return EXIT_CONNECT_ERROR
+
+    line = {"event": "connected", "transport": sio.transport()}
+    if args.print_sid:
+        line["sid"] = sio.get_sid()
+        line["eio_sid"] = sio.eio.sid
+    emit_line(line)
+
+    for _ in range(args.heartbeats):
+        await sio.emit("heartbeat", args.payload)
+        event, data = await events.get()
+        if event == "disconnected":
+            emit_line({"event": "disconnected"})
+            return EXIT_OK if args.wait_disconnect else EXIT_UNEXPECTED_DISCONNECT
+        emit_line({"event": event, "data": data})
+
+    if args.wait_disconnect:
+        while True:
+            event, data = await events.get()
+            if event == "disconnected":
+                emit_line({"event": "disconnected"})
+                return EXIT_OK
+            # a late ack or error: report it, keep waiting
+            emit_line({"event": event, "data": data})
+
+    await sio.disconnect()
+    return EXIT_OK
+
+
+async def amain(args):
+    ctx = make_ssl_context(args)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
+    sio = socketio.AsyncClient(reconnection=False, http_session=session)
+    events = asyncio.Queue()
+    state = {}
+
+    @sio.on("heartbeat_ack")
+    async def on_heartbeat_ack(data=None):
+        await events.put(("heartbeat_ack", data))
+
+    @sio.on("error")
+    async def on_error(data=None):
+        await events.put(("error", data))
+
+    @sio.on("connect_error")
+    async def on_connect_error(data=None):
+        state["connect_error"] = data
+
+    @sio.on("disconnect")
+    async def on_disconnect(*reason):
+        if reason:
+            log(f"disconnected: {reason[0]}")
+        await events.put(("disconnected", None))
+
+    try:
+        try:
+            return await asyncio.wait_for(run(args, sio, events, state), timeout=args.timeout)
+        except asyncio.TimeoutError:
+            emit_line({"event": "timeout"})
+            return EXIT_TIMEOUT
+    finally:
+        if sio.connected:
+            try:
+                await asyncio.wait_for(sio.disconnect(), timeout=2)
+            except Exception as exc:  # best effort on the way out
+                log(f"disconnect on exit failed: {exc!r}")
+        await wait_engineio_tasks(sio, timeout=2)
+        await session.close()
+        # If a background task still sent a request after the session was closed,
+        # python-engineio made a session of its own: close that one too.
+        if sio.eio.http is not None and sio.eio.http is not session and not sio.eio.http.closed:
+            await sio.eio.http.close()
+
+
+async def wait_engineio_tasks(sio, timeout):
+    """Let python-engineio's read/write loops finish before the aiohttp session is closed.
+
+    After a server-side disconnect on the polling transport, the write loop may still
+    POST the close packet; if the session is already closed at that moment, engineio
+    silently creates a default aiohttp.ClientSession and leaks it ("Unclosed client
+    session"). Bounded: a pending long-poll GET must not hold the agent up.
+    """
+    tasks = [
+        t
+        for t in (getattr(sio.eio, "read_loop_task", None), getattr(sio.eio, "write_loop_task", None))
+        if isinstance(t, asyncio.Future) and not t.done()
+    ]
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

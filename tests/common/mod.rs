@@ -1,0 +1,500 @@
+//! Shared test helpers: a real gateway on 127.0.0.1:0, TLS clients with or without an
+//! agent certificate, a small HTTP/1.1 client, and a Socket.IO client (WebSocket and
+//! long-polling) written against the Engine.IO v4 / Socket.IO v5 wire format.
+
+#![allow(dead_code)] // each test binary uses a different subset of the helpers
+
+pub mod pki;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentgate::agents::Agents;
+use agentgate::config::{Config, TlsMode};
+use agentgate::store::CertStore;
+use agentgate::{Gateway, StartError};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+
+pub use pki::{AgentCert, AgentOpts, TestPki};
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+/// A running gateway with its own temporary directories and PKI.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub pki: Arc<TestPki>,
+    pub dir: Arc<tempfile::TempDir>,
+    pub config: Config,
+    pub store: CertStore,
+    pub agents: Agents,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a gateway with a test configuration that `adjust` may change.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let pki = Arc::new(TestPki::new());
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let config = test_config(&pki, dir.path(), adjust);
+        Self::start_in(pki, dir, config).await.unwrap()
+    }
+
+    /// Starts a gateway on existing directories (restart tests).
+    pub async fn start_in(
+        pki: Arc<TestPki>,
+        dir: Arc<tempfile::TempDir>,
+        config: Config,
+    ) -> Result<Self, StartError> {
+        init_tracing();
+        let gateway = Gateway::new(config.clone())?;
+        let store = gateway.store().clone();
+        let agents = gateway.agents().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            addr,
+            pki,
+            dir,
+            config,
+            store,
+            agents,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// Stops the gateway and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.config.store.dir.clone()
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        let path = self.dir.path().join("ca.pem");
+        std::fs::write(&path, &self.pki.ca_pem).unwrap();
+        path
+    }
+
+    /// Opens a TLS connection, presenting `agent`'s certificate if given.
+    pub async fn tls(&self, agent: Option<&AgentCert>) -> std::io::Result<TlsStream<TcpStream>> {
+        let connector = TlsConnector::from(client_config(&self.pki, agent));
+        let tcp = TcpStream::connect(self.addr).await?;
+        connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+    }
+
+    /// An HTTP/1.1 connection (kept alive across requests).
+    pub async fn http(&self, agent: Option<&AgentCert>) -> std::io::Result<HttpConn> {
+        let tls = self.tls(agent).await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(HttpConn { sender })
+    }
+
+    /// One request on a fresh connection without a client certificate, with the API key.
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut conn = self.http(None).await.unwrap();
+        let auth = format!("Bearer {API_KEY}");
+        let body = body.map(|b| b.to_string());
+        let resp = conn
+            .send(
+                method,
+                path,
+                &[("authorization", &auth)],
+                body.as_deref().unwrap_or(""),
+            )
+            .await
+            .unwrap();
+        (resp.status, resp.json())
+    }
+
+    pub async fn upload(&self, agent: &AgentCert) -> (u16, Value) {
+        self.api(
+            "POST",
+            "/agent/certificate",
+            Some(json!({"agent_id": agent.agent_id, "certificate": agent.cert_pem})),
+        )
+        .await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The configuration tests use: files-mode server certificate from the test PKI.
+pub fn test_config(
+    pki: &TestPki,
+    dir: &std::path::Path,
+    adjust: impl FnOnce(&mut Config),
+) -> Config {
+    let cert = dir.join("server.pem");
+    let key = dir.join("server.key");
+    std::fs::write(&cert, &pki.server_cert_pem).unwrap();
+    std::fs::write(&key, &pki.server_key_pem).unwrap();
+    let mut config = Config {
+        api_keys: vec![API_KEY.into()],
+        data_dir: dir.join("data"),
+        ..Config::default()
+    };
+    config.store.dir = dir.join("certs");
+    config.tls.mode = TlsMode::Files;
+    config.tls.cert_file = Some(cert);
+    config.tls.key_file = Some(key);
+    adjust(&mut config);
+    config.validate("test").unwrap();
+    config
+}
+
+pub fn client_config(pki: &TestPki, agent: Option<&AgentCert>) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match agent {
+        Some(a) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from(a.der.clone())],
+                PrivateKeyDer::from_pem_slice(a.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub struct HttpConn {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| Value::String(self.text()))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl HttpConn {
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<HttpResponse, hyper::Error> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if !body.is_empty()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// A Socket.IO v5 client over a WebSocket (no polling).
+pub struct SioWs {
+    ws: WebSocketStream<TlsStream<TcpStream>>,
+    pub sid: Option<String>,
+}
+
+/// What the namespace connect answered.
+pub enum SioConnect {
+    Ok(SioWs),
+    Refused(Value),
+}
+
+impl SioWs {
+    pub async fn connect(
+        server: &TestServer,
+        agent: Option<&AgentCert>,
+    ) -> std::io::Result<SioConnect> {
+        let tls = server.tls(agent).await?;
+        let url = format!(
+            "wss://localhost:{}/socket.io/?EIO=4&transport=websocket",
+            server.addr.port()
+        );
+        let (ws, _) = tokio_tungstenite::client_async(url, tls)
+            .await
+            .map_err(std::io::Error::other)?;
+        let mut client = SioWs { ws, sid: None };
+        let open = client
+            .next_text()
+            .await
+            .ok_or_else(|| std::io::Error::other("no open packet"))?;
+        assert!(
+            open.starts_with('0'),
+            "engine.io open packet expected, got {open}"
+        );
+        client
+            .ws
+            .send(Message::text("40"))
+            .await
+            .map_err(std::io::Error::other)?;
+        loop {
+            let msg = client
+                .next_text()
+                .await
+                .ok_or_else(|| std::io::Error::other("closed before connect"))?;
+            if let Some(rest) = msg.strip_prefix("40") {
+                let v: Value = serde_json::from_str(rest).unwrap_or(Value::Null);
+                client.sid = v.get("sid").and_then(|s| s.as_str()).map(str::to_owned);
+                return Ok(SioConnect::Ok(client));
+            }
+            if let Some(rest) = msg.strip_prefix("44") {
+                return Ok(SioConnect::Refused(
+                    serde_json::from_str(rest).unwrap_or(Value::Null),
+                ));
+            }
+        }
+    }
+
+    pub async fn emit(&mut self, event: &str, data: Value) {
+        let packet = format!("42{}", json!([event, data]));
+        self.ws.send(Message::text(packet)).await.unwrap();
+    }
+
+    /// The next event `(name, data)`, answering pings; `None` once the socket is closed
+    /// (by a Socket.IO disconnect packet or the transport).
+    pub async fn next_event(&mut self) -> Option<(String, Value)> {
+        loop {
+            let msg = self.next_text().await?;
+            if let Some(rest) = msg.strip_prefix("42") {
+                let v: Value = serde_json::from_str(rest).ok()?;
+                let name = v.get(0)?.as_str()?.to_owned();
+                return Some((name, v.get(1).cloned().unwrap_or(Value::Null)));
+            }
+            if msg.starts_with("41") || msg == "1" {
+                return None;
+            }
+        }
+    }
+
+    /// Waits up to `secs` for the next event.
+    pub async fn next_event_within(&mut self, secs: u64) -> Option<(String, Value)> {
+        tokio::time::timeout(Duration::from_secs(secs), self.next_event())
+            .await
+            .expect("timed out waiting for an event")
+    }
+
+    async fn next_text(&mut self) -> Option<String> {
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Text(t)) => {
+                    if t.as_str() == "2" {
+                        let _ = self.ws.send(Message::text("3")).await;
+                        continue;
+                    }
+                    return Some(t.to_string());
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+/// Engine.IO long-polling by hand, to exercise sid handling directly.
+pub struct Polling {
+    pub sid: String,
+}
+
+impl Polling {
+    /// The polling handshake; returns the engine sid.
+    pub async fn handshake(conn: &mut HttpConn) -> Polling {
+        let r = conn
+            .send("GET", "/socket.io/?EIO=4&transport=polling", &[], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = r.text();
+        let open: Value = serde_json::from_str(text.strip_prefix('0').unwrap()).unwrap();
+        Polling {
+            sid: open["sid"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/socket.io/?EIO=4&transport=polling&sid={}", self.sid)
+    }
+
+    pub async fn post(&self, conn: &mut HttpConn, payload: &str) -> HttpResponse {
+        conn.send(
+            "POST",
+            &self.path(),
+            &[("content-type", "text/plain;charset=UTF-8")],
+            payload,
+        )
+        .await
+        .unwrap()
+    }
+
+    pub async fn get(&self, conn: &mut HttpConn) -> HttpResponse {
+        conn.send("GET", &self.path(), &[], "").await.unwrap()
+    }
+}
+
+/// The Python interpreter of the test venv (python-socketio + aiohttp), set up by
+/// `scripts/test.sh`.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("AGENTGATE_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: run ./scripts/test.sh, which creates the Python venv these tests drive",
+        venv.display()
+    );
+    venv
+}
+
+/// Runs `tests/agents/agent.py` with `args` and returns its JSON lines and exit code.
+pub async fn python_agent(
+    server: &TestServer,
+    agent: Option<&AgentCert>,
+    args: &[&str],
+) -> (i32, Vec<Value>) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/agents/agent.py");
+    let mut cmd = tokio::process::Command::new(python());
+    cmd.arg(script)
+        .arg("--url")
+        .arg(server.url())
+        .arg("--ca")
+        .arg(server.ca_file());
+    if let Some(a) = agent {
+        let dir = server.dir.path();
+        let cert = dir.join(format!("{}-{}.crt", a.agent_id, &a.fingerprint_hex()[..8]));
+        let key = dir.join(format!("{}-{}.key", a.agent_id, &a.fingerprint_hex()[..8]));
+        std::fs::write(&cert, &a.cert_pem).unwrap();
+        std::fs::write(&key, &a.key_pem).unwrap();
+        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    cmd.args(args);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("python agent hung")
+        .unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if !out.status.success() {
+        eprintln!("agent.py stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    (out.status.code().unwrap_or(-1), lines)
+}
+
+/// Reads from a TLS stream after the handshake: a refused client certificate shows up here
+/// under TLS 1.3 (DESIGN.md: the alert arrives on the first read).
+pub async fn first_read_error(mut tls: TlsStream<TcpStream>) -> Option<std::io::Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tls
+        .write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .expect("read timed out")
+    {
+        Ok(0) => Some(std::io::Error::other("closed without data")),
+        Ok(_) => None,
+        Err(e) => Some(e),
+    }
+}
+
+/// The TLS alert a client received, if the error carries one.
+pub fn alert_of(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
+}
