@@ -288,7 +288,7 @@ pub struct SioWs {
 
 /// What the namespace connect answered.
 pub enum SioConnect {
-    Ok(SioWs),
+    Ok(Box<SioWs>),
     Refused(Value),
 }
 
@@ -327,7 +327,7 @@ impl SioWs {
             if let Some(rest) = msg.strip_prefix("40") {
                 let v: Value = serde_json::from_str(rest).unwrap_or(Value::Null);
                 client.sid = v.get("sid").and_then(|s| s.as_str()).map(str::to_owned);
-                return Ok(SioConnect::Ok(client));
+                return Ok(SioConnect::Ok(Box::new(client)));
             }
             if let Some(rest) = msg.strip_prefix("44") {
                 return Ok(SioConnect::Refused(
