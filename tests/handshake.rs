@@ -339,3 +339,58 @@ async fn output_with_stdin(cmd: &mut std::process::Command, input: &[u8]) -> std
         .expect("command hung")
         .unwrap()
 }
+
+#[tokio::test]
+async fn resumed_session_with_a_replaced_certificate_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let old = server.pki.agent("resume-1");
+    assert_eq!(server.upload(&old).await.0, 200);
+    // One client configuration, so its session cache carries the ticket to the next connect.
+    let config = client_config(&server.pki, Some(&old));
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(config.clone())
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap()
+    };
+    let request = b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+    let mut first = connect().await;
+    first.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    first.read_to_end(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    // Control: while the certificate is stored, resumption works and is served.
+    let mut second = connect().await;
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    second.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    second.read_to_end(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+        "resumed session not served"
+    );
+
+    assert_eq!(server.upload(&server.pki.agent("resume-1")).await.0, 200);
+    let mut third = connect().await;
+    assert_eq!(
+        third.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    let _ = third.write_all(request).await;
+    let mut buf = Vec::new();
+    let _ = third.read_to_end(&mut buf).await;
+    assert!(
+        buf.is_empty(),
+        "a resumed session for a replaced certificate was served: {}",
+        String::from_utf8_lossy(&buf)
+    );
+    server.stop().await;
+}

@@ -1,0 +1,342 @@
+//! The `agentgate` binary: its subcommands, the embedded default, signals.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn agentgate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentgate"));
+    // The tests' own environment must not leak into the child's configuration.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AGENTGATE_") || k == "API_KEY" || k == "CERT_STORAGE_DIR" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A gateway process; killed when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+}
+
+/// Waits until the server answers /health over TLS (trusting anything: just liveness).
+async fn wait_healthy(port: u16) {
+    for _ in 0..100 {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-sk",
+                "--max-time",
+                "2",
+                &format!("https://127.0.0.1:{port}/health"),
+            ])
+            .output()
+            .await
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("ok") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("gateway on port {port} never became healthy");
+}
+
+fn server_cert_fingerprint(port: u16) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} -servername localhost </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn check_config_prints_effective_settings_with_keys_masked() {
+    let out = agentgate()
+        .arg("check-config")
+        .env("API_KEY", "very-secret-api-key")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("listen = \"127.0.0.1:8443\""), "{stdout}");
+    assert!(stdout.contains("<masked, 19 characters>"), "{stdout}");
+    assert!(!stdout.contains("very-secret-api-key"));
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gw.toml");
+    std::fs::write(
+        &file,
+        "api_keys = [\"k\"]\nhandshake_timeout_secs = \"ten\"\n",
+    )
+    .unwrap();
+    let out = agentgate()
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("handshake_timeout_secs") && stderr.contains("gw.toml"),
+        "{stderr}"
+    );
+
+    let out = agentgate().arg("check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("API_KEY"));
+
+    let out = agentgate()
+        .args(["check-config", "--config", "/nonexistent/gw.toml"])
+        .env("API_KEY", "k")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gw.toml"));
+
+    // `serve` refuses the same configuration before binding anything.
+    let out = agentgate()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn config_example_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let out = agentgate()
+        .args(["check-config", "--config"])
+        .arg(example)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn cert_generate_writes_an_uploadable_certificate_and_a_private_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = agentgate()
+        .args([
+            "cert",
+            "generate",
+            "--agent-id",
+            "plc-7",
+            "--days",
+            "10",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cert = std::fs::read_to_string(dir.path().join("plc-7.crt")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("plc-7.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let text = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-subject",
+            "-ext",
+            "extendedKeyUsage",
+            "-in",
+        ])
+        .arg(dir.path().join("plc-7.crt"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("CN = plc-7") || text.contains("CN=plc-7"),
+        "{text}"
+    );
+    assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    agentgate::store::cert::validate_upload("plc-7", &cert, now).unwrap();
+
+    let out = agentgate()
+        .args(["cert", "generate", "--agent-id", "../x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--agent-id"));
+}
+
+#[tokio::test]
+async fn serve_runs_on_the_embedded_default_and_keeps_its_self_signed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let start = || {
+        Proc(
+            agentgate()
+                .arg("serve")
+                .current_dir(dir.path())
+                .env("API_KEY", "k")
+                .env("AGENTGATE_LISTEN", format!("127.0.0.1:{port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let proc = start();
+    wait_healthy(port).await;
+    assert!(
+        dir.path()
+            .join("agentgate-data/self-signed/cert.pem")
+            .is_file()
+    );
+    assert!(dir.path().join("certs").is_dir());
+    let first = server_cert_fingerprint(port);
+    assert!(first.contains("Fingerprint"), "{first}");
+    // SIGTERM ends it cleanly.
+    proc.signal("-TERM");
+    let mut proc = proc;
+    let status = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(s) = proc.0.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("no exit after SIGTERM");
+    assert!(status.success());
+    // Restart: the same certificate, not a new one.
+    let _proc = start();
+    wait_healthy(port).await;
+    assert_eq!(server_cert_fingerprint(port), first);
+}
+
+#[tokio::test]
+async fn sighup_reloads_server_certificate_files_without_dropping_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_a = TestPki::new();
+    let pki_b = TestPki::new();
+    let cert = dir.path().join("server.pem");
+    let key = dir.path().join("server.key");
+    std::fs::write(&cert, &pki_a.server_cert_pem).unwrap();
+    std::fs::write(&key, &pki_a.server_key_pem).unwrap();
+    let port = free_port();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\napi_keys = [\"k\"]\ndata_dir = \"{d}/data\"\n[store]\ndir = \"{d}/certs\"\n[tls]\nmode = \"files\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n",
+            d = dir.path().display(),
+            c = cert.display(),
+            k = key.display()
+        ),
+    )
+    .unwrap();
+    let proc = Proc(
+        agentgate()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(port).await;
+
+    let connect = |pki: &TestPki| {
+        let connector = tokio_rustls::TlsConnector::from(client_config(pki, None));
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            connector
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await
+        }
+    };
+    let kept = connect(&pki_a).await.expect("certificate A in service");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(kept))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let get = || {
+        http::Request::get("/health")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+
+    std::fs::write(&cert, &pki_b.server_cert_pem).unwrap();
+    std::fs::write(&key, &pki_b.server_key_pem).unwrap();
+    proc.signal("-HUP");
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if connect(&pki_b).await.is_ok() {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "certificate B not served after SIGHUP");
+    assert!(connect(&pki_a).await.is_err(), "certificate A still served");
+    // The connection made before the reload is still served.
+    sender.ready().await.unwrap();
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+
+    // A broken file on SIGHUP keeps the current certificate.
+    std::fs::write(&cert, "garbage").unwrap();
+    proc.signal("-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        connect(&pki_b).await.is_ok(),
+        "a bad reload must keep the certificate in service"
+    );
+}
