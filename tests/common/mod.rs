@@ -28,6 +28,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+#[allow(unused_imports)] // not every test binary uses every helper
 pub use pki::{AgentCert, AgentOpts, TestPki};
 
 pub const API_KEY: &str = "test-api-key-0123456789";
