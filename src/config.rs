@@ -36,6 +36,10 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long in-flight requests get before the process exits.
     pub shutdown_grace_secs: u64,
     pub log_format: LogFormat,
+    /// Serve `GET /metrics` on this separate plain-HTTP address instead of the main
+    /// listener (e.g. "127.0.0.1:9090", reachable only by the local Prometheus).
+    pub metrics_listen: Option<SocketAddr>,
+    pub agents: AgentsConfig,
     pub store: StoreConfig,
     pub tls: TlsConfig,
     pub socketio: SocketIoConfig,
@@ -46,6 +50,22 @@ pub struct Config {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// A connected agent with no heartbeat (or connect) for this long is reported stale.
+    pub stale_after_secs: u64,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        // Three missed heartbeats at the 30 s interval existing agents use.
+        Self {
+            stale_after_secs: 90,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +118,8 @@ impl Default for Config {
             max_connections: 100_000,
             shutdown_grace_secs: 10,
             log_format: LogFormat::Text,
+            metrics_listen: None,
+            agents: AgentsConfig::default(),
             store: StoreConfig::default(),
             tls: TlsConfig::default(),
             socketio: SocketIoConfig::default(),
@@ -242,6 +264,12 @@ impl Config {
                 );
             }
         }
+        if self.agents.stale_after_secs == 0 {
+            return err("agents.stale_after_secs", "must be at least 1");
+        }
+        if self.metrics_listen == Some(self.listen) {
+            return err("metrics_listen", "must differ from listen");
+        }
         if self.socketio.ping_interval_secs == 0 || self.socketio.ping_timeout_secs == 0 {
             return err(
                 "socketio.ping_interval_secs",
@@ -271,6 +299,10 @@ impl Config {
 
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_secs(self.agents.stale_after_secs)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

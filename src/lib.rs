@@ -11,7 +11,10 @@
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
 //! - [`server`]: accept loop, handshake, per-connection identity, graceful shutdown.
 //! - [`api`]: the HTTP API, one file per resource.
-//! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding.
+//! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,
+//!   commands to agents.
+//! - [`enroll`]: one-time install tokens and registered agent metadata.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`certgen`]: `agentgate cert generate`.
 //! - [`signal`](mod@signal): SIGINT/SIGTERM/SIGHUP.
 
@@ -21,8 +24,10 @@ pub mod agents;
 pub mod api;
 pub mod certgen;
 pub mod config;
+pub mod enroll;
 pub mod fsutil;
 pub mod identity;
+pub mod metrics;
 pub mod server;
 pub mod signal;
 pub mod store;
@@ -40,6 +45,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen))?;
+    if let Some(addr) = config.metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (key `metrics_listen`): {e}"))?;
+        let router = gateway.metrics_router();
+        tracing::info!(%addr, "metrics listening (plain HTTP)");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics_listener, router).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
     let server_cert = gateway.server_cert().clone();
     signal::on_hangup(move || match server_cert.reload() {
         Ok(true) => tracing::info!(cert = %server_cert.describe(), "server certificate reloaded"),

@@ -25,9 +25,11 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::agents::{Agents, session_guard};
-use crate::api::{self, ApiKeys, AppState};
+use crate::api::{self, ApiKeys, AppState, MetricsExposure};
 use crate::config::Config;
+use crate::enroll::{EnrollError, Enrollment};
 use crate::identity::{AgentIdentity, Peer};
+use crate::metrics::Metrics;
 use crate::store::{CertStore, StoreError};
 use crate::tls::server_cert::ServerCertError;
 use crate::tls::verifier::AgentCertVerifier;
@@ -51,6 +53,8 @@ pub enum StartError {
     ServerCert(#[from] ServerCertError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("enrollment state: {0}")]
+    Enrollment(#[from] EnrollError),
 }
 
 /// Everything a running gateway needs, built from a validated [`Config`].
@@ -61,6 +65,8 @@ pub struct Gateway {
     verifier: Arc<AgentCertVerifier>,
     tls: Arc<ServerConfig>,
     agents: Agents,
+    metrics: Metrics,
+    state: AppState,
     app: Router,
 }
 
@@ -87,17 +93,32 @@ impl Gateway {
             provider.signature_verification_algorithms,
         ));
         let tls = tls::server_config(server_cert.resolver.clone(), verifier.clone(), provider)?;
-        let (sio_layer, agents) = Agents::build(&config);
+        let metrics = Metrics::new();
+        let enrollment = Enrollment::open(&config.data_dir)?;
+        let (sio_layer, agents) = Agents::build(&config, metrics.clone());
         let state = AppState {
             store: store.clone(),
             agents: agents.clone(),
             api_keys: ApiKeys::new(&config.api_keys),
+            metrics: metrics.clone(),
+            enrollment,
+            server_cert: server_cert.clone(),
+            stale_after: config.stale_after(),
+            requests: TaskTracker::new(),
         };
-        let app = api::router(state, &config.cors_origins)
+        let exposure = match config.metrics_listen {
+            Some(_) => MetricsExposure::SeparateListener,
+            None => MetricsExposure::MainListener,
+        };
+        let app = api::router(state.clone(), &config.cors_origins, exposure)
             .layer(sio_layer)
             .layer(axum::middleware::from_fn_with_state(
                 agents.bindings.clone(),
                 session_guard::guard,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                api::observe,
             ));
         Ok(Self {
             config,
@@ -106,8 +127,15 @@ impl Gateway {
             verifier,
             tls,
             agents,
+            metrics,
+            state,
             app,
         })
+    }
+
+    /// The router of the separate metrics listener (`metrics_listen`).
+    pub fn metrics_router(&self) -> Router {
+        api::metrics_router(self.state.clone())
     }
 
     pub fn store(&self) -> &CertStore {
@@ -145,6 +173,7 @@ impl Gateway {
             store: self.store.clone(),
             app: self.app.clone(),
             shutdown: token.clone(),
+            metrics: self.metrics.clone(),
         });
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
         let mut shutdown = std::pin::pin!(shutdown);
@@ -169,30 +198,51 @@ impl Gateway {
             tracker.spawn(conn.clone().serve(tcp, remote, permit));
         }
         drop(listener);
+        self.drain(token, tracker).await;
+        Ok(())
+    }
+
+    /// Graceful shutdown: no new requests; in-flight API requests finish; then every agent
+    /// is told and its transport closed (so it reconnects, to another node if there is
+    /// one); then connections drain. All within `shutdown_grace_secs`.
+    async fn drain(&self, token: CancellationToken, tracker: TaskTracker) {
         let grace = self.config.shutdown_grace();
+        let deadline = tokio::time::Instant::now() + grace;
         tracing::info!(
-            in_flight = tracker.len(),
+            connections = tracker.len(),
+            api_requests = self.state.requests.len(),
             grace_secs = grace.as_secs(),
-            "shutting down"
+            "shutting down: no longer accepting"
         );
         token.cancel();
         tracker.close();
-        // Disconnects every socket with a Socket.IO "server shutting down" reason, so agents
-        // reconnect (elsewhere, behind a load balancer) instead of waiting for a timeout.
-        let io = self.agents.io.clone();
-        if tokio::time::timeout(grace, async {
-            io.close().await;
-            tracker.wait().await;
-        })
-        .await
-        .is_err()
+        self.state.requests.close();
+        if tokio::time::timeout_at(deadline, self.state.requests.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.state.requests.len(),
+                "in-flight API requests outlived the grace period"
+            );
+        }
+        let sessions = self.agents.io.sockets().len();
+        if tokio::time::timeout_at(deadline, self.agents.shutdown("server shutting down"))
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing agent sessions outlived the grace period");
+        }
+        tracing::info!(sessions, "agent sessions closed");
+        if tokio::time::timeout_at(deadline, tracker.wait())
+            .await
+            .is_err()
         {
             tracing::warn!(
                 remaining = tracker.len(),
                 "shutdown grace period expired; dropping connections"
             );
         }
-        Ok(())
     }
 
     fn agents_anonymous(&self) -> bool {
@@ -208,6 +258,7 @@ struct ConnShared {
     store: CertStore,
     app: Router,
     shutdown: CancellationToken,
+    metrics: Metrics,
 }
 
 impl ConnShared {
@@ -224,6 +275,7 @@ impl ConnShared {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let (kind, reason) = HandshakeFailure::classify(&e);
+                self.metrics.handshake("rejected", kind.as_str());
                 if kind.is_certificate_rejection() {
                     tracing::warn!(peer = %remote, kind = kind.as_str(), %reason, "TLS handshake rejected");
                 } else {
@@ -232,6 +284,8 @@ impl ConnShared {
                 return;
             }
             Err(_) => {
+                self.metrics
+                    .handshake("rejected", HandshakeFailure::Timeout.as_str());
                 tracing::debug!(peer = %remote, "TLS handshake timed out");
                 return;
             }
@@ -249,11 +303,20 @@ impl ConnShared {
             Some(leaf) => match self.verifier.decide(leaf, UnixTime::now()) {
                 Ok(identity) => Some(identity),
                 Err(e) => {
+                    self.metrics.handshake("rejected", "resumed_revoked");
                     tracing::warn!(peer = %remote, reason = %e, "TLS session resumed with a certificate no longer accepted; closing");
                     return;
                 }
             },
         };
+        self.metrics.handshake(
+            "accepted",
+            if identity.is_some() {
+                "agent"
+            } else {
+                "no_certificate"
+            },
+        );
         let this = self.clone();
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             let headers = req.headers_mut();

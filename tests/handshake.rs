@@ -156,7 +156,7 @@ async fn replaced_certificate_fails_the_handshake_and_its_session_is_closed() {
     assert_eq!(polling.post(&mut conn, "40").await.status, 200);
     let reply = polling.get(&mut conn).await.text();
     assert!(
-        reply.starts_with("44"),
+        reply.split('\x1e').any(|p| p.starts_with("44")),
         "connect over the stale connection must be refused: {reply}"
     );
     server.stop().await;
@@ -230,7 +230,7 @@ async fn forged_client_cert_header_grants_nothing() {
     );
     let reply = conn.send("GET", &path, &forged, "").await.unwrap().text();
     assert!(
-        reply.starts_with("44"),
+        reply.split('\x1e').any(|p| p.starts_with("44")),
         "forged header let a socket in: {reply}"
     );
     assert!(

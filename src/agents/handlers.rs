@@ -108,6 +108,7 @@ async fn on_heartbeat(
         }
     };
     let received_at = OffsetDateTime::now_utc();
+    state.metrics.heartbeat();
     if let Some(id) = &identity {
         state.registry.heartbeat(
             &id.agent_id,

@@ -1,6 +1,7 @@
 //! The agent side: Socket.IO handlers (connect, heartbeat, disconnect), the registry of
 //! connected agents, and the guard that binds Engine.IO sessions to TLS identities.
 
+pub mod commands;
 pub mod handlers;
 pub mod registry;
 pub mod session_guard;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::identity::{AgentId, Fingerprint};
+use crate::metrics::Metrics;
 pub use registry::AgentRegistry;
 pub use session_guard::SessionBindings;
 
@@ -33,6 +35,7 @@ pub struct Agents {
     pub io: SocketIo,
     pub registry: AgentRegistry,
     pub bindings: SessionBindings,
+    pub metrics: Metrics,
 }
 
 /// What the Socket.IO handlers share (socketioxide state).
@@ -41,12 +44,14 @@ pub struct AgentsState {
     pub registry: AgentRegistry,
     pub bindings: SessionBindings,
     pub anonymous: AnonymousAgents,
+    pub metrics: Metrics,
 }
 
 impl Agents {
     /// Builds the Socket.IO layer (to mount on the router) and the handle.
-    pub fn build(config: &Config) -> (SocketIoLayer, Agents) {
+    pub fn build(config: &Config, metrics: Metrics) -> (SocketIoLayer, Agents) {
         let state = AgentsState {
+            metrics,
             registry: AgentRegistry::default(),
             bindings: SessionBindings::default(),
             anonymous: if config.allow_anonymous_agents {
@@ -66,6 +71,7 @@ impl Agents {
             io,
             registry: state.registry,
             bindings: state.bindings,
+            metrics: state.metrics,
         };
         (layer, agents)
     }
@@ -90,6 +96,15 @@ impl Agents {
             self.bindings.unbind(&sid.to_string());
         }
         closed
+    }
+
+    /// Tells every connected socket that the server is going away, then closes their
+    /// transports. Closing the transport (not a Socket.IO disconnect) is what makes
+    /// socket.io clients reconnect by themselves, to another node behind the balancer.
+    pub async fn shutdown(&self, reason: &str) {
+        let notice = serde_json::json!({ "reason": reason, "reconnect": true });
+        let _ = self.io.emit("server_shutdown", &notice).await;
+        self.io.close().await;
     }
 
     /// The transport a live session uses now (it changes on upgrade).

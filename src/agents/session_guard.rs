@@ -142,7 +142,7 @@ pub async fn guard(State(bindings): State<SessionBindings>, req: Request, next: 
     Response::from_parts(parts, Body::from(bytes))
 }
 
-fn is_socket_io_path(path: &str) -> bool {
+pub fn is_socket_io_path(path: &str) -> bool {
     path.strip_prefix(SOCKET_IO_PATH)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }

@@ -1,16 +1,19 @@
-//! `POST /agent/certificate`: upload (or replace) an agent's certificate.
+//! Agent certificates: upload (or replace), inspect, list, delete.
 //!
-//! The upload is checked against every rule before anything is written; a replacement
-//! closes the Socket.IO sessions that authenticated with the old certificate, and the next
-//! handshake already sees the new one (the verifier reads the store directly).
+//! An upload is checked against every rule before anything is written; a replacement or
+//! a deletion closes the Socket.IO sessions that authenticated with the old certificate,
+//! and the next handshake already sees the change (the verifier reads the store).
+
+use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, JsonBody};
-use crate::store::cert::validate_upload;
+use super::{ApiError, ApiQuery, AppState, JsonBody, PageQuery, agent_id};
+use crate::store::StoredCert;
+use crate::store::cert::{rfc3339, validate_upload};
 
 #[derive(Deserialize)]
 pub struct UploadBody {
@@ -28,8 +31,21 @@ pub async fn upload(
         let agent_id = crate::identity::AgentId::parse(&body.agent_id).ok();
         tracing::info!(?agent_id, reason = %e, "certificate upload refused");
     })?;
+    let stored = store(&state, cert, "upload").await?;
+    Ok(Json(json!({
+        "message": "Certificate uploaded successfully",
+        "agent_id": stored.agent_id,
+    })))
+}
+
+/// Stores a validated certificate and closes the sessions of the one it replaces.
+pub async fn store(
+    state: &AppState,
+    cert: StoredCert,
+    via: &'static str,
+) -> Result<Arc<StoredCert>, ApiError> {
     let outcome = state.store.put(cert).await?;
-    let stored = &outcome.stored;
+    let stored = outcome.stored;
     match &outcome.replaced {
         Some(old) => {
             let closed = state
@@ -37,17 +53,98 @@ pub async fn upload(
                 .disconnect_sessions(&old.agent_id, Some(old.fingerprint));
             tracing::info!(
                 agent_id = %stored.agent_id, fingerprint = %stored.fingerprint,
-                old_fingerprint = %old.fingerprint, closed_sessions = closed,
+                old_fingerprint = %old.fingerprint, closed_sessions = closed, via,
                 "agent certificate replaced"
             );
         }
         None => tracing::info!(
             agent_id = %stored.agent_id, fingerprint = %stored.fingerprint,
-            key = %stored.key_type, "agent certificate uploaded"
+            key = %stored.key_type, via, "agent certificate stored"
         ),
     }
+    Ok(stored)
+}
+
+/// The API's view of a stored certificate.
+pub fn view(cert: &StoredCert) -> Value {
+    json!({
+        "agent_id": cert.agent_id,
+        "fingerprint": cert.fingerprint,
+        "subject": cert.subject,
+        "not_before": rfc3339(cert.not_before),
+        "not_after": rfc3339(cert.not_after),
+        "key_type": cert.key_type,
+        "self_signed": cert.self_signed,
+    })
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = agent_id(&id)?;
+    let cert = state
+        .store
+        .by_agent(&id)
+        .ok_or_else(|| ApiError::NotFound(format!("no certificate stored for agent '{id}'")))?;
+    Ok(Json(view(&cert)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit()?;
+    if q.status.is_some() {
+        return Err(ApiError::BadRequest(
+            "status is not a filter of /agent/certificates; see /agents".into(),
+        ));
+    }
+    let all = state.store.list();
+    let total = all.len();
+    let page: Vec<_> = all
+        .iter()
+        .filter(|c| {
+            q.after
+                .as_deref()
+                .is_none_or(|after| c.agent_id.as_str() > after)
+        })
+        .take(limit + 1)
+        .collect();
+    let next = (page.len() > limit).then(|| page[limit - 1].agent_id.to_string());
+    let certificates: Vec<Value> = page.iter().take(limit).map(|c| view(c)).collect();
+    Ok(Json(
+        json!({ "certificates": certificates, "total": total, "next_after": next }),
+    ))
+}
+
+/// Revokes an agent: the certificate is removed (file and index), the agent's live
+/// sessions are closed now, and its next handshake fails.
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = agent_id(&id)?;
+    let removed = state
+        .store
+        .remove(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no certificate stored for agent '{id}'")))?;
+    let closed = state.agents.disconnect_sessions(&id, None);
+    state.agents.registry.forget(&id);
+    state
+        .enrollment
+        .forget(&id)
+        .await
+        .map_err(|source| ApiError::Io {
+            context: "could not update the enrollment file",
+            source,
+        })?;
+    tracing::info!(agent_id = %id, fingerprint = %removed.fingerprint, closed_sessions = closed, "agent certificate deleted");
     Ok(Json(json!({
-        "message": "Certificate uploaded successfully",
-        "agent_id": stored.agent_id,
+        "message": "Certificate deleted",
+        "agent_id": id,
+        "fingerprint": removed.fingerprint,
+        "closed_sessions": closed,
     })))
 }

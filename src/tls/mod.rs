@@ -82,6 +82,13 @@ impl ServerCert {
         }
     }
 
+    /// Whether a certificate is available for handshakes (always, for these sources).
+    pub fn is_ready(&self) -> bool {
+        match self.source {
+            CertSource::SelfSigned { .. } | CertSource::Files { .. } => true,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match &self.source {
             CertSource::SelfSigned { path } => format!("self-signed ({})", path.display()),

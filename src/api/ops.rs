@@ -1,0 +1,58 @@
+//! Operational endpoints without an API key: `GET /health` (liveness), `GET /ready`
+//! (readiness), `GET /metrics` (Prometheus text format).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::metrics::Snapshot;
+
+pub async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready once the server certificate and the store are loaded. The store is loaded before
+/// the listener serves; the server certificate may still be missing (ACME before its first
+/// order completes), and a load balancer should not send agents here until it is present.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let checks = json!({
+        "server_certificate": state.server_cert.is_ready(),
+        "certificate_store": true,
+    });
+    if state.server_cert.is_ready() {
+        (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "checks": checks })),
+        )
+            .into_response()
+    } else {
+        let detail = "no server certificate yet; see the gateway log";
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "starting", "detail": detail, "checks": checks })),
+        )
+            .into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let certs = state.store.list();
+    let snapshot = Snapshot {
+        connected_agents: state.agents.registry.connected_agents() as i64,
+        socket_sessions: state.agents.io.sockets().len() as i64,
+        store_certificates: certs.len() as i64,
+        earliest_expiry: certs.iter().map(|c| c.not_after).min(),
+    };
+    let body = state.metrics.render(snapshot);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
