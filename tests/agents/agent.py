@@ -80,6 +80,13 @@ def parse_args(argv=None):
         help="after the heartbeats, wait until the server closes the session",
     )
     p.add_argument(
+        "--commands",
+        action="store_true",
+        help="answer every other event (a command from the API) with the ack "
+        '{"ok": true, "event": <name>, "data": <data>} and report it as a "command" line',
+    )
+    p.add_argument("--ack-delay", type=float, default=0.0, help="seconds to wait before acking a command")
+    p.add_argument(
         "--print-sid",
         action="store_true",
         help="add the Socket.IO sid and the Engine.IO sid to the connected line",
@@ -161,6 +168,20 @@ async def amain(args):
     @sio.on("error")
     async def on_error(data=None):
         await events.put(("error", data))
+
+    @sio.on("server_shutdown")
+    async def on_server_shutdown(data=None):
+        await events.put(("server_shutdown", data))
+
+    if args.commands:
+        # python-socketio's catch-all handler: what it returns is the acknowledgement,
+        # the way an orchestrator agent answers a command.
+        @sio.on("*")
+        async def on_command(event, data=None):
+            await events.put(("command", {"name": event, "data": data}))
+            if args.ack_delay:
+                await asyncio.sleep(args.ack_delay)
+            return {"ok": True, "event": event, "data": data}
 
     @sio.on("connect_error")
     async def on_connect_error(data=None):

@@ -41,8 +41,8 @@ pub struct TestServer {
     pub config: Config,
     pub store: CertStore,
     pub agents: Agents,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    task: tokio::sync::Mutex<Option<JoinHandle<std::io::Result<()>>>>,
 }
 
 impl TestServer {
@@ -81,23 +81,48 @@ impl TestServer {
             config,
             store,
             agents,
-            shutdown: Some(tx),
-            task: Some(task),
+            shutdown: std::sync::Mutex::new(Some(tx)),
+            task: tokio::sync::Mutex::new(Some(task)),
         })
     }
 
     /// Stops the gateway and waits for it to drain.
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
+    pub async fn stop(self) {
+        self.begin_shutdown();
+        assert!(
+            self.wait_stopped(Duration::from_secs(20)).await,
+            "gateway did not stop"
+        );
+    }
+
+    /// Resolves the gateway's shutdown future (as SIGTERM does in the binary).
+    pub fn begin_shutdown(&self) {
+        if let Some(tx) = self.shutdown.lock().unwrap().take() {
             let _ = tx.send(());
         }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
+    }
+
+    /// Waits up to `within` for `serve` to return `Ok`; false if it did not.
+    pub async fn wait_stopped(&self, within: Duration) -> bool {
+        let mut task = self.task.lock().await;
+        let Some(handle) = task.as_mut() else {
+            return true;
+        };
+        match tokio::time::timeout(within, handle).await {
+            Ok(result) => {
+                result.unwrap().unwrap();
+                *task = None;
+                true
+            }
+            Err(_) => false,
         }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.task
+            .try_lock()
+            .map(|t| t.as_ref().is_none_or(|h| h.is_finished()))
+            .unwrap_or(false)
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -165,7 +190,7 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        if let Some(task) = self.task.get_mut().take() {
             task.abort();
         }
     }
@@ -346,17 +371,42 @@ impl SioWs {
     /// The next event `(name, data)`, answering pings; `None` once the socket is closed
     /// (by a Socket.IO disconnect packet or the transport).
     pub async fn next_event(&mut self) -> Option<(String, Value)> {
+        self.next_event_with_ack()
+            .await
+            .map(|(name, data, _)| (name, data))
+    }
+
+    /// Like `next_event`, with the ack id when the server asked for an acknowledgement.
+    pub async fn next_event_with_ack(&mut self) -> Option<(String, Value, Option<u64>)> {
         loop {
             let msg = self.next_text().await?;
             if let Some(rest) = msg.strip_prefix("42") {
-                let v: Value = serde_json::from_str(rest).ok()?;
+                let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                let ack = digits.parse().ok();
+                let v: Value = serde_json::from_str(&rest[digits.len()..]).ok()?;
                 let name = v.get(0)?.as_str()?.to_owned();
-                return Some((name, v.get(1).cloned().unwrap_or(Value::Null)));
+                return Some((name, v.get(1).cloned().unwrap_or(Value::Null), ack));
             }
             if msg.starts_with("41") || msg == "1" {
                 return None;
             }
         }
+    }
+
+    /// Answers the event that carried ack id `id` with `reply` as its one argument.
+    pub async fn ack(&mut self, id: u64, reply: Value) {
+        let packet = format!("43{id}{}", json!([reply]));
+        self.ws.send(Message::text(packet)).await.unwrap();
+    }
+
+    /// Waits up to `secs` for the next event, with its ack id.
+    pub async fn next_event_with_ack_within(
+        &mut self,
+        secs: u64,
+    ) -> Option<(String, Value, Option<u64>)> {
+        tokio::time::timeout(Duration::from_secs(secs), self.next_event_with_ack())
+            .await
+            .expect("timed out waiting for an event")
     }
 
     /// Waits up to `secs` for the next event.
