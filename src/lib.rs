@@ -9,7 +9,8 @@
 //!   [`tls::verifier`], the agent certificate verifier.
 //! - [`store`]: the certificate store (index + file backend) and the upload rules.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
-//! - [`server`]: accept loop, handshake, per-connection identity, graceful shutdown.
+//! - [`server`]: accept loop, handshake, per-connection identity, graceful shutdown;
+//!   [`killable`] lets shutdown cut upgraded connections.
 //! - [`api`]: the HTTP API, one file per resource.
 //! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,
 //!   commands to agents.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod enroll;
 pub mod fsutil;
 pub mod identity;
+pub mod killable;
 pub mod metrics;
 pub mod server;
 pub mod signal;

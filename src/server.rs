@@ -29,6 +29,7 @@ use crate::api::{self, ApiKeys, AppState, MetricsExposure};
 use crate::config::Config;
 use crate::enroll::{EnrollError, Enrollment};
 use crate::identity::{AgentIdentity, Peer};
+use crate::killable::Killable;
 use crate::metrics::Metrics;
 use crate::store::{CertStore, StoreError};
 use crate::tls::server_cert::ServerCertError;
@@ -41,6 +42,9 @@ const IDENTITY_HEADERS: [HeaderName; 2] = [
     HeaderName::from_static("x-ssl-client-cert"),
     HeaderName::from_static("x-ssl-client-verify"),
 ];
+
+/// Time given to the `server_shutdown` notice to be written before connections are cut.
+const SHUTDOWN_NOTICE_FLUSH: Duration = Duration::from_millis(200);
 
 /// How long a client may take to send request headers (slowloris protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -162,6 +166,7 @@ impl Gateway {
             anonymous_agents = ?self.agents_anonymous(), "agentgate listening"
         );
         let token = CancellationToken::new();
+        let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
         let ping = self.config.socketio.ping_interval_secs + self.config.socketio.ping_timeout_secs;
         self.agents
@@ -173,6 +178,7 @@ impl Gateway {
             store: self.store.clone(),
             app: self.app.clone(),
             shutdown: token.clone(),
+            kill: kill.clone(),
             metrics: self.metrics.clone(),
         });
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
@@ -198,14 +204,14 @@ impl Gateway {
             tracker.spawn(conn.clone().serve(tcp, remote, permit));
         }
         drop(listener);
-        self.drain(token, tracker).await;
+        self.drain(token, kill, tracker).await;
         Ok(())
     }
 
     /// Graceful shutdown: no new requests; in-flight API requests finish; then every agent
     /// is told and its transport closed (so it reconnects, to another node if there is
     /// one); then connections drain. All within `shutdown_grace_secs`.
-    async fn drain(&self, token: CancellationToken, tracker: TaskTracker) {
+    async fn drain(&self, token: CancellationToken, kill: CancellationToken, tracker: TaskTracker) {
         let grace = self.config.shutdown_grace();
         let deadline = tokio::time::Instant::now() + grace;
         tracing::info!(
@@ -227,7 +233,11 @@ impl Gateway {
             );
         }
         let sessions = self.agents.io.sockets().len();
-        if tokio::time::timeout_at(deadline, self.agents.shutdown("server shutting down"))
+        self.agents.notify_shutdown("server shutting down").await;
+        // Let the notice reach the agents before their connections are cut.
+        tokio::time::sleep(SHUTDOWN_NOTICE_FLUSH.min(deadline - tokio::time::Instant::now())).await;
+        kill.cancel();
+        if tokio::time::timeout_at(deadline, self.agents.io.close())
             .await
             .is_err()
         {
@@ -258,6 +268,8 @@ struct ConnShared {
     store: CertStore,
     app: Router,
     shutdown: CancellationToken,
+    /// Cuts every connection's IO, upgraded ones included (see [`Killable`]).
+    kill: CancellationToken,
     metrics: Metrics,
 }
 
@@ -337,7 +349,8 @@ impl ConnShared {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+        let io = Killable::new(tls, self.kill.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
         let mut cancelled = std::pin::pin!(self.shutdown.cancelled());
         let mut draining = false;

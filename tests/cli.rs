@@ -340,3 +340,137 @@ async fn sighup_reloads_server_certificate_files_without_dropping_connections() 
         "a bad reload must keep the certificate in service"
     );
 }
+
+#[tokio::test]
+async fn sigterm_with_a_connected_python_agent_ends_cleanly_and_the_agent_comes_back_after_restart()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let cert = dir.path().join("server.pem");
+    let key = dir.path().join("server.key");
+    std::fs::write(&cert, &pki.server_cert_pem).unwrap();
+    std::fs::write(&key, &pki.server_key_pem).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let port = free_port();
+    let metrics_port = free_port();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\napi_keys = [\"k\"]\ndata_dir = \"{d}/data\"\nshutdown_grace_secs = 5\n[store]\ndir = \"{d}/certs\"\n[tls]\nmode = \"files\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n",
+            d = dir.path().display(),
+            c = cert.display(),
+            k = key.display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        Proc(
+            agentgate()
+                .args(["serve", "--config"])
+                .arg(&config)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut proc = start();
+    wait_healthy(port).await;
+    // Metrics are on the separate plain-HTTP listener, not on the TLS one.
+    let metrics = Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{metrics_port}/metrics")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("agentgate_tls_handshakes_total"));
+
+    let agent = pki.agent("term-1");
+    let upload =
+        serde_json::json!({"agent_id": "term-1", "certificate": agent.cert_pem}).to_string();
+    let out = Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(&ca)
+        .args([
+            "-H",
+            "Authorization: Bearer k",
+            "-d",
+            &upload,
+            &format!("https://localhost:{port}/agent/certificate"),
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Certificate uploaded successfully"));
+    let url = format!("https://localhost:{port}");
+    let mut py = python_agent_command(
+        &url,
+        &ca,
+        dir.path(),
+        Some(&agent),
+        &["--wait-disconnect", "--reconnect", "--timeout", "40"],
+    );
+    let py = py.stdout(Stdio::piped()).spawn().unwrap();
+    // Wait until the agent's heartbeat was acknowledged, then SIGTERM the gateway.
+    let mut stdout = tokio::io::BufReader::new(py.stdout.unwrap());
+    let mut seen = String::new();
+    use tokio::io::AsyncBufReadExt;
+    while !seen.contains("heartbeat_ack") {
+        let mut line = String::new();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
+                .await
+                .unwrap()
+                .unwrap()
+                > 0,
+            "{seen}"
+        );
+        seen.push_str(&line);
+    }
+    proc.signal("-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(s) = proc.0.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("no exit after SIGTERM");
+    assert!(status.success());
+    // The agent was told why, and lost its connection in a way that makes
+    // python-socketio reconnect by itself (not an orderly "server disconnect").
+    let mut until_disconnect = String::new();
+    while !until_disconnect.contains("\"disconnected\"") {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "agent ended early: {until_disconnect}");
+        until_disconnect.push_str(&line);
+    }
+    assert!(
+        until_disconnect.contains("server_shutdown"),
+        "agent not told: {until_disconnect}"
+    );
+    assert!(
+        until_disconnect.contains("transport error"),
+        "agent would not reconnect: {until_disconnect}"
+    );
+    // Restart: the agent comes back by itself and heartbeats.
+    let _proc = start();
+    let mut rest = String::new();
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(40), stdout.read_to_string(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        rest.contains("\"reconnected\""),
+        "agent did not reconnect: {rest}"
+    );
+    assert!(
+        rest.contains("heartbeat_ack") && rest.contains("term-1"),
+        "no heartbeat after reconnect: {rest}"
+    );
+}

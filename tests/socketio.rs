@@ -326,3 +326,68 @@ async fn python_agent_session_is_closed_when_its_certificate_is_replaced() {
     assert_eq!(code, 0, "{lines:?}");
     assert_eq!(lines.last().unwrap()["event"], "disconnected");
 }
+
+#[tokio::test]
+async fn python_agent_answers_a_command_through_the_api() {
+    let server = std::sync::Arc::new(TestServer::start().await);
+    let cert = server.pki.agent("py-cmd");
+    assert_eq!(server.upload(&cert).await.0, 200);
+    let s = server.clone();
+    let c = cert.clone();
+    let agent = tokio::spawn(async move {
+        python_agent(
+            &s,
+            Some(&c),
+            &[
+                "--heartbeats",
+                "1",
+                "--commands",
+                "--wait-disconnect",
+                "--timeout",
+                "30",
+            ],
+        )
+        .await
+    });
+    let id = "py-cmd".parse().unwrap();
+    for _ in 0..300 {
+        if server
+            .agents
+            .registry
+            .get(&id)
+            .is_some_and(|st| st.last_heartbeat.is_some())
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (status, body) = server
+        .api(
+            "POST",
+            "/agents/py-cmd/commands",
+            Some(json!({"event": "start_plc", "data": {"program": "main.st"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["reply"],
+        json!({"ok": true, "event": "start_plc", "data": {"program": "main.st"}})
+    );
+    // Revoking the agent ends its session; the agent reports what it saw.
+    assert_eq!(
+        server
+            .api("DELETE", "/agent/certificate/py-cmd", None)
+            .await
+            .0,
+        200
+    );
+    let (code, lines) = agent.await.unwrap();
+    assert_eq!(code, 0, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "command" && l["data"]["name"] == "start_plc"),
+        "{lines:?}"
+    );
+    assert_eq!(lines.last().unwrap()["event"], "disconnected");
+}

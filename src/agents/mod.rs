@@ -98,13 +98,13 @@ impl Agents {
         closed
     }
 
-    /// Tells every connected socket that the server is going away, then closes their
-    /// transports. Closing the transport (not a Socket.IO disconnect) is what makes
-    /// socket.io clients reconnect by themselves, to another node behind the balancer.
-    pub async fn shutdown(&self, reason: &str) {
+    /// Tells every connected socket that the server is going away. The server then cuts
+    /// the connections (see [`crate::killable`]) so that clients reconnect by themselves.
+    pub async fn notify_shutdown(&self, reason: &str) {
         let notice = serde_json::json!({ "reason": reason, "reconnect": true });
-        let _ = self.io.emit("server_shutdown", &notice).await;
-        self.io.close().await;
+        if let Err(e) = self.io.emit("server_shutdown", &notice).await {
+            tracing::debug!(error = %e, "server_shutdown notice not delivered to every socket");
+        }
     }
 
     /// The transport a live session uses now (it changes on upgrade).

@@ -23,7 +23,7 @@ Exit codes:
     4  timeout (--timeout seconds for the whole run)
     5  the server closed the session while it was not expected (no --wait-disconnect)
 
-Differences from a production agent, on purpose: reconnection is off (a test wants to
+Differences from a production agent, on purpose: reconnection is off unless --reconnect (a test wants to
 see the first outcome, not a retry loop), and the namespace-connect wait is --timeout
 rather than python-socketio's 1 s default (a debug server on a busy 2-core machine can be
 slower than that). Diagnostics go to stderr; stdout carries only the JSON lines.
@@ -78,6 +78,12 @@ def parse_args(argv=None):
         "--wait-disconnect",
         action="store_true",
         help="after the heartbeats, wait until the server closes the session",
+    )
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="with --wait-disconnect: let python-socketio reconnect after the disconnect "
+        "(production agents run with reconnection=True), then send one heartbeat",
     )
     p.add_argument(
         "--commands",
@@ -137,7 +143,7 @@ async def run(args, sio, events, state):
         await sio.emit("heartbeat", args.payload)
         event, data = await events.get()
         if event == "disconnected":
-            emit_line({"event": "disconnected"})
+            emit_line({"event": "disconnected", "reason": data})
             return EXIT_OK if args.wait_disconnect else EXIT_UNEXPECTED_DISCONNECT
         emit_line({"event": event, "data": data})
 
@@ -145,7 +151,9 @@ async def run(args, sio, events, state):
         while True:
             event, data = await events.get()
             if event == "disconnected":
-                emit_line({"event": "disconnected"})
+                emit_line({"event": "disconnected", "reason": data})
+                if args.reconnect:
+                    return await after_reconnect(args, sio, events)
                 return EXIT_OK
             # a late ack or error: report it, keep waiting
             emit_line({"event": event, "data": data})
@@ -154,10 +162,32 @@ async def run(args, sio, events, state):
     return EXIT_OK
 
 
+async def after_reconnect(args, sio, events):
+    """--reconnect: python-socketio reconnects by itself (as production agents are
+    configured); wait for that, send one heartbeat, report its ack."""
+    while True:
+        event, data = await events.get()
+        if event == "reconnected":
+            emit_line({"event": "reconnected", "transport": sio.transport()})
+            break
+    await sio.emit("heartbeat", args.payload)
+    while True:
+        event, data = await events.get()
+        if event in ("heartbeat_ack", "error"):
+            emit_line({"event": event, "data": data})
+            await sio.disconnect()
+            return EXIT_OK
+
+
 async def amain(args):
     ctx = make_ssl_context(args)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
-    sio = socketio.AsyncClient(reconnection=False, http_session=session)
+    sio = socketio.AsyncClient(
+        reconnection=args.reconnect,
+        reconnection_delay=0.2,
+        reconnection_delay_max=1,
+        http_session=session,
+    )
     events = asyncio.Queue()
     state = {}
 
@@ -168,6 +198,14 @@ async def amain(args):
     @sio.on("error")
     async def on_error(data=None):
         await events.put(("error", data))
+
+    connects = {"n": 0}
+
+    @sio.on("connect")
+    async def on_connect():
+        connects["n"] += 1
+        if connects["n"] > 1:
+            await events.put(("reconnected", None))
 
     @sio.on("server_shutdown")
     async def on_server_shutdown(data=None):
@@ -191,7 +229,7 @@ async def amain(args):
     async def on_disconnect(*reason):
         if reason:
             log(f"disconnected: {reason[0]}")
-        await events.put(("disconnected", None))
+        await events.put(("disconnected", reason[0] if reason else None))
 
     try:
         try:

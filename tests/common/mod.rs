@@ -488,28 +488,32 @@ pub fn python() -> PathBuf {
     venv
 }
 
-/// Runs `tests/agents/agent.py` with `args` and returns its JSON lines and exit code.
+/// Runs `tests/agents/agent.py` with `args` against `server`.
 pub async fn python_agent(
     server: &TestServer,
     agent: Option<&AgentCert>,
     args: &[&str],
 ) -> (i32, Vec<Value>) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/agents/agent.py");
-    let mut cmd = tokio::process::Command::new(python());
-    cmd.arg(script)
-        .arg("--url")
-        .arg(server.url())
-        .arg("--ca")
-        .arg(server.ca_file());
-    if let Some(a) = agent {
-        let dir = server.dir.path();
-        let cert = dir.join(format!("{}-{}.crt", a.agent_id, &a.fingerprint_hex()[..8]));
-        let key = dir.join(format!("{}-{}.key", a.agent_id, &a.fingerprint_hex()[..8]));
-        std::fs::write(&cert, &a.cert_pem).unwrap();
-        std::fs::write(&key, &a.key_pem).unwrap();
-        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
-    }
-    cmd.args(args);
+    python_agent_at(
+        &server.url(),
+        &server.ca_file(),
+        server.dir.path(),
+        agent,
+        args,
+    )
+    .await
+}
+
+/// Runs `tests/agents/agent.py` against `url` trusting `ca`; returns its JSON lines and
+/// exit code. Key files are written into `dir`.
+pub async fn python_agent_at(
+    url: &str,
+    ca: &std::path::Path,
+    dir: &std::path::Path,
+    agent: Option<&AgentCert>,
+    args: &[&str],
+) -> (i32, Vec<Value>) {
+    let mut cmd = python_agent_command(url, ca, dir, agent, args);
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .expect("python agent hung")
@@ -522,6 +526,29 @@ pub async fn python_agent(
         eprintln!("agent.py stderr:\n{}", String::from_utf8_lossy(&out.stderr));
     }
     (out.status.code().unwrap_or(-1), lines)
+}
+
+/// The command line of a python agent, for tests that run it in the background.
+pub fn python_agent_command(
+    url: &str,
+    ca: &std::path::Path,
+    dir: &std::path::Path,
+    agent: Option<&AgentCert>,
+    args: &[&str],
+) -> tokio::process::Command {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/agents/agent.py");
+    let mut cmd = tokio::process::Command::new(python());
+    cmd.arg(script).arg("--url").arg(url).arg("--ca").arg(ca);
+    if let Some(a) = agent {
+        let stem = format!("{}-{}", a.agent_id, &a.fingerprint_hex()[..8]);
+        let cert = dir.join(format!("{stem}.crt"));
+        let key = dir.join(format!("{stem}.key"));
+        std::fs::write(&cert, &a.cert_pem).unwrap();
+        std::fs::write(&key, &a.key_pem).unwrap();
+        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    cmd.args(args).kill_on_drop(true);
+    cmd
 }
 
 /// Reads from a TLS stream after the handshake: a refused client certificate shows up here
