@@ -474,3 +474,71 @@ async fn sigterm_with_a_connected_python_agent_ends_cleanly_and_the_agent_comes_
         "no heartbeat after reconnect: {rest}"
     );
 }
+
+#[test]
+fn nested_keys_come_from_agentgate_variables() {
+    let out = agentgate()
+        .arg("check-config")
+        .env("API_KEY", "k")
+        .env("AGENTGATE_AGENTS__STALE_AFTER_SECS", "42")
+        .env("AGENTGATE_LOG_FORMAT", "json")
+        .env("CERT_STORAGE_DIR", "/var/orchestrator/certs")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("stale_after_secs = 42"), "{stdout}");
+    assert!(stdout.contains("log_format = \"json\""), "{stdout}");
+    assert!(
+        stdout.contains("dir = \"/var/orchestrator/certs\""),
+        "{stdout}"
+    );
+    let out = agentgate()
+        .arg("check-config")
+        .env("API_KEY", "k")
+        .env("AGENTGATE_TLS__MODE", "files")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls.cert_file"));
+}
+
+#[tokio::test]
+async fn json_log_format_writes_one_json_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = agentgate()
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("API_KEY", "k")
+        .env("AGENTGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("AGENTGATE_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_healthy(port).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = tokio::task::spawn_blocking(move || {
+        let _ = child.wait();
+        let mut s = String::new();
+        use std::io::Read;
+        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.len() >= 3, "{out}");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+    assert!(out.contains("agentgate listening"));
+}
