@@ -69,6 +69,40 @@ async fn wait_healthy(port: u16) {
     panic!("gateway on port {port} never became healthy");
 }
 
+/// Writes `pki`'s server certificate and a files-mode `gw.toml` for 127.0.0.1:`port` into
+/// `dir`, with `extra` top-level keys; returns the config path.
+fn files_mode_config(dir: &Path, pki: &TestPki, port: u16, extra: &str) -> std::path::PathBuf {
+    let cert = dir.join("server.pem");
+    let key = dir.join("server.key");
+    std::fs::write(&cert, &pki.server_cert_pem).unwrap();
+    std::fs::write(&key, &pki.server_key_pem).unwrap();
+    std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
+    let config = dir.join("gw.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:{port}\"\napi_keys = [\"k\"]\ndata_dir = \"{d}/data\"\n{extra}\n\
+         [store]\ndir = \"{d}/certs\"\n[tls]\nmode = \"files\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n",
+        d = dir.display(),
+        c = cert.display(),
+        k = key.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Waits up to `secs` for the process to exit.
+async fn wait_exit(proc: &mut Proc, secs: u64) -> std::process::ExitStatus {
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            if let Some(s) = proc.0.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("no exit after the signal")
+}
+
 fn server_cert_fingerprint(port: u16) -> String {
     let out = Command::new("sh")
         .arg("-c")
@@ -238,16 +272,7 @@ async fn serve_runs_on_the_embedded_default_and_keeps_its_self_signed_certificat
     // SIGTERM ends it cleanly.
     proc.signal("-TERM");
     let mut proc = proc;
-    let status = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            if let Some(s) = proc.0.try_wait().unwrap() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("no exit after SIGTERM");
+    let status = wait_exit(&mut proc, 15).await;
     assert!(status.success());
     // Restart: the same certificate, not a new one.
     let _proc = start();
@@ -260,22 +285,9 @@ async fn sighup_reloads_server_certificate_files_without_dropping_connections() 
     let dir = tempfile::tempdir().unwrap();
     let pki_a = TestPki::new();
     let pki_b = TestPki::new();
-    let cert = dir.path().join("server.pem");
-    let key = dir.path().join("server.key");
-    std::fs::write(&cert, &pki_a.server_cert_pem).unwrap();
-    std::fs::write(&key, &pki_a.server_key_pem).unwrap();
     let port = free_port();
-    let config = dir.path().join("gw.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\napi_keys = [\"k\"]\ndata_dir = \"{d}/data\"\n[store]\ndir = \"{d}/certs\"\n[tls]\nmode = \"files\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n",
-            d = dir.path().display(),
-            c = cert.display(),
-            k = key.display()
-        ),
-    )
-    .unwrap();
+    let config = files_mode_config(dir.path(), &pki_a, port, "");
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
     let proc = Proc(
         agentgate()
             .args(["serve", "--config"])
@@ -346,25 +358,11 @@ async fn sigterm_with_a_connected_python_agent_ends_cleanly_and_the_agent_comes_
 {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
-    let cert = dir.path().join("server.pem");
-    let key = dir.path().join("server.key");
-    std::fs::write(&cert, &pki.server_cert_pem).unwrap();
-    std::fs::write(&key, &pki.server_key_pem).unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
     let port = free_port();
     let metrics_port = free_port();
-    let config = dir.path().join("gw.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\napi_keys = [\"k\"]\ndata_dir = \"{d}/data\"\nshutdown_grace_secs = 5\n[store]\ndir = \"{d}/certs\"\n[tls]\nmode = \"files\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n",
-            d = dir.path().display(),
-            c = cert.display(),
-            k = key.display()
-        ),
-    )
-    .unwrap();
+    let extra = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\nshutdown_grace_secs = 5");
+    let config = files_mode_config(dir.path(), &pki, port, &extra);
+    let ca = dir.path().join("ca.pem");
     let start = || {
         Proc(
             agentgate()
@@ -426,16 +424,7 @@ async fn sigterm_with_a_connected_python_agent_ends_cleanly_and_the_agent_comes_
         seen.push_str(&line);
     }
     proc.signal("-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            if let Some(s) = proc.0.try_wait().unwrap() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("no exit after SIGTERM");
+    let status = wait_exit(&mut proc, 15).await;
     assert!(status.success());
     // The agent was told why, and lost its connection in a way that makes
     // python-socketio reconnect by itself (not an orderly "server disconnect").

@@ -455,13 +455,7 @@ async fn install_tokens_work_once_for_their_agent_until_expiry_and_survive_a_res
     let t6 = token(&server, "enr-6", 600).await;
     let file = std::fs::read_to_string(server.config.data_dir.join("enrollment.json")).unwrap();
     assert!(!file.contains(&t6));
-    let (pki, dir, config) = (
-        server.pki.clone(),
-        server.dir.clone(),
-        server.config.clone(),
-    );
-    server.stop().await;
-    let server = TestServer::start_in(pki, dir, config).await.unwrap();
+    let server = server.restart().await;
     let (status, body) = register(&server, &t6, &server.pki.agent("enr-6"), json!({})).await;
     assert_eq!(status, 200, "{body}");
     let (status, _) = register(&server, &t5, &server.pki.agent("enr-5"), json!({"ok": 1})).await;

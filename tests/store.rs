@@ -19,14 +19,7 @@ async fn a_restart_keeps_every_uploaded_certificate() {
     // Replace one, so the restart must load the newest.
     let rotated = server.pki.agent("keep-0");
     assert_eq!(server.upload(&rotated).await.0, 200);
-    let (pki, dir, config) = (
-        server.pki.clone(),
-        server.dir.clone(),
-        server.config.clone(),
-    );
-    server.stop().await;
-
-    let server = TestServer::start_in(pki, dir, config).await.unwrap();
+    let server = server.restart().await;
     assert_eq!(server.store.len(), 5);
     for a in agents.iter().skip(1).chain([&rotated]) {
         assert!(

@@ -95,6 +95,13 @@ impl TestServer {
         );
     }
 
+    /// Stops the gateway and starts a new one on the same directories and PKI.
+    pub async fn restart(self) -> TestServer {
+        let (pki, dir, config) = (self.pki.clone(), self.dir.clone(), self.config.clone());
+        self.stop().await;
+        TestServer::start_in(pki, dir, config).await.unwrap()
+    }
+
     /// Resolves the gateway's shutdown future (as SIGTERM does in the binary).
     pub fn begin_shutdown(&self) {
         if let Some(tx) = self.shutdown.lock().unwrap().take() {
