@@ -39,12 +39,11 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let certs = state.store.list();
     let snapshot = Snapshot {
         connected_agents: state.agents.registry.connected_agents() as i64,
         socket_sessions: state.agents.io.sockets().len() as i64,
-        store_certificates: certs.len() as i64,
-        earliest_expiry: certs.iter().map(|c| c.not_after).min(),
+        store_certificates: state.store.len() as i64,
+        earliest_expiry: state.store.earliest_not_after(),
     };
     let body = state.metrics.render(snapshot);
     (

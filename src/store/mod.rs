@@ -104,6 +104,11 @@ impl CertStore {
         self.len() == 0
     }
 
+    /// The earliest `notAfter` among stored certificates (one pass, no copy).
+    pub fn earliest_not_after(&self) -> Option<i64> {
+        self.read().by_agent.values().map(|c| c.not_after).min()
+    }
+
     /// Every stored certificate, sorted by agent id.
     pub fn list(&self) -> Vec<Arc<StoredCert>> {
         let mut all: Vec<_> = self.read().by_agent.values().cloned().collect();
