@@ -43,6 +43,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub tls: TlsConfig,
     pub socketio: SocketIoConfig,
+    pub http_redirect: HttpRedirectConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +86,8 @@ pub struct TlsConfig {
     pub key_file: Option<PathBuf>,
     /// Subject alternative names of the generated certificate for `mode = "self-signed"`.
     pub self_signed_names: Vec<String>,
+    /// Settings for `mode = "acme"`.
+    pub acme: AcmeConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +97,37 @@ pub enum TlsMode {
     SelfSigned,
     /// A PEM chain and key from disk, reloaded on SIGHUP.
     Files,
+    /// Obtained and renewed over ACME (RFC 8555), TLS-ALPN-01 answered on `listen`.
+    Acme,
+}
+
+/// `[tls.acme]`: where the certificate is ordered and where it is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeConfig {
+    /// DNS names of the certificate; each must resolve to this host, whose port 443 must
+    /// reach `listen` (TLS-ALPN-01 validation connects there).
+    pub domains: Vec<String>,
+    /// Account contacts, `mailto:` URIs.
+    pub contact: Vec<String>,
+    /// `letsencrypt`, `letsencrypt-staging`, or the https URL of any ACME directory.
+    pub directory: String,
+    /// Account key and certificates; `None` means `<data_dir>/acme`.
+    pub cache_dir: Option<PathBuf>,
+    /// PEM root certificate(s) trusted for the directory's own HTTPS, in addition to the
+    /// built-in web roots (test CAs such as Pebble).
+    pub directory_ca_file: Option<PathBuf>,
+}
+
+/// `[http_redirect]`: an optional plain-HTTP listener that sends every request to https.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpRedirectConfig {
+    /// Address of the plain-HTTP listener (e.g. `0.0.0.0:80`); `None`: no listener.
+    pub listen: Option<SocketAddr>,
+    /// Port written into the `Location` header; `None`: the port of `listen` (the TLS
+    /// one). Set it when a port mapping (`-p 443:8443`) makes the public port differ.
+    pub https_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +157,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             tls: TlsConfig::default(),
             socketio: SocketIoConfig::default(),
+            http_redirect: HttpRedirectConfig::default(),
         }
     }
 }
@@ -142,6 +177,21 @@ impl Default for TlsConfig {
             cert_file: None,
             key_file: None,
             self_signed_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            acme: AcmeConfig::default(),
+        }
+    }
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        // Staging by default: a first deployment that goes wrong must not burn the
+        // production rate limits (Let's Encrypt: 5 failed validations per hour).
+        Self {
+            domains: Vec::new(),
+            contact: Vec::new(),
+            directory: LETSENCRYPT_STAGING.to_owned(),
+            cache_dir: None,
+            directory_ca_file: None,
         }
     }
 }
@@ -293,8 +343,27 @@ impl Config {
                     return err("tls.self_signed_names", "at least one name is required");
                 }
             }
+            TlsMode::Acme => self.tls.acme.validate(origin)?,
+        }
+        if self.http_redirect.listen == Some(self.listen) {
+            return err(
+                "http_redirect.listen",
+                "must differ from `listen` (the TLS listener)",
+            );
+        }
+        if self.http_redirect.https_port == Some(0) {
+            return err("http_redirect.https_port", "must be a port from 1 to 65535");
         }
         Ok(())
+    }
+
+    /// Where ACME state is kept: `tls.acme.cache_dir`, or `<data_dir>/acme`.
+    pub fn acme_cache_dir(&self) -> PathBuf {
+        self.tls
+            .acme
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("acme"))
     }
 
     pub fn handshake_timeout(&self) -> Duration {
@@ -315,6 +384,95 @@ impl Config {
         shown.api_keys = self.api_keys.iter().map(|k| mask(k)).collect();
         toml_string(&shown)
     }
+}
+
+/// `tls.acme.directory` names for Let's Encrypt.
+pub const LETSENCRYPT: &str = "letsencrypt";
+pub const LETSENCRYPT_STAGING: &str = "letsencrypt-staging";
+
+/// Let's Encrypt has a limit of 100 names per certificate.
+const MAX_ACME_DOMAINS: usize = 100;
+
+impl AcmeConfig {
+    /// The directory URL that `directory` stands for.
+    pub fn directory_url(&self) -> &str {
+        match self.directory.as_str() {
+            LETSENCRYPT => rustls_acme::acme::LETS_ENCRYPT_PRODUCTION_DIRECTORY,
+            LETSENCRYPT_STAGING => rustls_acme::acme::LETS_ENCRYPT_STAGING_DIRECTORY,
+            url => url,
+        }
+    }
+
+    /// Whether certificates come from Let's Encrypt's staging CA, which nobody trusts.
+    pub fn is_staging(&self) -> bool {
+        self.directory_url() == rustls_acme::acme::LETS_ENCRYPT_STAGING_DIRECTORY
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let err = |key, message: String| Err(invalid(key, origin, &message));
+        if self.domains.is_empty() {
+            return err(
+                "tls.acme.domains",
+                "at least one DNS name is required when tls.mode = \"acme\"".into(),
+            );
+        }
+        if self.domains.len() > MAX_ACME_DOMAINS {
+            return err(
+                "tls.acme.domains",
+                format!("at most {MAX_ACME_DOMAINS} names fit in one certificate"),
+            );
+        }
+        for domain in &self.domains {
+            if let Some(problem) = acme_domain_problem(domain) {
+                return err("tls.acme.domains", format!("{domain:?} {problem}"));
+            }
+        }
+        for contact in &self.contact {
+            // RFC 8555 §7.3 allows other URI schemes; Let's Encrypt accepts only mailto.
+            let ok = contact
+                .strip_prefix("mailto:")
+                .is_some_and(|addr| addr.contains('@') && !addr.contains(char::is_whitespace));
+            if !ok {
+                return err(
+                    "tls.acme.contact",
+                    format!("{contact:?} is not like \"mailto:ops@example.com\""),
+                );
+            }
+        }
+        let url = self.directory_url();
+        // RFC 8555 §6.1: ACME is spoken over HTTPS only.
+        let https = url
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| u.scheme_str() == Some("https") && u.host().is_some_and(|h| !h.is_empty()));
+        if https.is_none() {
+            return err(
+                "tls.acme.directory",
+                format!(
+                    "{url:?} is neither \"{LETSENCRYPT}\", \"{LETSENCRYPT_STAGING}\" nor an https:// URL"
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Why `name` cannot be a TLS-ALPN-01 identifier, if it cannot.
+fn acme_domain_problem(name: &str) -> Option<&'static str> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Some("is an IP address; ACME here orders certificates for DNS names only");
+    }
+    if name.contains('*') {
+        // RFC 8737 §3: TLS-ALPN-01 cannot prove control of a wildcard name.
+        return Some("is a wildcard; TLS-ALPN-01 validation cannot issue wildcards");
+    }
+    if name.ends_with('.') || name.chars().any(|c| c.is_ascii_uppercase()) {
+        return Some("must be written in lower case without a trailing dot");
+    }
+    if rustls::pki_types::DnsName::try_from(name).is_err() {
+        return Some("is not a valid DNS name");
+    }
+    None
 }
 
 fn invalid(key: &'static str, origin: &str, message: &str) -> ConfigError {
@@ -341,6 +499,7 @@ impl fmt::Display for TlsMode {
         f.write_str(match self {
             TlsMode::SelfSigned => "self-signed",
             TlsMode::Files => "files",
+            TlsMode::Acme => "acme",
         })
     }
 }
@@ -407,6 +566,69 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tls.cert_file"), "{e}");
+    }
+
+    #[test]
+    fn acme_mode_validates_each_key_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |acme: &str| {
+            let path = write(
+                dir.path(),
+                &format!("api_keys = [\"a\"]\n[tls]\nmode = \"acme\"\n[tls.acme]\n{acme}"),
+            );
+            Config::load_with_env(Some(&path), env_of(&[]), false)
+        };
+        let c = load("domains = [\"gw.example.com\"]\ncontact = [\"mailto:ops@example.com\"]\n")
+            .unwrap();
+        assert_eq!(c.tls.mode, TlsMode::Acme);
+        assert!(c.tls.acme.is_staging(), "staging is the default directory");
+        assert_eq!(c.acme_cache_dir(), c.data_dir.join("acme"));
+        let c = load("domains = [\"gw.example.com\"]\ndirectory = \"letsencrypt\"\n").unwrap();
+        assert_eq!(
+            c.tls.acme.directory_url(),
+            "https://acme-v02.api.letsencrypt.org/directory"
+        );
+        for (acme, key) in [
+            ("", "tls.acme.domains"),
+            ("domains = [\"*.example.com\"]", "tls.acme.domains"),
+            ("domains = [\"192.0.2.1\"]", "tls.acme.domains"),
+            ("domains = [\"Gw.example.com\"]", "tls.acme.domains"),
+            ("domains = [\"a..b\"]", "tls.acme.domains"),
+            (
+                "domains = [\"a.example\"]\ncontact = [\"ops@example.com\"]",
+                "tls.acme.contact",
+            ),
+            (
+                "domains = [\"a.example\"]\ndirectory = \"http://acme.example/dir\"",
+                "tls.acme.directory",
+            ),
+            (
+                "domains = [\"a.example\"]\ndirectory = \"letsencrypt-prod\"",
+                "tls.acme.directory",
+            ),
+        ] {
+            let e = load(acme).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{acme}: {e}");
+        }
+    }
+
+    #[test]
+    fn redirect_listener_must_not_take_the_tls_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "api_keys = [\"a\"]\nlisten = \"127.0.0.1:8443\"\n[http_redirect]\nlisten = \"127.0.0.1:8443\"\n",
+        );
+        let e = Config::load_with_env(Some(&path), env_of(&[]), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`http_redirect.listen`"), "{e}");
+        let path = write(
+            dir.path(),
+            "api_keys = [\"a\"]\n[http_redirect]\nlisten = \"0.0.0.0:80\"\nhttps_port = 443\n",
+        );
+        let c = Config::load_with_env(Some(&path), env_of(&[]), false).unwrap();
+        assert_eq!(c.http_redirect.https_port, Some(443));
     }
 
     #[test]

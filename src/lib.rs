@@ -5,12 +5,14 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file and environment, validated before anything binds.
-//! - [`tls`]: rustls server configuration, server certificate sources, and
-//!   [`tls::verifier`], the agent certificate verifier.
+//! - [`tls`]: rustls server configuration, server certificate sources, the handshake
+//!   ([`tls::Acceptor`]), [`tls::verifier`] (the agent certificate verifier) and
+//!   [`tls::acme`] (certificates over ACME, TLS-ALPN-01 on the same listener).
 //! - [`store`]: the certificate store (index + file backend) and the upload rules.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
 //! - [`server`]: accept loop, handshake, per-connection identity, graceful shutdown;
 //!   [`killable`] lets shutdown cut upgraded connections.
+//! - [`redirect`]: the optional plain-HTTP listener that answers with 301 to https.
 //! - [`api`]: the HTTP API, one file per resource.
 //! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,
 //!   commands to agents.
@@ -30,6 +32,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod killable;
 pub mod metrics;
+pub mod redirect;
 pub mod server;
 pub mod signal;
 pub mod store;
@@ -43,7 +46,7 @@ pub use server::{Gateway, StartError};
 /// Runs the gateway for `config` until `shutdown` resolves: builds it, binds the listener,
 /// reloads the server certificate files on SIGHUP.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let gateway = Gateway::new(config.clone())?;
+    let mut gateway = Gateway::new(config.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen))?;
@@ -58,6 +61,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
                 tracing::error!(error = %e, "metrics listener failed");
             }
         });
+    }
+    if let Some(addr) = config.http_redirect.listen {
+        let redirect = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {addr} (key `http_redirect.listen`): {e}")
+        })?;
+        gateway = gateway.with_redirect_listener(redirect);
     }
     let server_cert = gateway.server_cert().clone();
     signal::on_hangup(move || match server_cert.reload() {

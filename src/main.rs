@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use agentgate::config::{Config, LogFormat};
+use agentgate::config::{Config, LogFormat, TlsMode};
 use agentgate::identity::AgentId;
 
 #[derive(Parser)]
@@ -63,6 +63,9 @@ fn main() -> ExitCode {
             Ok(c) => {
                 println!("# configuration is valid; effective settings:");
                 print!("{}", c.to_masked_toml());
+                if c.tls.mode == TlsMode::Acme {
+                    print!("{}", agentgate::tls::acme::report(&c));
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),

@@ -19,7 +19,6 @@ use rustls::ServerConfig;
 use rustls::pki_types::UnixTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -34,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::store::{CertStore, StoreError};
 use crate::tls::server_cert::ServerCertError;
 use crate::tls::verifier::AgentCertVerifier;
-use crate::tls::{self, HandshakeFailure, ServerCert};
+use crate::tls::{self, Accepted, Acceptor, HandshakeFailure, ServerCert};
 
 /// Client-supplied headers that claim a TLS identity; an nginx in front of the system we
 /// replace set them, and a client could forge them. Identity only comes from our handshake.
@@ -72,6 +71,7 @@ pub struct Gateway {
     metrics: Metrics,
     state: AppState,
     app: Router,
+    redirect: Option<TcpListener>,
 }
 
 impl Gateway {
@@ -134,12 +134,19 @@ impl Gateway {
             metrics,
             state,
             app,
+            redirect: None,
         })
     }
 
     /// The router of the separate metrics listener (`metrics_listen`).
     pub fn metrics_router(&self) -> Router {
         api::metrics_router(self.state.clone())
+    }
+
+    /// Also serves `listener` as the plain-HTTP listener of `[http_redirect]`.
+    pub fn with_redirect_listener(mut self, listener: TcpListener) -> Self {
+        self.redirect = Some(listener);
+        self
     }
 
     pub fn store(&self) -> &CertStore {
@@ -156,7 +163,7 @@ impl Gateway {
 
     /// Serves connections from `listener` until `shutdown` resolves, then drains.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
@@ -171,8 +178,25 @@ impl Gateway {
         let ping = self.config.socketio.ping_interval_secs + self.config.socketio.ping_timeout_secs;
         self.agents
             .spawn_binding_pruner(token.clone(), Duration::from_secs(ping.max(60) * 2));
+        if let Some(acme) = self.server_cert.acme() {
+            tracker.spawn(acme.clone().run(token.clone()));
+        }
+        if let Some(redirect) = self.redirect.take() {
+            let https_port = self
+                .config
+                .http_redirect
+                .https_port
+                .unwrap_or(self.config.listen.port());
+            tracker.spawn(crate::redirect::serve(
+                redirect,
+                https_port,
+                self.config.max_connections,
+                token.clone(),
+                tracker.clone(),
+            ));
+        }
         let conn = Arc::new(ConnShared {
-            acceptor: TlsAcceptor::from(self.tls.clone()),
+            acceptor: Acceptor::new(self.tls.clone(), &self.server_cert),
             handshake_timeout: self.config.handshake_timeout(),
             verifier: self.verifier.clone(),
             store: self.store.clone(),
@@ -262,7 +286,7 @@ impl Gateway {
 
 /// What each connection task needs.
 struct ConnShared {
-    acceptor: TlsAcceptor,
+    acceptor: Acceptor,
     handshake_timeout: Duration,
     verifier: Arc<AgentCertVerifier>,
     store: CertStore,
@@ -284,7 +308,12 @@ impl ConnShared {
         let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
             .await
         {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(Accepted::Connection(tls))) => tls,
+            Ok(Ok(Accepted::AcmeChallenge)) => {
+                self.metrics.handshake("accepted", "acme_challenge");
+                tracing::info!(peer = %remote, "answered an ACME TLS-ALPN-01 validation handshake");
+                return;
+            }
             Ok(Err(e)) => {
                 let (kind, reason) = HandshakeFailure::classify(&e);
                 self.metrics.handshake("rejected", kind.as_str());
@@ -371,7 +400,7 @@ impl ConnShared {
 
 /// Accept errors are retried, never fatal: per-connection errors at once, resource
 /// exhaustion (EMFILE/ENFILE) after a pause so the loop does not spin (axum `serve`).
-async fn handle_accept_error(e: io::Error) {
+pub(crate) async fn handle_accept_error(e: io::Error) {
     if matches!(
         e.kind(),
         io::ErrorKind::ConnectionRefused

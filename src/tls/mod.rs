@@ -1,6 +1,8 @@
-//! TLS termination: the rustls server configuration, where its certificate comes from,
-//! and the agent verifier that runs inside every handshake.
+//! TLS termination: the rustls server configuration, where its certificate comes from
+//! (self-signed, files, or [`acme`]), the agent verifier that runs inside every handshake,
+//! and [`Acceptor`], which takes a TCP connection through the handshake.
 
+pub mod acme;
 pub mod server_cert;
 pub mod verifier;
 
@@ -11,8 +13,13 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use rustls::server::ResolvesServerCert;
 use rustls::{CertificateError, ServerConfig};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use crate::config::{Config, TlsMode};
+use acme::Acme;
 use server_cert::{ServerCertError, SwappableCert};
 use verifier::{AgentCertVerifier, Rejection};
 
@@ -24,15 +31,22 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// The server certificate in use and how to refresh it.
 #[derive(Debug, Clone)]
 pub struct ServerCert {
-    pub resolver: Arc<SwappableCert>,
+    pub resolver: Arc<dyn ResolvesServerCert>,
     source: CertSource,
     provider: Arc<CryptoProvider>,
 }
 
 #[derive(Debug, Clone)]
 enum CertSource {
-    SelfSigned { path: PathBuf },
-    Files { cert: PathBuf, key: PathBuf },
+    SelfSigned {
+        path: PathBuf,
+    },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        swappable: Arc<SwappableCert>,
+    },
+    Acme(Acme),
 }
 
 impl ServerCert {
@@ -40,52 +54,76 @@ impl ServerCert {
         config: &Config,
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, ServerCertError> {
-        let (key, source) = match config.tls.mode {
+        let (resolver, source): (Arc<dyn ResolvesServerCert>, _) = match config.tls.mode {
             TlsMode::SelfSigned => {
                 let (key, path) = server_cert::self_signed(
                     &config.data_dir,
                     &config.tls.self_signed_names,
                     &provider,
                 )?;
-                (key, CertSource::SelfSigned { path })
+                (
+                    Arc::new(SwappableCert::new(key)),
+                    CertSource::SelfSigned { path },
+                )
             }
             TlsMode::Files => {
                 // Validation guarantees both paths in files mode.
                 let cert = config.tls.cert_file.clone().unwrap_or_default();
                 let key_path = config.tls.key_file.clone().unwrap_or_default();
                 let key = server_cert::load_files(&cert, &key_path, &provider)?;
+                let swappable = Arc::new(SwappableCert::new(key));
                 (
-                    key,
+                    swappable.clone(),
                     CertSource::Files {
                         cert,
                         key: key_path,
+                        swappable,
                     },
                 )
             }
+            TlsMode::Acme => {
+                let acme = Acme::new(config, provider.clone())?;
+                (acme.resolver(), CertSource::Acme(acme))
+            }
         };
         Ok(Self {
-            resolver: Arc::new(SwappableCert::new(key)),
+            resolver,
             source,
             provider,
         })
     }
 
-    /// Re-reads the files (SIGHUP). On error the current certificate stays in service.
-    pub fn reload(&self) -> Result<bool, ServerCertError> {
+    /// The ACME machinery, in `mode = "acme"`.
+    pub fn acme(&self) -> Option<&Acme> {
         match &self.source {
-            CertSource::Files { cert, key } => {
-                let fresh = server_cert::load_files(cert, key, &self.provider)?;
-                self.resolver.replace(fresh);
-                Ok(true)
-            }
-            CertSource::SelfSigned { .. } => Ok(false),
+            CertSource::Acme(acme) => Some(acme),
+            CertSource::SelfSigned { .. } | CertSource::Files { .. } => None,
         }
     }
 
-    /// Whether a certificate is available for handshakes (always, for these sources).
+    /// Re-reads the files (SIGHUP). On error the current certificate stays in service.
+    pub fn reload(&self) -> Result<bool, ServerCertError> {
+        match &self.source {
+            CertSource::Files {
+                cert,
+                key,
+                swappable,
+            } => {
+                let fresh = server_cert::load_files(cert, key, &self.provider)?;
+                swappable.replace(fresh);
+                Ok(true)
+            }
+            // ACME renews by itself; there is no file to re-read.
+            CertSource::SelfSigned { .. } | CertSource::Acme(_) => Ok(false),
+        }
+    }
+
+    /// Whether a certificate is available for handshakes: always for files and
+    /// self-signed, once the cache or an order provided one for ACME.
     pub fn is_ready(&self) -> bool {
-        match self.source {
+        match &self.source {
             CertSource::SelfSigned { .. } | CertSource::Files { .. } => true,
+            CertSource::Acme(acme) => acme.has_certificate(),
         }
     }
 
@@ -93,7 +131,56 @@ impl ServerCert {
         match &self.source {
             CertSource::SelfSigned { path } => format!("self-signed ({})", path.display()),
             CertSource::Files { cert, .. } => format!("files ({})", cert.display()),
+            CertSource::Acme(acme) => acme.describe(),
         }
+    }
+}
+
+/// Takes TCP connections through the TLS handshake: ordinary handshakes with the gateway's
+/// config, ACME TLS-ALPN-01 validation handshakes (in `acme` mode) with the challenge config.
+#[derive(Clone)]
+pub struct Acceptor {
+    main: Arc<ServerConfig>,
+    acme_challenge: Option<Arc<ServerConfig>>,
+}
+
+/// The outcome of a successful [`Acceptor::accept`].
+// Returned once per connection and unpacked at once: boxing the stream would cost an
+// allocation per connection to save a move.
+#[allow(clippy::large_enum_variant)]
+pub enum Accepted {
+    /// An ordinary connection, for HTTP.
+    Connection(TlsStream<TcpStream>),
+    /// A validation handshake of the ACME CA, answered and closed; nothing else to do.
+    AcmeChallenge,
+}
+
+impl Acceptor {
+    pub fn new(main: Arc<ServerConfig>, server_cert: &ServerCert) -> Self {
+        Self {
+            main,
+            acme_challenge: server_cert.acme().map(Acme::challenge_config),
+        }
+    }
+
+    /// Runs the handshake on `tcp`. The ClientHello is read first: one that offers exactly
+    /// the ALPN protocol `acme-tls/1` (RFC 8737 §3) is a validation and gets the challenge
+    /// certificate; any other gets the main config, agent verifier included. Errors are
+    /// those of tokio-rustls, for [`HandshakeFailure::classify`].
+    pub async fn accept(&self, tcp: TcpStream) -> io::Result<Accepted> {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        if let Some(challenge) = &self.acme_challenge
+            && rustls_acme::is_tls_alpn_challenge(&start.client_hello())
+        {
+            let mut tls = start.into_stream(challenge.clone()).await?;
+            // The CA needs the handshake only; a close_notify ends it politely.
+            let _ = tls.shutdown().await;
+            return Ok(Accepted::AcmeChallenge);
+        }
+        start
+            .into_stream(self.main.clone())
+            .await
+            .map(Accepted::Connection)
     }
 }
 

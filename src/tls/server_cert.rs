@@ -1,6 +1,6 @@
 //! Where the server certificate comes from: generated once (self-signed) or PEM files
 //! reloaded on SIGHUP. Both sit behind a resolver whose key can be swapped while
-//! connections are live; ACME plugs in as another `ResolvesServerCert`.
+//! connections are live. ACME (`super::acme`) brings its own resolver.
 
 use std::fs;
 use std::io;
@@ -21,6 +21,8 @@ pub enum ServerCertError {
     Key(String),
     #[error("generating the self-signed certificate: {0}")]
     Generate(String),
+    #[error(transparent)]
+    Acme(#[from] super::acme::AcmeSetupError),
 }
 
 /// A resolver holding one certificate that can be replaced atomically; handshakes in
