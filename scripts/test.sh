@@ -74,7 +74,7 @@ install_base_tools() {
 #   need_cmd redis-server              # scale-out tests (Debian package `redis-server`)
 # Tests start their own instances on 127.0.0.1 and find them on PATH.
 install_services() {
-    :
+    need_cmd pebble                    # ACME test server for tests/acme.rs (Debian package `pebble`)
 }
 
 # ---------------------------------------------------------------- Python test agent

@@ -127,7 +127,9 @@ impl CertificateInfo {
     /// When the library orders a replacement: two thirds into the lifetime (rustls-acme
     /// 0.15.4, `AcmeState::process_cert`).
     pub fn renew_at(&self) -> OffsetDateTime {
-        self.not_after - (self.not_after - self.not_before) / 3
+        let at: OffsetDateTime = self.not_after - (self.not_after - self.not_before) / 3;
+        // Whole seconds, as in the certificate; the library's timer is no finer in effect.
+        at.replace_nanosecond(0).unwrap_or(at)
     }
 
     pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset of the helpers
 
+pub mod pebble;
 pub mod pki;
 
 use std::net::SocketAddr;
