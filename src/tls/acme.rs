@@ -696,7 +696,7 @@ pub fn report(config: &Config) -> String {
     let acme = &config.tls.acme;
     let url = acme.directory_url();
     let dir = config.acme_cache_dir();
-    let mut out = String::from("# ACME (tls.mode = \"acme\"):\n");
+    let mut out = String::from("\n# ACME (tls.mode = \"acme\"):\n");
     let mut line = |k: &str, v: &str| out.push_str(&format!("#   {k}: {v}\n"));
     let kind = match acme.directory.as_str() {
         crate::config::LETSENCRYPT => " (Let's Encrypt production)",
