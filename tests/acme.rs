@@ -24,7 +24,7 @@ use common::{API_KEY, AgentCert, TestPki, alert_of, first_read_error};
 
 const ISSUED: &str = "ACME certificate issued and stored in the cache";
 const RENEWED: &str = "ACME certificate renewed and stored in the cache";
-const FROM_CACHE: &str = "ACME serving the cached certificate (no order placed)";
+const FROM_CACHE: &str = "ACME serving the certificate from the cache";
 const VALIDATION: &str = "answered an ACME TLS-ALPN-01 validation handshake";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,6 +290,42 @@ async fn renewal_replaces_the_certificate_without_dropping_connections() {
 
     // New handshakes get the new certificate.
     let tls = connect(port, &root, None).await.expect("TLS handshake");
+    assert_eq!(leaf_serial(&tls), renewed["serial"].as_str().unwrap());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_renewal_keeps_the_current_certificate_until_the_acme_server_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // 45 s certificates: renewal due after 30 s, 15 s before expiry.
+    let mut pebble = Pebble::prepare(&dir.path().join("pebble"), port, Some(45));
+    pebble.start().await;
+    let config = write_config(dir.path(), port, &pebble);
+    let gw = Gateway::start(&config);
+    let first = gw.wait_for_message(ISSUED, 90).await;
+    let first_root = pebble.root_pem().await;
+    pebble.stop();
+
+    let failed = gw
+        .wait_for(
+            "a failed renewal",
+            |l| message(l) == "ACME order failed; the current certificate stays in service",
+            60,
+        )
+        .await;
+    assert_eq!(failed["serving_until"], first["not_after"]);
+    let tls = connect(port, &first_root, None)
+        .await
+        .expect("the current certificate is still served");
+    assert_eq!(leaf_serial(&tls), first["serial"].as_str().unwrap());
+
+    // A fresh Pebble (new root, no memory of the account) on the same address.
+    pebble.start().await;
+    let renewed = gw.wait_for_message(RENEWED, 90).await;
+    let tls = connect(port, &pebble.root_pem().await, None)
+        .await
+        .expect("TLS handshake");
     assert_eq!(leaf_serial(&tls), renewed["serial"].as_str().unwrap());
     gw.stop().await;
 }

@@ -313,7 +313,7 @@ impl Acme {
                     tracing::info!(
                         serial = %info.serial, not_after = %rfc3339(info.not_after),
                         renew_at = %rfc3339(info.renew_at()),
-                        "ACME serving the cached certificate (no order placed)"
+                        "ACME serving the certificate from the cache"
                     );
                     run.renewal_due = Some(info.renew_at());
                     s.status.send_modify(|st| st.certificate = Some(info));

@@ -129,6 +129,14 @@ impl Pebble {
         panic!("pebble did not answer within 10 s:\n{}", self.log());
     }
 
+    /// Kills Pebble (its state is in memory and gone with it); `start` starts a fresh one.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The root that signs what this Pebble issues (a new one at every start).
     pub async fn root_pem(&self) -> String {
         let (status, body) = self.management_get("/roots/0").await.unwrap();
@@ -152,10 +160,7 @@ impl Pebble {
 
 impl Drop for Pebble {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
     }
 }
 
