@@ -58,7 +58,17 @@ async fn pebble_issues_a_certificate_that_clients_trust_and_an_agent_uses_for_mt
     let upload = json!({"agent_id": agent.agent_id, "certificate": agent.cert_pem});
     let (status, body) = http.send("POST", "/agent/certificate", Some(upload)).await;
     assert_eq!(status, 200, "{body}");
-    let (code, lines) = python_agent(port, &root, &agent, dir.path()).await;
+    // tests/agents/agent.py: python-socketio, as deployed agents connect.
+    let root_file = dir.path().join("pebble-root.pem");
+    std::fs::write(&root_file, &root).unwrap();
+    let (code, lines) = common::python_agent_at(
+        &format!("https://localhost:{port}"),
+        &root_file,
+        dir.path(),
+        Some(&agent),
+        &["--heartbeats", "2", "--timeout", "30"],
+    )
+    .await;
     assert_eq!(code, 0, "{lines:?}");
     let acks: Vec<&Value> = lines
         .iter()
@@ -639,46 +649,4 @@ impl Http {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
     }
-}
-
-/// `tests/agents/agent.py` (python-socketio, as deployed agents) with `agent`'s certificate,
-/// trusting `root_pem`, sending two heartbeats.
-async fn python_agent(
-    port: u16,
-    root_pem: &str,
-    agent: &AgentCert,
-    dir: &Path,
-) -> (i32, Vec<Value>) {
-    let (ca, cert, key) = (
-        dir.join("agent-ca.pem"),
-        dir.join("agent.crt"),
-        dir.join("agent.key"),
-    );
-    std::fs::write(&ca, root_pem).unwrap();
-    std::fs::write(&cert, &agent.cert_pem).unwrap();
-    std::fs::write(&key, &agent.key_pem).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/agents/agent.py");
-    let out = tokio::process::Command::new(common::python())
-        .arg(script)
-        .args(["--url", &format!("https://localhost:{port}")])
-        .arg("--ca")
-        .arg(&ca)
-        .arg("--cert")
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .args(["--heartbeats", "2", "--timeout", "30"])
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("python agent hung")
-        .unwrap();
-    if !out.status.success() {
-        eprintln!("agent.py stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    (out.status.code().unwrap_or(-1), lines)
 }
