@@ -49,8 +49,9 @@ const MAX_BACKOFF_EXPONENT: u32 = 16;
 /// scanner must not flood the log, an operator must still see why clients fail.
 const NO_CERT_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Longest single sleep of the renewal reminder; tokio's timer wheel does not reach the
-/// years that a test CA's five-year certificate would ask for.
+/// Longest single sleep of the renewal reminder. `renew_at` is wall-clock time and
+/// timers run on the monotonic clock: waking daily keeps the two from drifting apart
+/// over the months between renewals.
 const MAX_TIMER: Duration = Duration::from_secs(86_400);
 
 type State = AcmeState<io::Error, io::Error>;
@@ -377,8 +378,10 @@ impl Acme {
             Err(EventError::NewCertParse(e)) => {
                 let message = format!("the CA returned a certificate that cannot be used: {e}");
                 tracing::error!(error = %message, "ACME order failed");
-                s.status
-                    .send_modify(|st| st.last_error = Some(message.clone()));
+                s.status.send_modify(|st| {
+                    st.failed_orders += 1;
+                    st.last_error = Some(message.clone());
+                });
             }
         }
     }
