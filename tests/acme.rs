@@ -165,6 +165,15 @@ async fn acme_server_down_at_start_then_certificate_obtained_without_restart() {
     // Prepared, not started: its port refuses connections.
     let mut pebble = Pebble::prepare(&dir.path().join("pebble"), port, None);
     let config = write_config(dir.path(), port, &pebble);
+    // The plain-HTTP operations listener, reachable while TLS has no certificate.
+    let ops_port = free_port();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("metrics_listen = \"127.0.0.1:{ops_port}\"\n{text}"),
+    )
+    .unwrap();
+    let ready_url = format!("http://127.0.0.1:{ops_port}/ready");
     let mut gw = Gateway::start(&config);
 
     let failed = gw
@@ -207,12 +216,23 @@ async fn acme_server_down_at_start_then_certificate_obtained_without_restart() {
     )
     .await;
 
+    let not_ready = curl(&["-s", "-w", " %{http_code}", &ready_url]);
+    assert!(
+        not_ready.contains("\"starting\"") && not_ready.ends_with(" 503"),
+        "{not_ready}"
+    );
+
     pebble.start().await;
     let issued = gw.wait_for_message(ISSUED, 120).await;
     let root = pebble.root_pem().await;
     let tls = connect(port, &root, None).await.expect("TLS handshake");
     assert_eq!(leaf_serial(&tls), issued["serial"].as_str().unwrap());
     assert!(gw.is_running(), "the same process, never restarted");
+    let ready = curl(&["-s", "-w", " %{http_code}", &ready_url]);
+    assert!(
+        ready.contains("\"ready\"") && ready.ends_with(" 200"),
+        "{ready}"
+    );
     gw.stop().await;
 }
 

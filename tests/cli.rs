@@ -381,6 +381,11 @@ async fn sigterm_with_a_connected_python_agent_ends_cleanly_and_the_agent_comes_
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&metrics.stdout).contains("agentgate_tls_handshakes_total"));
+    let ready = Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{metrics_port}/ready")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&ready.stdout).contains("\"ready\""));
 
     let agent = pki.agent("term-1");
     let upload =

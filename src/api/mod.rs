@@ -120,10 +120,14 @@ pub fn router(state: AppState, cors_origins: &[String], metrics: MetricsExposure
     router
 }
 
-/// The router of the separate metrics listener.
+/// The router of the separate plain-HTTP metrics listener. It answers `/health` and
+/// `/ready` too: with ACME, before the first certificate arrives the TLS listener cannot
+/// complete a handshake, and this is where a load balancer or an operator sees why.
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(ops::metrics))
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
         .fallback(not_found)
         .with_state(state)
 }
