@@ -215,8 +215,9 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A value of the wrong type, an unknown key, or a file that is not TOML.
     #[error("invalid configuration: {0}")]
-    Parse(Box<figment::Error>),
+    Parse(String),
     #[error("invalid configuration: key `{key}` ({origin}): {message}")]
     Invalid {
         key: &'static str,
@@ -253,9 +254,7 @@ impl Config {
         if read_agentgate_env {
             figment = figment.merge(Env::prefixed("AGENTGATE_").split("__"));
         }
-        let mut config: Config = figment
-            .extract()
-            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        let mut config: Config = figment.extract().map_err(parse_error)?;
         if let Some(key) = env("API_KEY") {
             if key.is_empty() {
                 return Err(invalid(
@@ -304,9 +303,13 @@ impl Config {
             return err("max_connections", "must be at least 1");
         }
         for origin_value in &self.cors_origins {
-            let ok = (origin_value.starts_with("https://") || origin_value.starts_with("http://"))
-                && http::HeaderValue::from_str(origin_value).is_ok()
-                && !origin_value.ends_with('/');
+            // An origin is scheme://host[:port] and nothing more: a browser never sends a
+            // path, so an entry with one would silently match nothing.
+            let host = origin_value
+                .strip_prefix("https://")
+                .or_else(|| origin_value.strip_prefix("http://"));
+            let ok = host.is_some_and(|h| !h.is_empty() && !h.contains(['/', '?', '#', '@', '*']))
+                && http::HeaderValue::from_str(origin_value).is_ok();
             if !ok {
                 return err(
                     "cors_origins",
@@ -473,6 +476,26 @@ fn acme_domain_problem(name: &str) -> Option<&'static str> {
         return Some("is not a valid DNS name");
     }
     None
+}
+
+/// Figment's error in our words: `key `tls.mode` (file gw.toml): unknown variant ...`,
+/// without figment's profile prefix (`default.`) and naming the environment variable when
+/// the value came from one.
+fn parse_error(e: figment::Error) -> ConfigError {
+    let Some(metadata) = e.metadata.as_ref().filter(|_| !e.path.is_empty()) else {
+        // A file that is not TOML at all: figment's text names the file and the line.
+        return ConfigError::Parse(e.to_string());
+    };
+    let key = e.path.join(".");
+    let origin = match &metadata.source {
+        Some(figment::Source::File(path)) => format!("file {}", path.display()),
+        _ if metadata.name.contains("environment") => format!(
+            "environment variable AGENTGATE_{}",
+            e.path.join("__").to_uppercase()
+        ),
+        _ => metadata.name.to_string(),
+    };
+    ConfigError::Parse(format!("key `{key}` ({origin}): {}", e.kind))
 }
 
 fn invalid(key: &'static str, origin: &str, message: &str) -> ConfigError {

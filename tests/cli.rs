@@ -19,14 +19,6 @@ fn agentgate() -> Command {
     cmd
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A gateway process; killed when dropped.
 struct Proc(std::process::Child);
 
@@ -161,6 +153,21 @@ fn check_config_names_the_bad_key_and_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gw.toml"));
 
+    // A bad value from the environment names the variable.
+    let out = agentgate()
+        .arg("check-config")
+        .env("API_KEY", "k")
+        .env("AGENTGATE_TLS__MODE", "bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`tls.mode`")
+            && stderr.contains("environment variable AGENTGATE_TLS__MODE"),
+        "{stderr}"
+    );
+
     // `serve` refuses the same configuration before binding anything.
     let out = agentgate()
         .args(["serve", "--config"])
@@ -168,6 +175,44 @@ fn check_config_names_the_bad_key_and_file() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Every file in `fixtures/bad-configs/` is refused by `check-config` and by `serve`
+/// (exit code 2, before binding anything) with a message that names the file and the key
+/// given by the file's first line, `# expect: <text>`.
+#[test]
+fn every_bad_config_fixture_is_refused_naming_its_key_and_file() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bad-configs");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "fixtures missing in {}", dir.display());
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{}: first line must be `# expect: <text>`", file.display()));
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        for sub in ["check-config", "serve"] {
+            let out = agentgate()
+                .args([sub, "--config"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{sub} {name}: {stderr}");
+            assert!(
+                stderr.contains(expect) && stderr.contains(&name),
+                "{sub} {name}: the message should name `{expect}` and the file:\n{stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{sub} {name}: {stderr}");
+        }
+    }
 }
 
 #[test]

@@ -34,6 +34,35 @@ pub use pki::{AgentCert, AgentOpts, TestPki};
 
 pub const API_KEY: &str = "test-api-key-0123456789";
 
+/// A port for a process that the test starts itself (a gateway binary, Pebble), which
+/// cannot be handed a listener bound to port 0.
+///
+/// Ports come from 20000..32000, below Linux's ephemeral range (32768..60999): a port
+/// picked from the ephemeral range with `bind(0)` and released can be taken again by any
+/// outgoing connection (a client, Pebble's validation) before the child binds it, which
+/// is how CI once saw `Address already in use`. Each call takes the next port of this
+/// process's own stretch (spread by process id, so concurrent test binaries do not meet)
+/// and skips any that is in use now.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 977) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000 on 127.0.0.1");
+}
+
 /// A running gateway with its own temporary directories and PKI.
 pub struct TestServer {
     pub addr: SocketAddr,

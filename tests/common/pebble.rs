@@ -29,14 +29,7 @@ pub struct Pebble {
     log: Arc<Mutex<String>>,
 }
 
-/// A port free at the time of the call (bound to 127.0.0.1:0, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use super::free_port;
 
 impl Pebble {
     /// Writes the certificates and the configuration into `dir`, on free ports, to validate
