@@ -1,5 +1,6 @@
 //! The `agentgate` command line: parses arguments and calls the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -106,7 +107,9 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    init_logging(config.log_format);
+    if let Err(e) = init_logging(config.log_format) {
+        return fail(&e);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -123,16 +126,26 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs go to stderr; colours only when stderr is a terminal (a file, journald or a
+/// container log gets plain text). An unparsable `RUST_LOG` stops start-up rather than
+/// silently logging something else.
+fn init_logging(format: LogFormat) -> Result<(), String> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&spec)
+            .map_err(|e| {
+                format!("environment variable RUST_LOG={spec:?} is not a log filter: {e}")
+            })?,
+        _ => tracing_subscriber::EnvFilter::new("info"),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Ok(())
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {

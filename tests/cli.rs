@@ -560,6 +560,16 @@ async fn json_log_format_writes_one_json_object_per_line() {
         .spawn()
         .unwrap();
     wait_healthy(port).await;
+    // Two API requests, one with a wrong key: each gets an access-log line.
+    for key in ["k", "wrong-key"] {
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "5", "-H"])
+            .arg(format!("Authorization: Bearer {key}"))
+            .arg(format!("https://127.0.0.1:{port}/agents?limit=5"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -580,4 +590,63 @@ async fn json_log_format_writes_one_json_object_per_line() {
         assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
     }
     assert!(out.contains("agentgate listening"));
+    let access: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["target"] == "agentgate::access")
+        .collect();
+    let statuses: Vec<_> = access.iter().map(|v| v["status"].as_u64()).collect();
+    assert_eq!(statuses, [Some(200), Some(403)], "{out}");
+    for v in &access {
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], "/agents", "the query string is not logged: {v}");
+        assert!(
+            v["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{v}"
+        );
+        assert!(v["ms"].as_f64().is_some(), "{v}");
+    }
+    assert!(!out.contains("wrong-key"), "a key in the log: {out}");
+}
+
+#[tokio::test]
+async fn text_logs_to_a_pipe_have_no_colour_codes_and_a_bad_rust_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = agentgate()
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("API_KEY", "k")
+        .env("AGENTGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_healthy(port).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = tokio::task::spawn_blocking(move || {
+        let _ = child.wait();
+        let mut s = String::new();
+        use std::io::Read;
+        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("agentgate listening"), "{out}");
+    assert!(
+        !out.contains('\u{1b}'),
+        "colour codes in a log that is not a terminal: {out:?}"
+    );
+
+    let out = agentgate()
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("API_KEY", "k")
+        .env("RUST_LOG", "info,[[")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RUST_LOG"));
 }

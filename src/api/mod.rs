@@ -28,7 +28,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::agents::Agents;
 use crate::agents::commands::CommandError;
 use crate::enroll::{Enrollment, TokenError};
-use crate::identity::AgentId;
+use crate::identity::{AgentId, Peer};
 use crate::metrics::Metrics;
 use crate::store::{CertError, CertStore, StoreError};
 use crate::tls::ServerCert;
@@ -143,6 +143,9 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         }
         None => "unmatched".to_owned(),
     };
+    let peer = req.extensions().get::<Peer>().cloned();
+    let path = req.uri().path().to_owned();
+    let started = std::time::Instant::now();
     let response = if route == "/socket.io" {
         // Long-polling requests last up to a ping interval; they are ended by closing the
         // sessions, not awaited as in-flight API work.
@@ -150,10 +153,56 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     } else {
         state.requests.track_future(next.run(req)).await
     };
-    state
-        .metrics
-        .http_request(&method, &route, response.status().as_u16());
+    let status = response.status().as_u16();
+    state.metrics.http_request(&method, &route, status);
+    access_log(
+        &method,
+        &path,
+        &route,
+        status,
+        started.elapsed(),
+        peer.as_ref(),
+    );
     response
+}
+
+/// One line per request, target `agentgate::access` (silence it with
+/// `RUST_LOG=info,agentgate::access=off`). Requests that come by the thousand and say
+/// nothing new (Socket.IO long-polling, health checks, metric scrapes) are at debug
+/// level. The query string is left out; no header, key or body is logged.
+fn access_log(
+    method: &str,
+    path: &str,
+    route: &str,
+    status: u16,
+    elapsed: Duration,
+    peer: Option<&Peer>,
+) {
+    let remote = peer.map(|p| p.remote_addr.to_string());
+    let agent = peer
+        .and_then(|p| p.identity.as_ref())
+        .map(|i| i.agent_id.as_str());
+    let ms = elapsed.as_secs_f64() * 1e3;
+    let routine = matches!(route, "/socket.io" | "/health" | "/ready" | "/metrics");
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "agentgate::access",
+                method,
+                path,
+                status,
+                ms,
+                remote = remote.as_deref().unwrap_or("-"),
+                agent_id = agent.unwrap_or("-"),
+                "request"
+            )
+        };
+    }
+    if routine {
+        line!(debug);
+    } else {
+        line!(info);
+    }
 }
 
 /// CORS as the system it replaces had it: listed origins only, preflight cached 24 h.
