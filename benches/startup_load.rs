@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
 
 use agentgate::identity::AgentId;
 use agentgate::store::CertStore;
@@ -76,10 +76,12 @@ fn bench_open(c: &mut Criterion) {
     let n = if benchmarking() { 100_000 } else { 100 };
     let dir = fixture(n);
     let mut group = c.benchmark_group("startup_load");
-    // A multi-second operation: ten samples of one load each.
+    // A multi-second operation: ten samples of one load each (flat sampling; the default
+    // linear mode would run 1 + 2 + ... + 10 loads).
     group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
     group.warm_up_time(Duration::from_secs(1));
-    group.measurement_time(Duration::from_secs(60));
+    group.measurement_time(Duration::from_secs(20));
     group.bench_with_input(BenchmarkId::new("CertStore::open", n), &n, |b, &n| {
         b.iter(|| {
             let (store, skipped) = CertStore::open(&dir).expect("fixture directory opens");

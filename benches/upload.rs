@@ -41,10 +41,6 @@ fn openssl_rsa_pem(agent_id: &str, bits: u32) -> String {
 }
 
 fn bench_validate_upload(c: &mut Criterion) {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs() as i64;
     let cases = [
         ("p256-rcgen", "agent-p256", p256_pem("agent-p256")),
         (
@@ -53,6 +49,11 @@ fn bench_validate_upload(c: &mut Criterion) {
             openssl_rsa_pem("agent-rsa2048", 2048),
         ),
     ];
+    // After generation: openssl's notBefore is the second it ran.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64;
     let mut group = c.benchmark_group("upload/validate_upload");
     for (name, agent_id, pem) in &cases {
         validate_upload(agent_id, pem, now).expect("the upload is accepted");
