@@ -196,3 +196,25 @@ impl Index {
         Some(old)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_with_indexed_fills_the_index_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = AgentId::parse("indexed-1").unwrap();
+        let generated = crate::certgen::generate(&id, 30).unwrap();
+        let der = cert::single_certificate_der(&generated.cert_pem).unwrap();
+        let stored = cert::parse_for(id.clone(), der).unwrap();
+        let store = CertStore::open_with_indexed(dir.path(), vec![stored.clone()]).unwrap();
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            store.by_fingerprint(&stored.fingerprint).as_deref(),
+            Some(&stored)
+        );
+        assert_eq!(store.by_agent(&id).as_deref(), Some(&stored));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
