@@ -12,6 +12,9 @@ use super::cert::{self, StoredCert};
 use crate::fsutil::{TMP_PREFIX, write_atomic};
 use crate::identity::AgentId;
 
+/// Fewest files per loading thread: below this, starting a thread costs more than it saves.
+const LOAD_CHUNK_MIN: usize = 256;
+
 #[derive(Debug)]
 pub struct FileBackend {
     dir: PathBuf,
@@ -39,8 +42,12 @@ impl FileBackend {
     /// Reads every `<agent_id>.pem` in the directory. Files that are not certificates for
     /// the agent their name says are returned as skipped, not as errors: one bad file must
     /// not keep every other agent out.
+    ///
+    /// The files are parsed on every core: the gateway serves nothing until its store is
+    /// loaded, and nine tenths of a file's cost is the check of its self-signature (an
+    /// ECDSA or RSA verification; BENCHMARKS.md, "Microbenchmarks").
     pub fn load_all(&self) -> io::Result<(Vec<StoredCert>, Vec<Skipped>)> {
-        let mut loaded = Vec::new();
+        let mut candidates = Vec::new();
         let mut skipped = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
@@ -61,13 +68,54 @@ impl FileBackend {
             let Some(stem) = name.strip_suffix(".pem") else {
                 continue;
             };
-            match self.load_one(&path, stem) {
+            let stem = stem.to_owned();
+            candidates.push((path, stem));
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(candidates.len().div_ceil(LOAD_CHUNK_MIN));
+        let results = self.load_each(&candidates, threads);
+        let mut loaded = Vec::with_capacity(candidates.len());
+        for result in results {
+            match result {
                 Ok(cert) => loaded.push(cert),
-                Err(reason) => skipped.push(Skipped { path, reason }),
+                Err(skip) => skipped.push(skip),
             }
         }
         loaded.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
         Ok((loaded, skipped))
+    }
+
+    /// Loads `(path, stem)` pairs on `threads` threads (at least one), in their order.
+    fn load_each(
+        &self,
+        candidates: &[(PathBuf, String)],
+        threads: usize,
+    ) -> Vec<Result<StoredCert, Skipped>> {
+        let chunk = candidates.len().div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = candidates
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|(path, stem)| {
+                                self.load_one(path, stem).map_err(|reason| Skipped {
+                                    path: path.clone(),
+                                    reason,
+                                })
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                // A worker only panics if parsing does, which the same code would do
+                // on this thread; re-raise it here rather than lose the files.
+                .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
     }
 
     fn load_one(&self, path: &Path, stem: &str) -> Result<StoredCert, String> {
@@ -111,4 +159,46 @@ impl FileBackend {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loading_on_several_threads_finds_what_one_thread_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..7 {
+            let id = AgentId::parse(&format!("agent-{i}")).unwrap();
+            let cert = crate::certgen::generate(&id, 30).unwrap();
+            fs::write(dir.path().join(format!("{id}.pem")), cert.cert_pem).unwrap();
+        }
+        let other = crate::certgen::generate(&AgentId::parse("x").unwrap(), 30).unwrap();
+        fs::write(dir.path().join("wrong-cn.pem"), &other.cert_pem).unwrap();
+        fs::write(dir.path().join("garbage.pem"), "not a certificate").unwrap();
+        let backend = FileBackend::open(dir.path()).unwrap();
+        let candidates: Vec<(PathBuf, String)> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| {
+                let path = e.unwrap().path();
+                let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
+                (path, stem)
+            })
+            .collect();
+        let summary = |results: Vec<Result<StoredCert, Skipped>>| {
+            results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(c) => format!("ok {}", c.agent_id),
+                    Err(s) => format!("skipped {}", s.path.display()),
+                })
+                .collect::<Vec<_>>()
+        };
+        let one = summary(backend.load_each(&candidates, 1));
+        assert_eq!(one.iter().filter(|s| s.starts_with("ok")).count(), 7);
+        assert_eq!(one.len(), 9);
+        for threads in [2, 3, 4, 9, 20] {
+            assert_eq!(summary(backend.load_each(&candidates, threads)), one);
+        }
+    }
 }

@@ -58,21 +58,36 @@ impl CertStore {
     pub fn open(dir: &Path) -> Result<(Self, Vec<Skipped>), StoreError> {
         let backend = FileBackend::open(dir)?;
         let (certs, skipped) = backend.load_all()?;
-        let mut index = Index::default();
+        let mut index = Index::with_capacity(certs.len());
         for cert in certs {
             index.insert(Arc::new(cert));
         }
+        Ok((Self::from_parts(backend, index), skipped))
+    }
+
+    /// A store on `dir` whose index holds `certs`, which exist only in memory: they are
+    /// neither read from nor written to `dir`, and are gone when the store is dropped.
+    /// The directory itself is not loaded either. For benchmarks and tests that need a
+    /// store of a million certificates without writing a million files; a server never
+    /// opens its store this way. Later `put`/`remove` calls behave as usual.
+    pub fn open_with_indexed(dir: &Path, certs: Vec<StoredCert>) -> Result<Self, StoreError> {
+        let backend = FileBackend::open(dir)?;
+        let mut index = Index::with_capacity(certs.len());
+        for cert in certs {
+            index.insert(Arc::new(cert));
+        }
+        Ok(Self::from_parts(backend, index))
+    }
+
+    fn from_parts(backend: FileBackend, index: Index) -> Self {
         let shared = Shared {
             backend,
             index: RwLock::new(index),
             write_lock: tokio::sync::Mutex::new(()),
         };
-        Ok((
-            Self {
-                shared: Arc::new(shared),
-            },
-            skipped,
-        ))
+        Self {
+            shared: Arc::new(shared),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -159,6 +174,13 @@ impl CertStore {
 }
 
 impl Index {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            by_fingerprint: HashMap::with_capacity(n),
+            by_agent: HashMap::with_capacity(n),
+        }
+    }
+
     fn insert(&mut self, cert: Arc<StoredCert>) -> Option<Arc<StoredCert>> {
         let old = self.by_agent.insert(cert.agent_id.clone(), cert.clone());
         if let Some(old) = &old {
@@ -172,5 +194,27 @@ impl Index {
         let old = self.by_agent.remove(agent_id)?;
         self.by_fingerprint.remove(&old.fingerprint);
         Some(old)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_with_indexed_fills_the_index_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = AgentId::parse("indexed-1").unwrap();
+        let generated = crate::certgen::generate(&id, 30).unwrap();
+        let der = cert::single_certificate_der(&generated.cert_pem).unwrap();
+        let stored = cert::parse_for(id.clone(), der).unwrap();
+        let store = CertStore::open_with_indexed(dir.path(), vec![stored.clone()]).unwrap();
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            store.by_fingerprint(&stored.fingerprint).as_deref(),
+            Some(&stored)
+        );
+        assert_eq!(store.by_agent(&id).as_deref(), Some(&stored));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
