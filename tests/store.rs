@@ -80,6 +80,14 @@ async fn a_directory_written_by_the_old_system_is_adopted_and_bad_files_are_skip
         .collect();
     ids.sort();
     assert_eq!(ids, vec!["07048933", "ca-old", "ossl-old"]);
+    // Adopted files are not checked for self-signature at load; the API works it out.
+    for (id, self_signed) in [("07048933", true), ("ossl-old", true), ("ca-old", false)] {
+        let (status, body) = server
+            .api("GET", &format!("/agent/certificate/{id}"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["self_signed"], self_signed, "{id}: {body}");
+    }
     for agent in [&old, &ossl, &ca_signed] {
         let mut sio = match SioWs::connect(&server, Some(agent)).await.unwrap() {
             SioConnect::Ok(s) => s,

