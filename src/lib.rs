@@ -50,8 +50,7 @@ pub use server::{Gateway, StartError};
 /// reloads the server certificate files on SIGHUP.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let mut gateway = Gateway::new(config.clone())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = server::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen))?;
     if let Some(addr) = config.metrics_listen {
         let metrics_listener = tokio::net::TcpListener::bind(addr)

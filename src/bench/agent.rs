@@ -133,6 +133,7 @@ pub async fn run_session(
         let current = *phase.borrow_and_update();
         match current {
             Phase::Stop => {
+                drain(&mut ws, &mut pending, &mut out).await;
                 end(&mut ws);
                 return out;
             }
@@ -171,23 +172,9 @@ pub async fn run_session(
                         return out;
                     }
                 };
-                let reply = match classify(text.as_str()) {
-                    Frame::Ping => Some("3".to_owned()),
-                    Frame::HeartbeatAck => {
-                        if let Some(sent) = pending.pop_front() {
-                            out.heartbeat_latency.push(sent.elapsed());
-                        }
-                        None
-                    }
-                    Frame::Command(id) => {
-                        out.commands_acked += 1;
-                        Some(format!(r#"43{id}[{{"ok":true}}]"#))
-                    }
-                    Frame::Disconnect => {
-                        out.failure = Some("disconnected: socket.io disconnect from the server".into());
-                        return out;
-                    }
-                    Frame::Other => None,
+                let reply = match react(text.as_str(), &mut pending, &mut out) {
+                    Ok(reply) => reply,
+                    Err(()) => return out,
                 };
                 if let Some(reply) = reply
                     && let Err(e) = ws.send(Message::text(reply)).await
@@ -199,6 +186,62 @@ pub async fn run_session(
         }
     }
 }
+
+/// What the agent does with a frame: the reply to send, if any; `Err` when the server
+/// ended the session (the reason is in `out.failure`).
+fn react(
+    text: &str,
+    pending: &mut VecDeque<Instant>,
+    out: &mut SessionOutcome,
+) -> Result<Option<String>, ()> {
+    Ok(match classify(text) {
+        Frame::Ping => Some("3".to_owned()),
+        Frame::HeartbeatAck => {
+            if let Some(sent) = pending.pop_front() {
+                out.heartbeat_latency.push(sent.elapsed());
+            }
+            None
+        }
+        Frame::Command(id) => {
+            out.commands_acked += 1;
+            Some(format!(r#"43{id}[{{"ok":true}}]"#))
+        }
+        Frame::Disconnect => {
+            out.failure = Some("disconnected: socket.io disconnect from the server".into());
+            return Err(());
+        }
+        Frame::Other => None,
+    })
+}
+
+/// At the end of the run: waits (a bounded time) for the acks of heartbeats in flight, so
+/// that a heartbeat sent just before the stop is not counted as lost.
+async fn drain(ws: &mut Ws, pending: &mut VecDeque<Instant>, out: &mut SessionOutcome) {
+    let deadline = Instant::now() + DRAIN;
+    while !pending.is_empty() {
+        let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout_at(deadline, ws.next()).await
+        else {
+            break;
+        };
+        match react(text.as_str(), pending, out) {
+            Ok(Some(reply)) => {
+                let _ = ws.send(Message::text(reply)).await;
+            }
+            Ok(None) => {}
+            Err(()) => return,
+        }
+    }
+    if !pending.is_empty() {
+        out.failure = Some(format!(
+            "heartbeat: {} without ack {} s after the end",
+            pending.len(),
+            DRAIN.as_secs()
+        ));
+    }
+}
+
+/// How long [`drain`] waits.
+const DRAIN: Duration = Duration::from_secs(2);
 
 /// The frames an agent reacts to.
 #[derive(Debug, PartialEq, Eq)]

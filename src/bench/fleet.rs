@@ -68,7 +68,7 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 64)]
     pub command_connections: usize,
     /// Certificate uploads in flight at once (per shard).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub upload_concurrency: usize,
     /// Simulator processes sharing the fleet (each has its own file-descriptor limit).
     #[arg(long, default_value_t = 1)]
@@ -107,6 +107,10 @@ pub struct FleetReport {
     pub connected_at_end: u64,
     pub failures: Failures,
     pub gateway: Option<GatewayReport>,
+    /// CPU seconds of the simulator's own processes (it shares the machine's cores with
+    /// the gateway, so a connect rate can be limited by the client side).
+    pub simulator_cpu_secs_connect: f64,
+    pub simulator_cpu_secs_steady: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,7 +269,7 @@ async fn coordinate(
             let stdin = child.stdin.take().expect("stdin was piped above");
             let stdout = child.stdout.take().expect("stdout was piped above");
             links.push(Link::Child {
-                _child: child,
+                child,
                 stdin,
                 lines: BufReader::new(stdout).lines(),
             });
@@ -273,12 +277,24 @@ async fn coordinate(
     }
     let gateway = args.gateway_pid;
     let sample = || gateway.and_then(|pid| sys::sample(pid).ok());
+    let mut simulator: Vec<u32> = vec![std::process::id()];
+    simulator.extend(links.iter().filter_map(Link::pid));
+    let simulator_cpu = || -> f64 {
+        simulator
+            .iter()
+            .filter_map(|&pid| sys::sample(pid).ok())
+            .map(|s| s.cpu_secs)
+            .sum()
+    };
 
     let uploaded = gather(&mut links, "uploaded").await?;
+    eprintln!("bench: {uploaded} certificates uploaded; connect phase");
     let idle = sample();
+    let sim_idle = simulator_cpu();
     release(&mut links).await?;
     let connected = gather(&mut links, "connected").await?;
     let at_connected = sample();
+    let sim_connected = simulator_cpu();
     eprintln!("bench: {connected} agents connected; steady phase");
     release(&mut links).await?;
     let commands = if args.command_rate > 0.0 {
@@ -296,6 +312,8 @@ async fn coordinate(
     };
     let live = gather(&mut links, "steady-done").await?;
     let at_steady_end = sample();
+    let sim_steady_end = simulator_cpu();
+    eprintln!("bench: steady phase over, {live} agents connected; stopping");
     let (command_latency, command_sent, mut failures) = match commands {
         Some(task) => task.await?,
         None => (Samples::default(), 0, Failures::default()),
@@ -383,6 +401,8 @@ async fn coordinate(
         connected_at_end: live,
         failures,
         gateway,
+        simulator_cpu_secs_connect: sim_connected - sim_idle,
+        simulator_cpu_secs_steady: sim_steady_end - sim_connected,
     })
 }
 
@@ -434,6 +454,13 @@ impl FleetReport {
             t.latency("command round trip", &self.commands.latency);
         }
         t.row("connected at end", self.connected_at_end.to_string());
+        t.row(
+            "simulator CPU",
+            format!(
+                "{:.2} s connect, {:.2} s steady",
+                self.simulator_cpu_secs_connect, self.simulator_cpu_secs_steady
+            ),
+        );
         if let Some(g) = &self.gateway {
             t.row(
                 "gateway CPU",
@@ -724,13 +751,20 @@ enum Link {
     },
     /// The coordinator talking to a shard process.
     Child {
-        _child: tokio::process::Child,
+        child: tokio::process::Child,
         stdin: tokio::process::ChildStdin,
         lines: Lines<BufReader<tokio::process::ChildStdout>>,
     },
 }
 
 impl Link {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Link::Child { child, .. } => child.id(),
+            _ => None,
+        }
+    }
+
     async fn send(&mut self, line: String) -> anyhow::Result<()> {
         match self {
             Link::Local { tx, .. } => tx
