@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 
 use crate::identity::{Fingerprint, Peer};
@@ -155,16 +155,24 @@ const KEPT_HEADERS: [HeaderName; 5] = [
 
 /// socketioxide keeps the head of the request that opened a session for as long as the
 /// session lives (it is what `HttpExtension` reads): every header the client sent and
-/// every extension of the stack, for hours, for each agent. Only what the engine and our
-/// handlers read goes on: [`KEPT_HEADERS`], the [`Peer`] and hyper's upgrade handle
-/// (measured: about 10 KiB less per connected agent, BENCHMARKS.md).
+/// every extension of the stack, for hours, for each agent. Worse, hyper parses the URI
+/// and header values as slices of its connection read buffer, so one retained value keeps
+/// that whole buffer (16 KiB) alive. Only what the engine and our handlers read goes on:
+/// copies of the URI and of [`KEPT_HEADERS`], the [`Peer`] and hyper's upgrade handle
+/// (measured with valgrind's massif and the fleet simulator, BENCHMARKS.md).
 fn slim(req: Request) -> Request {
     let (mut parts, body) = req.into_parts();
     let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
     for name in KEPT_HEADERS {
-        if let Some(value) = parts.headers.remove(&name) {
-            headers.insert(name, value);
+        if let Some(value) = parts.headers.get(&name)
+            && let Ok(copy) = HeaderValue::from_bytes(value.as_bytes())
+        {
+            headers.insert(name, copy);
         }
+    }
+    // A valid URI re-parses; should it not, the original (sharing the buffer) is kept.
+    if let Ok(uri) = parts.uri.to_string().parse() {
+        parts.uri = uri;
     }
     let mut extensions = http::Extensions::new();
     if let Some(peer) = parts.extensions.remove::<Peer>() {
