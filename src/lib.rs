@@ -19,12 +19,15 @@
 //! - [`enroll`]: one-time install tokens and registered agent metadata.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`certgen`]: `agentgate cert generate`.
+//! - [`bench`]: `agentgate bench`, the fleet simulator and the handshake benchmark that
+//!   measure a running gateway from outside (BENCHMARKS.md).
 //! - [`signal`](mod@signal): SIGINT/SIGTERM/SIGHUP.
 
 #![forbid(unsafe_code)]
 
 pub mod agents;
 pub mod api;
+pub mod bench;
 pub mod certgen;
 pub mod config;
 pub mod enroll;
@@ -47,8 +50,7 @@ pub use server::{Gateway, StartError};
 /// reloads the server certificate files on SIGHUP.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let mut gateway = Gateway::new(config.clone())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = server::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen))?;
     if let Some(addr) = config.metrics_listen {
         let metrics_listener = tokio::net::TcpListener::bind(addr)

@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use rustls::pki_types::UnixTime;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -396,6 +396,24 @@ impl ConnShared {
             tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
         }
     }
+}
+
+/// The listen backlog. A connect storm (a gateway restart, a site's network coming back)
+/// brings thousands of SYNs at once; with tokio's default of 1024 the kernel drops the
+/// excess and those clients wait for their SYN retransmission, 1 s and then 3 s later
+/// (measured in BENCHMARKS.md). Linux caps it at net.core.somaxconn, 4096 by default
+/// since 5.4.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener with [`LISTEN_BACKLOG`] (and SO_REUSEADDR, as `TcpListener::bind` sets).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Accept errors are retried, never fatal: per-connection errors at once, resource

@@ -118,14 +118,23 @@ async fn on_heartbeat(
             },
         );
     }
-    let reply = json!({
-        "status": "ok",
-        "agent_id": identity.as_ref().map(|i| i.agent_id.as_str()),
-        "received_at": received_at.format(&Rfc3339).unwrap_or_default(),
-    });
+    let reply = HeartbeatAck {
+        status: "ok",
+        agent_id: identity.as_ref().map(|i| i.agent_id.as_str()),
+        received_at: received_at.format(&Rfc3339).unwrap_or_default(),
+    };
     let _ = socket.emit("heartbeat_ack", &reply);
     // Agents that emit with a callback get the same reply as their acknowledgement.
     let _ = ack.send(&reply);
+}
+
+/// `heartbeat_ack`: serialized straight from this struct rather than through a
+/// `serde_json::Value` map built and dropped for every heartbeat.
+#[derive(serde::Serialize)]
+struct HeartbeatAck<'a> {
+    status: &'static str,
+    agent_id: Option<&'a str>,
+    received_at: String,
 }
 
 /// `{cpu_usage, memory_usage, disk_usage, timestamp?}`, numbers for the three usages.

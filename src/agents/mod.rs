@@ -20,6 +20,11 @@ use crate::metrics::Metrics;
 pub use registry::AgentRegistry;
 pub use session_guard::SessionBindings;
 
+/// Initial read buffer of each WebSocket (engineioxide's default is 4 KiB). Agents send
+/// heartbeats of about 100 bytes, and the buffer grows for a larger message, so a small
+/// one saves memory on every connected agent (BENCHMARKS.md, "Memory per agent").
+const WS_READ_BUFFER: usize = 1024;
+
 /// Whether Socket.IO clients without an agent certificate may connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AnonymousAgents {
@@ -64,6 +69,7 @@ impl Agents {
             .ping_interval(Duration::from_secs(config.socketio.ping_interval_secs))
             .ping_timeout(Duration::from_secs(config.socketio.ping_timeout_secs))
             .max_payload(config.socketio.max_payload_bytes)
+            .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(state.clone())
             .build_layer();
         io.ns("/", handlers::on_connect.with(handlers::authenticate));

@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 
 use crate::identity::{Fingerprint, Peer};
@@ -94,6 +94,7 @@ pub async fn guard(State(bindings): State<SessionBindings>, req: Request, next: 
     let query = req.uri().query().unwrap_or("").to_owned();
     // The same parse as engineioxide's (first `sid=`, no percent-decoding), so the guard
     // and the engine always look at the same sid.
+    let req = slim(req);
     if let Some(sid) = query.split('&').find_map(|s| s.strip_prefix("sid=")) {
         return match bindings.owner_of(sid) {
             Some(bound) if bound == owner => next.run(req).await,
@@ -140,6 +141,49 @@ pub async fn guard(State(bindings): State<SessionBindings>, req: Request, next: 
         }
     }
     Response::from_parts(parts, Body::from(bytes))
+}
+
+/// The headers engineioxide reads: the WebSocket handshake's, and the content type of a
+/// polling POST.
+const KEPT_HEADERS: [HeaderName; 5] = [
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::UPGRADE,
+    header::CONNECTION,
+    header::CONTENT_TYPE,
+];
+
+/// socketioxide keeps the head of the request that opened a session for as long as the
+/// session lives (it is what `HttpExtension` reads): every header the client sent and
+/// every extension of the stack, for hours, for each agent. Worse, hyper parses the URI
+/// and header values as slices of its connection read buffer, so one retained value keeps
+/// that whole buffer (16 KiB) alive. Only what the engine and our handlers read goes on:
+/// copies of the URI and of [`KEPT_HEADERS`], the [`Peer`] and hyper's upgrade handle
+/// (measured with valgrind's massif and the fleet simulator, BENCHMARKS.md).
+fn slim(req: Request) -> Request {
+    let (mut parts, body) = req.into_parts();
+    let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
+    for name in KEPT_HEADERS {
+        if let Some(value) = parts.headers.get(&name)
+            && let Ok(copy) = HeaderValue::from_bytes(value.as_bytes())
+        {
+            headers.insert(name, copy);
+        }
+    }
+    // A valid URI re-parses; should it not, the original (sharing the buffer) is kept.
+    if let Ok(uri) = parts.uri.to_string().parse() {
+        parts.uri = uri;
+    }
+    let mut extensions = http::Extensions::new();
+    if let Some(peer) = parts.extensions.remove::<Peer>() {
+        extensions.insert(peer);
+    }
+    if let Some(upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+        extensions.insert(upgrade);
+    }
+    parts.headers = headers;
+    parts.extensions = extensions;
+    Request::from_parts(parts, body)
 }
 
 pub fn is_socket_io_path(path: &str) -> bool {

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Before/after on the same machine in the same minutes: runs one fleet measurement against
+# two gateway binaries in turn, ROUNDS times, so that background load hits both alike.
+#
+#   scripts/bench/compare.sh BEFORE_BIN AFTER_BIN OUT_DIR -- <bench fleet arguments>
+#
+# The simulator is the AFTER binary's. Each run gets a fresh gateway (own temp dir).
+set -euo pipefail
+before=${1:?BEFORE_BIN}; after=${2:?AFTER_BIN}; out=${3:?OUT_DIR}; shift 3
+[ "${1:-}" = "--" ] && shift
+rounds=${ROUNDS:-2}
+port=${PORT:-18453}
+mkdir -p "$out"
+gw_pid=
+trap '[ -n "$gw_pid" ] && kill $gw_pid 2>/dev/null || true' EXIT
+for round in $(seq "$rounds"); do
+    for side in before after; do
+        bin=$before; [ $side = after ] && bin=$after
+        work=$(mktemp -d /tmp/agentgate-compare.XXXXXX)
+        printf 'listen = "127.0.0.1:%s"\ndata_dir = "%s/data"\napi_keys = ["compare-key"]\n[store]\ndir = "%s/certs"\n' \
+            "$port" "$work" "$work" > "$work/gw.toml"
+        RUST_LOG=warn "$bin" serve --config "$work/gw.toml" 2>"$work/gw.log" &
+        gw_pid=$!
+        for _ in $(seq 100); do curl -skf "https://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.1; done
+        echo "== round $round $side ($bin)"
+        "$after" bench fleet --target "127.0.0.1:$port" --api-key compare-key --gateway-pid "$gw_pid" \
+            --json "$out/$side-$round.json" "$@" 2>&1 | grep -E "connected |connect latency|heartbeat-ack|gateway|failure"
+        kill "$gw_pid"; timeout 30 tail --pid="$gw_pid" -f /dev/null || true; gw_pid=
+        rm -rf "$work"
+    done
+done
