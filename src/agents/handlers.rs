@@ -107,6 +107,8 @@ struct Inline;
 
 impl MessageHandler<LocalAdapter, Inline> for OnHeartbeat {
     fn call(&self, s: Arc<Socket<LocalAdapter>>, mut v: ParserValue, ack_id: Option<i64>) {
+        // None of these extractors fails (the state is always set, `TryData` carries a
+        // parse error as a value); should one, the event is dropped, as socketioxide does.
         let extracted = (|| {
             let State(state) =
                 State::<AgentsState>::from_message_parts(&s, &mut v, &ack_id).ok()?;
