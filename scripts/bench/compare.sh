@@ -12,6 +12,11 @@ rounds=${ROUNDS:-2}
 port=${PORT:-18453}
 mkdir -p "$out"
 gw_pid=
+# SYNs dropped because a listen queue was full, machine-wide (/proc/net/netstat).
+listen_drops() {
+    awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) n[i] = $i; h = 1 }
+                      else { for (i = 1; i <= NF; i++) if (n[i] == "ListenDrops") print $i } }' /proc/net/netstat
+}
 trap '[ -n "$gw_pid" ] && kill $gw_pid 2>/dev/null || true' EXIT
 for round in $(seq "$rounds"); do
     for side in before after; do
@@ -23,8 +28,10 @@ for round in $(seq "$rounds"); do
         gw_pid=$!
         for _ in $(seq 100); do curl -skf "https://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.1; done
         echo "== round $round $side ($bin)"
+        drops=$(listen_drops)
         "$after" bench fleet --target "127.0.0.1:$port" --api-key compare-key --gateway-pid "$gw_pid" \
-            --json "$out/$side-$round.json" "$@" 2>&1 | grep -E "connected |connect latency|heartbeat-ack|gateway|failure"
+            --json "$out/$side-$round.json" "$@" 2>&1 | grep -E "connected |connect latency|heartbeat-ack|CPU|gateway|failure"
+        echo "listen queue drops (SYNs): $(( $(listen_drops) - drops ))"
         kill "$gw_pid"; timeout 30 tail --pid="$gw_pid" -f /dev/null || true; gw_pid=
         rm -rf "$work"
     done

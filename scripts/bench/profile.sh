@@ -5,6 +5,7 @@
 #   scripts/bench/profile.sh callgrind OUT_DIR [AGENTS]   # one profile per phase:
 #       OUT_DIR/callgrind.out.*.1 = uploads, .2 = connect path, .3 = heartbeat path
 #   scripts/bench/profile.sh massif OUT_DIR [AGENTS]      # heap with AGENTS connected
+#   STEADY=40 ...                                         # steady phase length (default 20 s)
 #
 # Then: callgrind_annotate --inclusive=yes OUT_DIR/callgrind.out.<pid>.2 | head -60
 #       ms_print OUT_DIR/massif.out.<pid> | less
@@ -29,7 +30,7 @@ trap 'kill $vg_pid 2>/dev/null || true' EXIT
 for _ in $(seq 600); do curl -skf "https://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.2; done
 "$sim" bench fleet --target "127.0.0.1:$port" --api-key profile-key --agents "$agents" \
     --connect-concurrency 16 --connect-timeout-secs 300 --upload-concurrency 8 \
-    --heartbeat-secs 1 --steady-secs 20 --gateway-pid "$vg_pid" --max-secs 900 \
+    --heartbeat-secs 1 --steady-secs "${STEADY:-20}" --gateway-pid "$vg_pid" --max-secs 900 \
     --json "$out/fleet.json" 2>"$work/sim.err" &
 sim_pid=$!
 if [ "$tool" = callgrind ]; then

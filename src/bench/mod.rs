@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
@@ -140,5 +141,3 @@ pub fn bench_cert(agent_id: &str) -> anyhow::Result<BenchCert> {
         tls: client_config(Some((der, key)))?,
     })
 }
-
-use rustls::pki_types::pem::PemObject as _;
