@@ -61,6 +61,23 @@ async fn wait_healthy(port: u16) {
     panic!("gateway on port {port} never became healthy");
 }
 
+/// Sends SIGTERM to a gateway started with a piped stderr, waits for it to exit, and
+/// returns everything it logged.
+async fn terminate_and_read_stderr(mut child: std::process::Child) -> String {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    tokio::task::spawn_blocking(move || {
+        let _ = child.wait();
+        let mut s = String::new();
+        use std::io::Read;
+        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap()
+}
+
 /// Writes `pki`'s server certificate and a files-mode `gw.toml` for 127.0.0.1:`port` into
 /// `dir`, with `extra` top-level keys; returns the config path.
 fn files_mode_config(dir: &Path, pki: &TestPki, port: u16, extra: &str) -> std::path::PathBuf {
@@ -550,7 +567,7 @@ fn nested_keys_come_from_agentgate_variables() {
 async fn json_log_format_writes_one_json_object_per_line() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = agentgate()
+    let child = agentgate()
         .arg("serve")
         .current_dir(dir.path())
         .env("API_KEY", "k")
@@ -570,29 +587,18 @@ async fn json_log_format_writes_one_json_object_per_line() {
             .unwrap();
         assert!(out.status.success());
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let out = tokio::task::spawn_blocking(move || {
-        let _ = child.wait();
-        let mut s = String::new();
-        use std::io::Read;
-        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
-        s
-    })
-    .await
-    .unwrap();
-    let lines: Vec<&str> = out.lines().collect();
+    let out = terminate_and_read_stderr(child).await;
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
     assert!(lines.len() >= 3, "{out}");
-    for line in lines {
-        let v: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    for v in &lines {
+        assert!(v["level"].is_string() && v["message"].is_string(), "{v}");
     }
     assert!(out.contains("agentgate listening"));
-    let access: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
         .filter(|v| v["target"] == "agentgate::access")
         .collect();
     let statuses: Vec<_> = access.iter().map(|v| v["status"].as_u64()).collect();
@@ -613,7 +619,7 @@ async fn json_log_format_writes_one_json_object_per_line() {
 async fn text_logs_to_a_pipe_have_no_colour_codes_and_a_bad_rust_log_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = agentgate()
+    let child = agentgate()
         .arg("serve")
         .current_dir(dir.path())
         .env("API_KEY", "k")
@@ -622,18 +628,7 @@ async fn text_logs_to_a_pipe_have_no_colour_codes_and_a_bad_rust_log_is_refused(
         .spawn()
         .unwrap();
     wait_healthy(port).await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let out = tokio::task::spawn_blocking(move || {
-        let _ = child.wait();
-        let mut s = String::new();
-        use std::io::Read;
-        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
-        s
-    })
-    .await
-    .unwrap();
+    let out = terminate_and_read_stderr(child).await;
     assert!(out.contains("agentgate listening"), "{out}");
     assert!(
         !out.contains('\u{1b}'),

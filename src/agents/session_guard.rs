@@ -92,9 +92,9 @@ pub async fn guard(State(bindings): State<SessionBindings>, req: Request, next: 
         .and_then(|p| p.identity.as_ref())
         .map(|i| i.fingerprint);
     let query = req.uri().query().unwrap_or("").to_owned();
+    let req = slim(req);
     // The same parse as engineioxide's (first `sid=`, no percent-decoding), so the guard
     // and the engine always look at the same sid.
-    let req = slim(req);
     if let Some(sid) = query.split('&').find_map(|s| s.strip_prefix("sid=")) {
         return match bindings.owner_of(sid) {
             Some(bound) if bound == owner => next.run(req).await,

@@ -20,7 +20,7 @@ use crate::identity::{AgentId, AgentIdError, Fingerprint};
 pub const MIN_RSA_BITS: usize = 2048;
 
 /// One stored agent certificate, with what the verifier and the API need precomputed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StoredCert {
     pub agent_id: AgentId,
     pub fingerprint: Fingerprint,
@@ -36,6 +36,17 @@ pub struct StoredCert {
     /// [`StoredCert::self_signed`].
     self_signed: OnceLock<bool>,
 }
+
+/// Two stored certificates are the same when they are the same DER for the same agent:
+/// every other field is derived from those two, and the `self_signed` cache must not make
+/// a certificate differ from itself before and after the API first looked at it.
+impl PartialEq for StoredCert {
+    fn eq(&self, other: &Self) -> bool {
+        self.agent_id == other.agent_id && self.der == other.der
+    }
+}
+
+impl Eq for StoredCert {}
 
 impl StoredCert {
     /// Whether the certificate's signature verifies with its own key. Uploads are checked

@@ -44,8 +44,8 @@ impl FileBackend {
     /// not keep every other agent out.
     ///
     /// The files are parsed on every core: the gateway serves nothing until its store is
-    /// loaded, and nine tenths of a file's cost is the check of its self-signature (an
-    /// ECDSA or RSA verification; BENCHMARKS.md, "Microbenchmarks").
+    /// loaded. (The costliest part, the self-signature check, is not done here at all; see
+    /// [`StoredCert::self_signed`] and BENCHMARKS.md, "Microbenchmarks".)
     pub fn load_all(&self) -> io::Result<(Vec<StoredCert>, Vec<Skipped>)> {
         let mut candidates = Vec::new();
         let mut skipped = Vec::new();

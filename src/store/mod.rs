@@ -58,11 +58,7 @@ impl CertStore {
     pub fn open(dir: &Path) -> Result<(Self, Vec<Skipped>), StoreError> {
         let backend = FileBackend::open(dir)?;
         let (certs, skipped) = backend.load_all()?;
-        let mut index = Index::with_capacity(certs.len());
-        for cert in certs {
-            index.insert(Arc::new(cert));
-        }
-        Ok((Self::from_parts(backend, index), skipped))
+        Ok((Self::from_parts(backend, certs), skipped))
     }
 
     /// A store on `dir` whose index holds `certs`, which exist only in memory: they are
@@ -71,15 +67,14 @@ impl CertStore {
     /// store of a million certificates without writing a million files; a server never
     /// opens its store this way. Later `put`/`remove` calls behave as usual.
     pub fn open_with_indexed(dir: &Path, certs: Vec<StoredCert>) -> Result<Self, StoreError> {
-        let backend = FileBackend::open(dir)?;
+        Ok(Self::from_parts(FileBackend::open(dir)?, certs))
+    }
+
+    fn from_parts(backend: FileBackend, certs: Vec<StoredCert>) -> Self {
         let mut index = Index::with_capacity(certs.len());
         for cert in certs {
             index.insert(Arc::new(cert));
         }
-        Ok(Self::from_parts(backend, index))
-    }
-
-    fn from_parts(backend: FileBackend, index: Index) -> Self {
         let shared = Shared {
             backend,
             index: RwLock::new(index),
@@ -210,6 +205,8 @@ mod tests {
         let stored = cert::parse_for(id.clone(), der).unwrap();
         let store = CertStore::open_with_indexed(dir.path(), vec![stored.clone()]).unwrap();
         assert_eq!(store.len(), 1);
+        // Working out `self_signed` on the stored copy does not make it differ from `stored`.
+        assert!(store.by_agent(&id).unwrap().self_signed());
         assert_eq!(
             store.by_fingerprint(&stored.fingerprint).as_deref(),
             Some(&stored)
