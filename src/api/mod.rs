@@ -143,8 +143,22 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         }
         None => "unmatched".to_owned(),
     };
-    let peer = req.extensions().get::<Peer>().cloned();
-    let path = req.uri().path().to_owned();
+    // What the access log needs is copied only when its line will be written: with the
+    // default filter, a long-polling request (one per agent per ping interval) copies
+    // nothing.
+    let routine = matches!(
+        route.as_str(),
+        "/socket.io" | "/health" | "/ready" | "/metrics"
+    );
+    let logged = if routine {
+        tracing::enabled!(target: "agentgate::access", tracing::Level::DEBUG)
+    } else {
+        tracing::enabled!(target: "agentgate::access", tracing::Level::INFO)
+    };
+    let access = logged.then(|| {
+        let peer = req.extensions().get::<Peer>().cloned();
+        (req.uri().path().to_owned(), peer)
+    });
     let started = std::time::Instant::now();
     let response = if route == "/socket.io" {
         // Long-polling requests last up to a ping interval; they are ended by closing the
@@ -155,14 +169,16 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     };
     let status = response.status().as_u16();
     state.metrics.http_request(&method, &route, status);
-    access_log(
-        &method,
-        &path,
-        &route,
-        status,
-        started.elapsed(),
-        peer.as_ref(),
-    );
+    if let Some((path, peer)) = access {
+        access_log(
+            &method,
+            &path,
+            routine,
+            status,
+            started.elapsed(),
+            peer.as_ref(),
+        );
+    }
     response
 }
 
@@ -173,7 +189,7 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
 fn access_log(
     method: &str,
     path: &str,
-    route: &str,
+    routine: bool,
     status: u16,
     elapsed: Duration,
     peer: Option<&Peer>,
@@ -183,7 +199,6 @@ fn access_log(
         .and_then(|p| p.identity.as_ref())
         .map(|i| i.agent_id.as_str());
     let ms = elapsed.as_secs_f64() * 1e3;
-    let routine = matches!(route, "/socket.io" | "/health" | "/ready" | "/metrics");
     macro_rules! line {
         ($level:ident) => {
             tracing::$level!(
