@@ -69,7 +69,10 @@ async fn node_agent(
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
         .collect();
     if !out.status.success() {
-        eprintln!("agent.mjs stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "agent.mjs stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     (out.status.code().unwrap_or(-1), lines)
 }
@@ -214,8 +217,12 @@ async fn node_agent_without_certificate_is_refused_and_nothing_is_acknowledged()
     // No certificate: the TLS handshake completes (client auth is optional) and the
     // Socket.IO connect is refused with the reason, on either transport.
     for transports in ["websocket", "polling,websocket"] {
-        let (code, lines) =
-            node_agent(&server, None, &["--transports", transports, "--heartbeats", "1"]).await;
+        let (code, lines) = node_agent(
+            &server,
+            None,
+            &["--transports", transports, "--heartbeats", "1"],
+        )
+        .await;
         assert_eq!(code, 3, "{transports}: {lines:#?}");
         let refused = events(&lines, "connect_error");
         assert_eq!(refused.len(), 1, "{transports}: {lines:#?}");

@@ -78,6 +78,9 @@ function parseCommandLine() {
     for (const t of transports) {
         if (t !== "polling" && t !== "websocket") usage(`unknown transport '${t}'`);
     }
+    if (values["wait-upgrade"] && !(transports[0] === "polling" && transports.includes("websocket"))) {
+        usage("--wait-upgrade needs --transports polling,websocket (an upgrade from polling)");
+    }
     const heartbeats = Number(values.heartbeats);
     if (!Number.isInteger(heartbeats) || heartbeats < 0) usage("--heartbeats must be an integer >= 0");
     const timeout = Number(values.timeout);
@@ -239,11 +242,13 @@ async function main() {
 
     // Close the session the way an agent that stops does (a Socket.IO disconnect packet,
     // then the transport); Node then exits by itself once nothing is left open. The
-    // fallback exit only fires if something stays open.
+    // fallback exit only fires if something stays open: after a disconnect over polling,
+    // xmlhttprequest-ssl sometimes keeps the socket of the last long-poll GET although
+    // the gateway has answered it (a noop, as Engine.IO v4 asks).
     state.closing = true;
     socket.disconnect();
     process.exitCode = code;
-    setTimeout(() => process.exit(code), 2000).unref();
+    setTimeout(() => process.exit(code), 1000).unref();
 }
 
 main().catch((err) => {
