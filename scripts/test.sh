@@ -2,10 +2,11 @@
 # The project's test command (CI runs it through .ci/run): ./scripts/test.sh
 #
 # 1. installs what the tests need and is missing (Debian packages, a Python venv with
-#    the test agent's pinned dependencies in ./.venv);
+#    the test agent's pinned dependencies in ./.venv, the Node test agent's npm packages
+#    from its package-lock.json in tests/agents/node/node_modules);
 # 2. cargo fmt --check, cargo clippy -D warnings, cargo test.
 #
-# Idempotent: a second run installs nothing and skips pip. Quiet: prints only failures
+# Idempotent: a second run installs nothing and skips pip and npm. Quiet: prints only failures
 # and the test summary. Meant for Debian 12 as root (CI); works as a normal user when
 # nothing has to be installed with apt.
 set -euo pipefail
@@ -62,6 +63,8 @@ install_base_tools() {
     need_cmd openssl             # openssl s_client as a TLS peer in the tests
     need_cmd curl                # curl as a TLS/HTTP peer in the tests
     need_cmd python3             # the Python test agent
+    need_cmd node nodejs         # the Node test agent (tests/agents/node, Node >= 20)
+    need_cmd npm                 # installs its socket.io-client from package-lock.json
     # Debian's python3 ships venv without ensurepip; python3-venv brings it back.
     # (A pyenv or other non-Debian python3 already has both.)
     if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -108,11 +111,37 @@ setup_venv() {
     echo "$want" >"$stamp"
 }
 
+# ---------------------------------------------------------------- Node test agent
+
+NODE_AGENT="$repo/tests/agents/node"
+
+setup_node_agent() {
+    local major
+    major="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null)" ||
+        die "node is on PATH but does not run"
+    [ "$major" -ge 20 ] || die "the Node test agent needs Node >= 20, found $(node --version)"
+
+    local stamp="$NODE_AGENT/node_modules/.agentgate-package-lock.sha256"
+    local want
+    want="$(sha256sum "$NODE_AGENT/package-lock.json" | cut -d' ' -f1)"
+    # Up to date: filled by npm ci from this very package-lock.json.
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
+        [ -f "$NODE_AGENT/node_modules/socket.io-client/package.json" ]; then
+        return 0
+    fi
+    # npm ci removes node_modules first and installs exactly the lock file's versions.
+    (cd "$NODE_AGENT" && quiet "npm ci in $NODE_AGENT" npm ci --silent --no-audit --no-fund)
+    [ -f "$NODE_AGENT/node_modules/socket.io-client/package.json" ] ||
+        die "npm ci in $NODE_AGENT did not install socket.io-client"
+    echo "$want" >"$stamp"
+}
+
 # ---------------------------------------------------------------- main
 
 install_base_tools
 install_services
 setup_venv
+setup_node_agent
 export AGENTGATE_TEST_PYTHON="$VENV/bin/python"
 
 command -v cargo >/dev/null 2>&1 || die "cargo is not on PATH (the Rust toolchain is needed)"
