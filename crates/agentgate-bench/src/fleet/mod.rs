@@ -2,22 +2,22 @@
 //!
 //! A run has four phases, and every shard goes through them in step; one file each:
 //!
-//! 1. [`upload`]: each agent gets its own rcgen certificate, uploaded with
+//! 1. `upload.rs`: each agent gets its own rcgen certificate, uploaded with
 //!    `POST /agent/certificate` (the next handshake sees it; nothing is reloaded);
-//! 2. [`connect`]: agents connect (mTLS, WebSocket, Socket.IO namespace connect) at
+//! 2. `connect.rs`: agents connect (mTLS, WebSocket, Socket.IO namespace connect) at
 //!    `--connect-rate` per second, or as fast as `--connect-concurrency` allows;
-//! 3. [`steady`]: every agent sends a heartbeat every `--heartbeat-secs` and times its
-//!    `heartbeat_ack`; [`commands`] go out at `--command-rate` through the API and the
-//!    agents ack them;
-//! 4. stop ([`steady::stop`]): connections are reset and the shards [`report`].
+//! 3. `steady.rs`: every agent sends a heartbeat every `--heartbeat-secs` and times its
+//!    `heartbeat_ack`; `commands.rs`: commands go out at `--command-rate` through the API
+//!    and the agents ack them;
+//! 4. stop (`steady.rs`): connections are reset; the shards report (`report.rs`).
 //!
 //! One process holds at most as many agents as its file-descriptor limit allows, so
 //! `--shards K` runs K copies of this command as child processes, each with its own fd
 //! budget and its slice of the fleet; the parent (the coordinator) releases the phases
 //! when every shard has reached them (one line per phase on the children's stdin/stdout),
 //! samples the gateway's `/proc` entry between phases, sends the commands, and merges the
-//! shards' reports. With one shard the same exchange runs over in-process channels
-//! ([`link`]).
+//! shards' reports (`link.rs`). With one shard the same exchange runs over in-process
+//! channels.
 
 mod commands;
 mod connect;
