@@ -18,7 +18,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked \
+RUN cargo build --release --locked -p agentgate \
     && install -D -m 0755 target/release/agentgate /out/agentgate
 
 # ---- runtime

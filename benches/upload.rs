@@ -5,13 +5,13 @@
 //! `openssl` command, because rcgen on ring cannot generate RSA keys.
 
 use std::hint::black_box;
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
 use agentgate::identity::AgentId;
 use agentgate::store::cert::validate_upload;
+use agentgate_testkit::pki::openssl_self_signed;
 
 fn p256_pem(agent_id: &str) -> String {
     let id = AgentId::parse(agent_id).expect("valid agent id");
@@ -20,24 +20,12 @@ fn p256_pem(agent_id: &str) -> String {
         .cert_pem
 }
 
+/// The installers' recipe, `openssl req -x509 -newkey rsa:BITS`, as the tests run it
+/// (`agentgate_testkit::pki`).
 fn openssl_rsa_pem(agent_id: &str, bits: u32) -> String {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let (key, crt) = (dir.path().join("a.key"), dir.path().join("a.crt"));
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-nodes", "-days", "30", "-subj"])
-        .arg(format!("/CN={agent_id}"))
-        .args(["-newkey", &format!("rsa:{bits}"), "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt)
-        .output()
-        .expect("the openssl command is installed");
-    assert!(
-        out.status.success(),
-        "openssl req failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read_to_string(&crt).expect("openssl wrote the certificate")
+    let newkey = format!("rsa:{bits}");
+    openssl_self_signed(agent_id, &[&newkey], dir.path()).cert_pem
 }
 
 fn bench_validate_upload(c: &mut Criterion) {

@@ -19,15 +19,12 @@
 //! - [`enroll`]: one-time install tokens and registered agent metadata.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`certgen`]: `agentgate cert generate`.
-//! - [`bench`]: `agentgate bench`, the fleet simulator and the handshake benchmark that
-//!   measure a running gateway from outside (BENCHMARKS.md).
 //! - [`signal`](mod@signal): SIGINT/SIGTERM/SIGHUP.
 
 #![forbid(unsafe_code)]
 
 pub mod agents;
 pub mod api;
-pub mod bench;
 pub mod certgen;
 pub mod config;
 pub mod enroll;

@@ -38,19 +38,6 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Measure a running gateway on this machine (see BENCHMARKS.md).
-    Bench {
-        #[command(subcommand)]
-        command: BenchCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Simulate a fleet of agents: upload, connect, heartbeats, commands.
-    Fleet(agentgate::bench::fleet::FleetArgs),
-    /// Full mTLS handshakes per second against a TLS server (the gateway or nginx).
-    Handshakes(agentgate::bench::handshakes::HandshakeArgs),
 }
 
 #[derive(Subcommand)]
@@ -73,7 +60,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
-        Command::Bench { command } => bench(command),
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(c) => {
                 println!("# configuration is valid; effective settings:");
@@ -137,43 +123,6 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
             tracing::error!("{e:#}");
             fail(&format!("{e:#}"))
         }
-    }
-}
-
-fn bench(command: BenchCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(&format!("cannot start the tokio runtime: {e}")),
-    };
-    let result = runtime.block_on(async {
-        match command {
-            BenchCommand::Fleet(args) => {
-                let json = args.json.clone();
-                // A shard of a `--shards` run reports to its coordinator instead.
-                if let Some(report) = agentgate::bench::fleet::run(args).await? {
-                    report.print();
-                    if let Some(path) = json {
-                        agentgate::bench::report::write_json(&path, &report)?;
-                    }
-                }
-            }
-            BenchCommand::Handshakes(args) => {
-                let json = args.json.clone();
-                let report = agentgate::bench::handshakes::run(args).await?;
-                report.print();
-                if let Some(path) = json {
-                    agentgate::bench::report::write_json(&path, &report)?;
-                }
-            }
-        }
-        anyhow::Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("bench: {e:#}")),
     }
 }
 

@@ -2,13 +2,17 @@
 # Before/after on the same machine in the same minutes: runs one fleet measurement against
 # two gateway binaries in turn, ROUNDS times, so that background load hits both alike.
 #
-#   scripts/bench/compare.sh BEFORE_BIN AFTER_BIN OUT_DIR -- <bench fleet arguments>
+#   scripts/bench/compare.sh BEFORE_BIN AFTER_BIN OUT_DIR -- <agentgate-bench fleet arguments>
 #
-# The simulator is the AFTER binary's. Each run gets a fresh gateway (own temp dir).
+# The simulator is SIM (default target/release/agentgate-bench, from
+# `cargo build --release -p agentgate-bench`), the same for both sides. Each run gets a
+# fresh gateway (own temp dir).
 set -euo pipefail
 before=${1:?BEFORE_BIN}; after=${2:?AFTER_BIN}; out=${3:?OUT_DIR}; shift 3
 [ "${1:-}" = "--" ] && shift
 rounds=${ROUNDS:-2}
+sim=${SIM:-$PWD/target/release/agentgate-bench}
+[ -x "$sim" ] || { echo "no simulator at $sim: cargo build --release -p agentgate-bench" >&2; exit 2; }
 port=${PORT:-18453}
 mkdir -p "$out"
 gw_pid=
@@ -29,7 +33,7 @@ for round in $(seq "$rounds"); do
         for _ in $(seq 100); do curl -skf "https://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.1; done
         echo "== round $round $side ($bin)"
         drops=$(listen_drops)
-        "$after" bench fleet --target "127.0.0.1:$port" --api-key compare-key --gateway-pid "$gw_pid" \
+        "$sim" fleet --target "127.0.0.1:$port" --api-key compare-key --gateway-pid "$gw_pid" \
             --json "$out/$side-$round.json" "$@" 2>&1 | grep -E "connected |connect latency|heartbeat-ack|CPU|gateway|failure"
         echo "listen queue drops (SYNs): $(( $(listen_drops) - drops ))"
         kill "$gw_pid"; timeout 30 tail --pid="$gw_pid" -f /dev/null || true; gw_pid=

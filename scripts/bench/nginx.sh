@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# nginx as the TLS reference for `agentgate bench handshakes` (BENCHMARKS.md).
+# nginx as the TLS reference for `agentgate-bench handshakes` (BENCHMARKS.md).
 #
 #   scripts/bench/nginx.sh start DIR PORT CERT KEY   # prints the pids of master and workers
 #   scripts/bench/nginx.sh stop DIR

@@ -15,7 +15,7 @@ tool=${1:?callgrind|massif}; out=${2:?OUT_DIR}; agents=${3:-300}
 port=${PORT:-18463}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
 bin=${GATEWAY_BIN:-$PWD/target/release/agentgate}
-sim=$PWD/target/release/agentgate
+sim=${SIM:-$PWD/target/release/agentgate-bench}   # cargo build --release -p agentgate-bench
 work=$(mktemp -d /tmp/agentgate-profile.XXXXXX)
 printf 'listen = "127.0.0.1:%s"\ndata_dir = "%s/data"\napi_keys = ["profile-key"]\n[store]\ndir = "%s/certs"\n' \
     "$port" "$work" "$work" > "$work/gw.toml"
@@ -28,7 +28,7 @@ RUST_LOG=warn "${vg[@]}" "$bin" serve --config "$work/gw.toml" 2>"$work/gw.log" 
 vg_pid=$!
 trap 'kill $vg_pid 2>/dev/null || true' EXIT
 for _ in $(seq 600); do curl -skf "https://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.2; done
-"$sim" bench fleet --target "127.0.0.1:$port" --api-key profile-key --agents "$agents" \
+"$sim" fleet --target "127.0.0.1:$port" --api-key profile-key --agents "$agents" \
     --connect-concurrency 16 --connect-timeout-secs 300 --upload-concurrency 8 \
     --heartbeat-secs 1 --steady-secs "${STEADY:-20}" --gateway-pid "$vg_pid" --max-secs 900 \
     --json "$out/fleet.json" 2>"$work/sim.err" &

@@ -25,8 +25,10 @@ gw_pid=
 # lets the gateway and the simulator run first, closer to a dedicated node.
 run_nice=(nice -n "${NICE:-0}")
 
-cargo build --release --locked --quiet
+# The gateway and the simulator are two packages of the workspace (README, "Benchmarks").
+cargo build --release --locked --quiet -p agentgate -p agentgate-bench
 bin=$PWD/target/release/agentgate
+sim=$PWD/target/release/agentgate-bench
 
 cleanup() {
     [ -n "$gw_pid" ] && kill "$gw_pid" 2>/dev/null || true
@@ -71,12 +73,12 @@ listen_drops() {
                       else { for (i = 1; i <= NF; i++) if (n[i] == "ListenDrops") print $i } }' /proc/net/netstat
 }
 
-fleet() { # name, then bench fleet arguments
+fleet() { # name, then agentgate-bench fleet arguments
     local name=$1; shift
     start_gateway
-    echo "== $name: agentgate bench fleet $*" | tee -a "$out/log.txt"
+    echo "== $name: agentgate-bench fleet $*" | tee -a "$out/log.txt"
     local drops=$(listen_drops)
-    "${run_nice[@]}" "$bin" bench fleet --target "127.0.0.1:$port" --api-key "$key" --gateway-pid "$gw_pid" \
+    "${run_nice[@]}" "$sim" fleet --target "127.0.0.1:$port" --api-key "$key" --gateway-pid "$gw_pid" \
         --json "$out/$name.json" "$@" 2>&1 | tee -a "$out/log.txt"
     echo "listen queue drops (SYNs) during $name: $(( $(listen_drops) - drops ))" | tee -a "$out/log.txt"
 }
@@ -108,10 +110,10 @@ for m in $only; do
         # Alternate the two targets so that background load hits both alike.
         for round in 1 2; do
             echo "== handshakes round $round: agentgate, then nginx" | tee -a "$out/log.txt"
-            "$bin" bench handshakes --target "127.0.0.1:$port" --label agentgate --api-key "$key" \
+            "$sim" handshakes --target "127.0.0.1:$port" --label agentgate --api-key "$key" \
                 --server-pid "$gw_pid" --concurrency 32 --secs 15 \
                 --json "$out/handshakes-agentgate-$round.json" 2>&1 | tee -a "$out/log.txt"
-            "$bin" bench handshakes --target "127.0.0.1:$nginx_port" --label nginx \
+            "$sim" handshakes --target "127.0.0.1:$nginx_port" --label nginx \
                 "${nginx_args[@]}" --concurrency 32 --secs 15 \
                 --json "$out/handshakes-nginx-$round.json" 2>&1 | tee -a "$out/log.txt"
         done

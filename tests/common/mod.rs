@@ -1,11 +1,11 @@
-//! Shared test helpers: a real gateway on 127.0.0.1:0, TLS clients with or without an
-//! agent certificate, a small HTTP/1.1 client, and a Socket.IO client (WebSocket and
-//! long-polling) written against the Engine.IO v4 / Socket.IO v5 wire format.
+//! Shared test helpers for the gateway: a real gateway on 127.0.0.1:0, TLS clients with
+//! or without an agent certificate, the python-socketio agent. The clients that know
+//! nothing of the gateway's code (HTTP/1.1, Socket.IO over WebSocket and long-polling,
+//! the test PKI) are in the `agentgate-testkit` crate and re-exported here.
 
 #![allow(dead_code)] // each test binary uses a different subset of the helpers
 
 pub mod pebble;
-pub mod pki;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,9 +16,6 @@ use agentgate::agents::Agents;
 use agentgate::config::{Config, TlsMode};
 use agentgate::store::CertStore;
 use agentgate::{Gateway, StartError};
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -26,11 +23,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 
 #[allow(unused_imports)] // not every test binary uses every helper
-pub use pki::{AgentCert, AgentOpts, TestPki};
+pub use agentgate_testkit::http::{HttpConn, HttpResponse};
+#[allow(unused_imports)]
+pub use agentgate_testkit::pki::{self, AgentCert, AgentOpts, TestPki};
+#[allow(unused_imports)]
+pub use agentgate_testkit::sio::{Polling, SioConnect, SioWs};
 
 pub const API_KEY: &str = "test-api-key-0123456789";
 
@@ -188,14 +187,9 @@ impl TestServer {
     /// An HTTP/1.1 connection (kept alive across requests).
     pub async fn http(&self, agent: Option<&AgentCert>) -> std::io::Result<HttpConn> {
         let tls = self.tls(agent).await?;
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        Ok(HttpConn { sender })
+        HttpConn::handshake(tls)
+            .await
+            .map_err(std::io::Error::other)
     }
 
     /// One request on a fresh connection without a client certificate, with the API key.
@@ -222,6 +216,20 @@ impl TestServer {
             Some(json!({"agent_id": agent.agent_id, "certificate": agent.cert_pem})),
         )
         .await
+    }
+}
+
+/// `SioWs::connect(&server, agent)` connects to this gateway.
+impl agentgate_testkit::sio::Target for TestServer {
+    fn tls(
+        &self,
+        agent: Option<&AgentCert>,
+    ) -> impl std::future::Future<Output = std::io::Result<TlsStream<TcpStream>>> + Send {
+        TestServer::tls(self, agent)
+    }
+
+    fn port(&self) -> u16 {
+        self.addr.port()
     }
 }
 
@@ -286,228 +294,6 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
-}
-
-pub struct HttpConn {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-pub struct HttpResponse {
-    pub status: u16,
-    pub headers: http::HeaderMap,
-    pub body: Bytes,
-}
-
-impl HttpResponse {
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| Value::String(self.text()))
-    }
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-impl HttpConn {
-    pub async fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> Result<HttpResponse, hyper::Error> {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        if !body.is_empty()
-            && !headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
-            req = req.header("content-type", "application/json");
-        }
-        let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
-        self.sender.ready().await?;
-        let resp = self.sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok(HttpResponse {
-            status,
-            headers,
-            body,
-        })
-    }
-}
-
-/// A Socket.IO v5 client over a WebSocket (no polling).
-pub struct SioWs {
-    ws: WebSocketStream<TlsStream<TcpStream>>,
-    pub sid: Option<String>,
-}
-
-/// What the namespace connect answered.
-pub enum SioConnect {
-    Ok(Box<SioWs>),
-    Refused(Value),
-}
-
-impl SioWs {
-    pub async fn connect(
-        server: &TestServer,
-        agent: Option<&AgentCert>,
-    ) -> std::io::Result<SioConnect> {
-        let tls = server.tls(agent).await?;
-        let url = format!(
-            "wss://localhost:{}/socket.io/?EIO=4&transport=websocket",
-            server.addr.port()
-        );
-        let (ws, _) = tokio_tungstenite::client_async(url, tls)
-            .await
-            .map_err(std::io::Error::other)?;
-        let mut client = SioWs { ws, sid: None };
-        let open = client
-            .next_text()
-            .await
-            .ok_or_else(|| std::io::Error::other("no open packet"))?;
-        assert!(
-            open.starts_with('0'),
-            "engine.io open packet expected, got {open}"
-        );
-        client
-            .ws
-            .send(Message::text("40"))
-            .await
-            .map_err(std::io::Error::other)?;
-        loop {
-            let msg = client
-                .next_text()
-                .await
-                .ok_or_else(|| std::io::Error::other("closed before connect"))?;
-            if let Some(rest) = msg.strip_prefix("40") {
-                let v: Value = serde_json::from_str(rest).unwrap_or(Value::Null);
-                client.sid = v.get("sid").and_then(|s| s.as_str()).map(str::to_owned);
-                return Ok(SioConnect::Ok(Box::new(client)));
-            }
-            if let Some(rest) = msg.strip_prefix("44") {
-                return Ok(SioConnect::Refused(
-                    serde_json::from_str(rest).unwrap_or(Value::Null),
-                ));
-            }
-        }
-    }
-
-    pub async fn emit(&mut self, event: &str, data: Value) {
-        let packet = format!("42{}", json!([event, data]));
-        self.ws.send(Message::text(packet)).await.unwrap();
-    }
-
-    /// The next event `(name, data)`, answering pings; `None` once the socket is closed
-    /// (by a Socket.IO disconnect packet or the transport).
-    pub async fn next_event(&mut self) -> Option<(String, Value)> {
-        self.next_event_with_ack()
-            .await
-            .map(|(name, data, _)| (name, data))
-    }
-
-    /// Like `next_event`, with the ack id when the server asked for an acknowledgement.
-    pub async fn next_event_with_ack(&mut self) -> Option<(String, Value, Option<u64>)> {
-        loop {
-            let msg = self.next_text().await?;
-            if let Some(rest) = msg.strip_prefix("42") {
-                let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-                let ack = digits.parse().ok();
-                let v: Value = serde_json::from_str(&rest[digits.len()..]).ok()?;
-                let name = v.get(0)?.as_str()?.to_owned();
-                return Some((name, v.get(1).cloned().unwrap_or(Value::Null), ack));
-            }
-            if msg.starts_with("41") || msg == "1" {
-                return None;
-            }
-        }
-    }
-
-    /// Answers the event that carried ack id `id` with `reply` as its one argument.
-    pub async fn ack(&mut self, id: u64, reply: Value) {
-        let packet = format!("43{id}{}", json!([reply]));
-        self.ws.send(Message::text(packet)).await.unwrap();
-    }
-
-    /// Waits up to `secs` for the next event, with its ack id.
-    pub async fn next_event_with_ack_within(
-        &mut self,
-        secs: u64,
-    ) -> Option<(String, Value, Option<u64>)> {
-        tokio::time::timeout(Duration::from_secs(secs), self.next_event_with_ack())
-            .await
-            .expect("timed out waiting for an event")
-    }
-
-    /// Waits up to `secs` for the next event.
-    pub async fn next_event_within(&mut self, secs: u64) -> Option<(String, Value)> {
-        tokio::time::timeout(Duration::from_secs(secs), self.next_event())
-            .await
-            .expect("timed out waiting for an event")
-    }
-
-    async fn next_text(&mut self) -> Option<String> {
-        loop {
-            match self.ws.next().await? {
-                Ok(Message::Text(t)) => {
-                    if t.as_str() == "2" {
-                        let _ = self.ws.send(Message::text("3")).await;
-                        continue;
-                    }
-                    return Some(t.to_string());
-                }
-                Ok(Message::Close(_)) | Err(_) => return None,
-                Ok(_) => continue,
-            }
-        }
-    }
-}
-
-/// Engine.IO long-polling by hand, to exercise sid handling directly.
-pub struct Polling {
-    pub sid: String,
-}
-
-impl Polling {
-    /// The polling handshake; returns the engine sid.
-    pub async fn handshake(conn: &mut HttpConn) -> Polling {
-        let r = conn
-            .send("GET", "/socket.io/?EIO=4&transport=polling", &[], "")
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-        let text = r.text();
-        let open: Value = serde_json::from_str(text.strip_prefix('0').unwrap()).unwrap();
-        Polling {
-            sid: open["sid"].as_str().unwrap().to_owned(),
-        }
-    }
-
-    pub fn path(&self) -> String {
-        format!("/socket.io/?EIO=4&transport=polling&sid={}", self.sid)
-    }
-
-    pub async fn post(&self, conn: &mut HttpConn, payload: &str) -> HttpResponse {
-        conn.send(
-            "POST",
-            &self.path(),
-            &[("content-type", "text/plain;charset=UTF-8")],
-            payload,
-        )
-        .await
-        .unwrap()
-    }
-
-    pub async fn get(&self, conn: &mut HttpConn) -> HttpResponse {
-        conn.send("GET", &self.path(), &[], "").await.unwrap()
-    }
 }
 
 /// The Python interpreter of the test venv (python-socketio + aiohttp), set up by

@@ -1,5 +1,9 @@
 //! The test PKI, made with rcgen at test time: a CA and a server certificate for the
-//! gateway, agent certificates good and bad (rustls `TestPki`).
+//! gateway, agent certificates good and bad (rustls `TestPki`), and the agent certificate
+//! of a simulated agent ([`AgentCert::generate`]).
+//!
+//! Test helpers panic on failure (an unwrap names the broken step); only
+//! [`AgentCert::generate`], which the benchmark uses, returns its error.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -36,8 +40,36 @@ impl AgentCert {
         }
     }
 
+    /// A self-signed ECDSA P-256 certificate with CN = `agent_id`, clientAuth, valid for
+    /// `days` from five minutes ago: what `agentgate cert generate` writes.
+    pub fn generate(agent_id: &str, days: i64) -> Result<Self, rcgen::Error> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let now = OffsetDateTime::now_utc();
+        let mut params = agent_params(
+            agent_id,
+            &AgentOpts {
+                cn: None,
+                not_before: now - Duration::minutes(5),
+                not_after: now + Duration::days(days),
+            },
+        );
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            agent_id: agent_id.into(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        })
+    }
+
+    /// The SHA-256 fingerprint of the DER in lowercase hex, as the gateway prints it.
     pub fn fingerprint_hex(&self) -> String {
-        agentgate::identity::Fingerprint::of_der(&self.der).to_hex()
+        ring::digest::digest(&ring::digest::SHA256, &self.der)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -56,6 +88,12 @@ impl Default for AgentOpts<'_> {
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(30),
         }
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

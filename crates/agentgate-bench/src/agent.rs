@@ -1,9 +1,7 @@
 //! One simulated agent: TCP from a chosen source address, the mTLS handshake with its own
-//! certificate, the WebSocket upgrade, and just enough Engine.IO 4 / Socket.IO 5 framing
-//! to behave as a python-socketio agent does over WebSocket:
+//! certificate, the WebSocket upgrade and namespace connect (`agentgate_testkit::sio`),
+//! then the life of a python-socketio agent over WebSocket:
 //!
-//! - Engine.IO open `0{"sid":..}` from the server, then Socket.IO connect `40` from us,
-//!   answered by `40{"sid":..}` (accepted) or `44{..}` (refused);
 //! - ping `2` from the server, pong `3` from us (Engine.IO 4: the server pings);
 //! - events `42["heartbeat",{..}]` from us, `42["heartbeat_ack",{..}]` back;
 //! - commands `42<id>["bench_command",{..}]` from the server, acked by `43<id>[{..}]`.
@@ -14,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentgate_testkit::sio::{self, Frame, Namespace, OpenError};
 use futures_util::{SinkExt, StreamExt};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
@@ -25,8 +24,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::SERVER_NAME;
-use super::report::Samples;
+use crate::SERVER_NAME;
+use crate::report::Samples;
 
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
@@ -74,32 +73,16 @@ pub async fn open(
         .await
         .map_err(|e| io_reason("tcp connect", &e))?;
     let tls = tls_connect(tcp, tls).await?;
-    let url = format!(
-        "wss://{SERVER_NAME}:{}/socket.io/?EIO=4&transport=websocket",
-        target.port()
-    );
     // Small buffers: twenty thousand agents live in one simulator process.
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, tls, Some(config))
-        .await
-        .map_err(|e| ws_reason(&e))?;
-    let open = next_text(&mut ws).await?;
-    if !open.starts_with('0') {
-        return Err("engine.io: no open packet".into());
-    }
-    ws.send(Message::text("40"))
-        .await
-        .map_err(|e| ws_reason(&e))?;
-    loop {
-        let msg = next_text(&mut ws).await?;
-        if msg.starts_with("40") {
-            return Ok(ws);
-        }
-        if msg.starts_with("44") {
-            return Err("socket.io: connect refused".into());
-        }
+    match sio::open(tls, target.port(), Some(config)).await {
+        Ok((ws, Namespace::Accepted(_))) => Ok(ws),
+        Ok((_, Namespace::Refused(_))) => Err("socket.io: connect refused".into()),
+        Err(OpenError::WebSocket(e)) => Err(ws_reason(&e)),
+        Err(OpenError::NoOpenPacket(_)) => Err("engine.io: no open packet".into()),
+        Err(OpenError::Closed) => Err("websocket: closed".into()),
     }
 }
 
@@ -194,15 +177,15 @@ fn react(
     pending: &mut VecDeque<Instant>,
     out: &mut SessionOutcome,
 ) -> Result<Option<String>, ()> {
-    Ok(match classify(text) {
+    Ok(match sio::classify(text) {
         Frame::Ping => Some("3".to_owned()),
-        Frame::HeartbeatAck => {
+        Frame::Event(rest) if rest.starts_with(r#"["heartbeat_ack""#) => {
             if let Some(sent) = pending.pop_front() {
                 out.heartbeat_latency.push(sent.elapsed());
             }
             None
         }
-        Frame::Command(id) => {
+        Frame::EventWithAck(id) => {
             out.commands_acked += 1;
             Some(format!(r#"43{id}[{{"ok":true}}]"#))
         }
@@ -210,7 +193,7 @@ fn react(
             out.failure = Some("disconnected: socket.io disconnect from the server".into());
             return Err(());
         }
-        Frame::Other => None,
+        Frame::Event(_) | Frame::Other => None,
     })
 }
 
@@ -243,53 +226,6 @@ async fn drain(ws: &mut Ws, pending: &mut VecDeque<Instant>, out: &mut SessionOu
 /// How long [`drain`] waits.
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// The frames an agent reacts to.
-#[derive(Debug, PartialEq, Eq)]
-enum Frame<'a> {
-    Ping,
-    HeartbeatAck,
-    /// An event with an ack id: a command from the API.
-    Command(&'a str),
-    Disconnect,
-    Other,
-}
-
-fn classify(text: &str) -> Frame<'_> {
-    if text == "2" {
-        return Frame::Ping;
-    }
-    if text == "1" || text.starts_with("41") {
-        return Frame::Disconnect;
-    }
-    let Some(rest) = text.strip_prefix("42") else {
-        return Frame::Other;
-    };
-    if rest.starts_with(r#"["heartbeat_ack""#) {
-        return Frame::HeartbeatAck;
-    }
-    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    if digits > 0 && rest[digits..].starts_with('[') {
-        return Frame::Command(&rest[..digits]);
-    }
-    Frame::Other
-}
-
-async fn next_text(ws: &mut Ws) -> Result<String, String> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.as_str() == "2" => {
-                ws.send(Message::text("3"))
-                    .await
-                    .map_err(|e| ws_reason(&e))?;
-            }
-            Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
-            Some(Ok(Message::Close(_))) | None => return Err("websocket: closed".into()),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(ws_reason(&e)),
-        }
-    }
-}
-
 /// A failure reason short and stable enough to count: the TLS alert or the IO error kind.
 pub fn io_reason(stage: &str, e: &io::Error) -> String {
     match e
@@ -311,24 +247,4 @@ fn ws_reason(e: &tokio_tungstenite::tungstenite::Error) -> String {
 /// The first 80 characters of a message.
 pub fn short(s: &str) -> String {
     s.chars().take(80).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classifies_the_frames_an_agent_reacts_to() {
-        assert_eq!(classify("2"), Frame::Ping);
-        assert_eq!(
-            classify(r#"42["heartbeat_ack",{"status":"ok"}]"#),
-            Frame::HeartbeatAck
-        );
-        assert_eq!(
-            classify(r#"4217["bench_command",{"seq":1}]"#),
-            Frame::Command("17")
-        );
-        assert_eq!(classify(r#"42["server_shutdown",{}]"#), Frame::Other);
-        assert_eq!(classify("41"), Frame::Disconnect);
-    }
 }

@@ -14,7 +14,7 @@ use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
-use super::SERVER_NAME;
+use crate::SERVER_NAME;
 
 /// Where the API is and how to authenticate to it.
 #[derive(Clone)]
@@ -95,7 +95,7 @@ impl ApiConn {
         match self.post_json(&path, &body).await {
             Ok((200, _)) => Ok(()),
             Ok((status, _)) => Err(format!("command: HTTP {status}")),
-            Err(e) => Err(format!("command: {}", super::agent::short(&e.to_string()))),
+            Err(e) => Err(format!("command: {}", crate::agent::short(&e.to_string()))),
         }
     }
 }

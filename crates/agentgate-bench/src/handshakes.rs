@@ -1,4 +1,4 @@
-//! `agentgate bench handshakes`: full mTLS handshakes per second against a TLS server,
+//! `agentgate-bench handshakes`: full mTLS handshakes per second against a TLS server,
 //! the gateway or nginx, with the same client code, so the two can be compared in one run.
 //!
 //! Each of `--concurrency` workers loops until `--secs` have passed: TCP connect, a full
@@ -15,10 +15,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::agent::{self, short};
-use super::api::Api;
-use super::report::{Failures, Rate, Samples, Summary, Table};
-use super::sys::{self, ProcSample};
+use crate::agent::{self, short};
+use crate::api::Api;
+use crate::report::{Failures, Rate, Samples, Summary, Table};
+use crate::sys::{self, ProcSample};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HandshakeArgs {
@@ -83,11 +83,11 @@ pub struct ServerCpu {
 }
 
 pub async fn run(args: HandshakeArgs) -> anyhow::Result<HandshakeReport> {
-    super::check_loopback(args.target)?;
+    crate::check_loopback(args.target)?;
     sys::raise_fd_limit();
-    let cert = super::bench_cert(&args.agent_id)?;
+    let cert = crate::bench_cert(&args.agent_id)?;
     if let Some(key) = &args.api_key {
-        let api = Api::new(args.target, key, super::client_config(None)?);
+        let api = Api::new(args.target, key, crate::client_config(None)?);
         api.connect()
             .await?
             .upload(&cert.agent_id, &cert.cert_pem)
@@ -97,7 +97,7 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<HandshakeReport> {
         format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
             args.request,
-            super::SERVER_NAME
+            crate::SERVER_NAME
         )
     });
     let cpu = |pids: &[u32]| -> Option<(f64, u64)> {

@@ -1,16 +1,20 @@
-//! `agentgate bench`: load generators that measure a running gateway from the outside.
+//! `agentgate-bench`: load generators that measure a running gateway from the outside.
+//!
+//! A crate of its own, beside the gateway: the client side needs a verifier that accepts
+//! any server certificate (the loopback gateway's is self-signed), a WebSocket client and
+//! hyper's client, none of which belongs in the binary on port 443.
 //!
 //! # Layout
 //!
-//! - [`fleet`]: `bench fleet`, N simulated agents: certificates uploaded through the API,
-//!   a connect phase at a target rate, a steady phase of heartbeats, optional commands;
-//!   split over several processes (`--shards`) when one process's file descriptors do not
-//!   suffice.
-//! - [`agent`]: one simulated agent: mTLS, WebSocket, and the Engine.IO / Socket.IO framing
-//!   it needs (open `0{..}`, connect `40`, events `42[..]`, acks `43<id>[..]`, ping `2` /
-//!   pong `3`), written by hand so the client costs little next to the gateway.
-//! - [`handshakes`]: `bench handshakes`, full mTLS handshakes per second against any TLS
-//!   server (the gateway, or nginx as the reference).
+//! - [`fleet`]: `agentgate-bench fleet`, N simulated agents: certificates uploaded through
+//!   the API, a connect phase at a target rate, a steady phase of heartbeats, optional
+//!   commands; split over several processes (`--shards`) when one process's file
+//!   descriptors do not suffice. One file per phase.
+//! - [`agent`]: one simulated agent: mTLS and a WebSocket with the Engine.IO / Socket.IO
+//!   framing of `agentgate-testkit` (`sio`), lean so the client costs little next to the
+//!   gateway.
+//! - [`handshakes`]: `agentgate-bench handshakes`, full mTLS handshakes per second against
+//!   any TLS server (the gateway, or nginx as the reference).
 //! - [`api`]: the HTTP API client (certificate uploads, commands).
 //! - [`report`]: latency samples, percentiles, the printed table and the JSON.
 //! - [`sys`]: the file-descriptor limit, source addresses in 127.0.0.0/8, and the
@@ -29,6 +33,7 @@ pub mod sys;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use agentgate_testkit::pki::AgentCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
@@ -56,7 +61,7 @@ pub fn check_loopback(target: SocketAddr) -> anyhow::Result<()> {
 pub fn client_config(
     client_cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
 ) -> anyhow::Result<Arc<ClientConfig>> {
-    let provider = crate::tls::provider();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -126,17 +131,16 @@ pub struct BenchCert {
     pub tls: Arc<ClientConfig>,
 }
 
-/// Generates `agent_id`'s self-signed certificate (as `agentgate cert generate` does) and
-/// the client configuration that presents it.
+/// Generates `agent_id`'s self-signed certificate (as `agentgate cert generate` does:
+/// ECDSA P-256, CN = agent id, 30 days) and the client configuration that presents it.
 pub fn bench_cert(agent_id: &str) -> anyhow::Result<BenchCert> {
-    let id = crate::identity::AgentId::parse(agent_id)?;
-    let cert = crate::certgen::generate(&id, 30)?;
-    let der = CertificateDer::from_pem_slice(cert.cert_pem.as_bytes())
-        .map_err(|e| anyhow::anyhow!("generated certificate: {e}"))?;
+    let cert = AgentCert::generate(agent_id, 30)
+        .map_err(|e| anyhow::anyhow!("certificate for {agent_id}: {e}"))?;
+    let der = CertificateDer::from(cert.der);
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
         .map_err(|e| anyhow::anyhow!("generated key: {e}"))?;
     Ok(BenchCert {
-        agent_id: agent_id.to_owned(),
+        agent_id: cert.agent_id,
         cert_pem: cert.cert_pem,
         tls: client_config(Some((der, key)))?,
     })
