@@ -41,9 +41,10 @@ pub async fn serve(
             let shutdown = conn_shutdown.clone();
             async move {
                 let _permit = permit;
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                    Ok::<_, Infallible>(redirect(&req, https_port))
-                });
+                let service =
+                    hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                        Ok::<_, Infallible>(redirect(&req, https_port))
+                    });
                 listener::serve_plain_http(tcp, service, HEADER_READ_TIMEOUT, shutdown).await;
             }
         },
