@@ -60,7 +60,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (key `metrics_listen`): {e}"))?;
         gateway = gateway.with_metrics_listener(metrics);
     }
-    if let Some(addr) = config.http_redirect.listen {
+    if let Some(addr) = config.http_redirect.as_ref().map(|r| r.listen) {
         let redirect = listener::bind(addr).map_err(|e| {
             anyhow::anyhow!("cannot listen on {addr} (key `http_redirect.listen`): {e}")
         })?;

@@ -112,7 +112,7 @@ impl Gateway {
             metrics: metrics.clone(),
             enrollment,
             server_cert: server_cert.clone(),
-            stale_after: config.stale_after(),
+            stale_after: config.agents.stale_after,
             requests: TaskTracker::new(),
         };
         let exposure = match config.metrics_listen {
@@ -183,18 +183,19 @@ impl Gateway {
         let token = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let ping = self.config.socketio.ping_interval_secs + self.config.socketio.ping_timeout_secs;
+        let ping = self.config.socketio.ping_interval + self.config.socketio.ping_timeout;
         self.agents
-            .spawn_binding_pruner(token.clone(), Duration::from_secs(ping.max(60) * 2));
+            .spawn_binding_pruner(token.clone(), ping.max(Duration::from_secs(60)) * 2);
         if let Some(acme) = self.server_cert.acme() {
             tracker.spawn(acme.clone().run(token.clone()));
         }
         if let Some(redirect) = self.redirect.take() {
+            // Without `[http_redirect]`, the port of the listener the caller gave.
             let https_port = self
                 .config
                 .http_redirect
-                .https_port
-                .unwrap_or(self.config.listen.port());
+                .as_ref()
+                .map_or(local.port(), |r| r.https_port);
             tracker.spawn(crate::redirect::serve(
                 redirect,
                 https_port,
@@ -214,7 +215,7 @@ impl Gateway {
         }
         let conn = Arc::new(ConnShared {
             acceptor: Acceptor::new(self.tls.clone(), &self.server_cert),
-            handshake_timeout: self.config.handshake_timeout(),
+            handshake_timeout: self.config.handshake_timeout,
             verifier: self.verifier.clone(),
             store: self.store.clone(),
             app: self.app.clone(),
@@ -238,7 +239,7 @@ impl Gateway {
     /// is told and its transport closed (so it reconnects, to another node if there is
     /// one); then connections drain. All within `shutdown_grace_secs`.
     async fn drain(&self, token: CancellationToken, kill: CancellationToken, tracker: TaskTracker) {
-        let grace = self.config.shutdown_grace();
+        let grace = self.config.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
         tracing::info!(
             connections = tracker.len(),

@@ -13,6 +13,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use crate::config::NonEmpty;
+
 /// Why the server certificate cannot be loaded, generated or reloaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerCertError {
@@ -104,7 +106,7 @@ fn certified_key(
 /// A kept certificate that expired or was made for other names is replaced.
 pub fn self_signed(
     data_dir: &Path,
-    names: &[String],
+    names: &NonEmpty<String>,
     provider: &CryptoProvider,
 ) -> Result<(CertifiedKey, PathBuf), ServerCertError> {
     let dir = data_dir.join("self-signed");
@@ -120,7 +122,7 @@ pub fn self_signed(
     let mut params = rcgen::CertificateParams::new(names.to_vec())?;
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, names[0].clone());
+        .push(rcgen::DnType::CommonName, names.first().clone());
     params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
     params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;

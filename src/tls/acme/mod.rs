@@ -44,7 +44,7 @@ use rustls_acme::AcmeState;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::AcmeConfig;
 use cache::{AcmeCache, ensure_private_dir};
 use resolver::AcmeResolver;
 
@@ -157,12 +157,16 @@ impl fmt::Debug for Acme {
 }
 
 impl Acme {
-    /// Prepares ACME for a validated configuration in `mode = "acme"`: creates the cache
+    /// Prepares ACME for the validated `[tls.acme]` of a gateway listening on
+    /// `listen_port` (for the port-443 reminder): creates the cache
     /// directory (mode 0700: it holds private keys) and the HTTPS client for the directory.
     /// Nothing is fetched until [`Acme::run`] polls.
-    pub fn new(config: &Config, provider: Arc<CryptoProvider>) -> Result<Self, AcmeSetupError> {
-        let settings = &config.tls.acme;
-        let cache_dir = config.acme_cache_dir();
+    pub fn new(
+        settings: &AcmeConfig,
+        listen_port: u16,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, AcmeSetupError> {
+        let cache_dir = settings.cache_dir.clone();
         ensure_private_dir(&cache_dir).map_err(|source| AcmeSetupError::CacheDir {
             path: cache_dir.clone(),
             source,
@@ -177,7 +181,7 @@ impl Acme {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let cache = AcmeCache::new(cache_dir);
-        let directory_url = settings.directory_url().to_owned();
+        let directory_url = settings.directory.url().to_owned();
         let state: State =
             rustls_acme::AcmeConfig::new_with_client_config(&settings.domains, Arc::new(client))
                 .contact(&settings.contact)
@@ -193,10 +197,10 @@ impl Acme {
         });
         Ok(Self {
             shared: Arc::new(Shared {
-                domains: settings.domains.clone(),
+                domains: settings.domains.to_vec(),
                 directory_url,
-                staging: settings.is_staging(),
-                listen_port: config.listen.port(),
+                staging: settings.directory.is_staging(),
+                listen_port,
                 cache,
                 resolver,
                 challenge_config,

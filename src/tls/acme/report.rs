@@ -6,22 +6,21 @@ use time::OffsetDateTime;
 
 use super::cache::{cached_account_path, cached_cert_path};
 use super::{CertOrigin, certificate_info, rfc3339};
-use crate::config::Config;
+use crate::config::{AcmeConfig, AcmeDirectory};
 
 /// What `agentgate check-config` prints about ACME: the settings, and whether the cache
 /// holds a certificate that a start would serve without ordering, and until when.
-pub fn report(config: &Config) -> String {
-    let acme = &config.tls.acme;
-    let url = acme.directory_url();
-    let dir = config.acme_cache_dir();
+pub fn report(acme: &AcmeConfig) -> String {
+    let url = acme.directory.url();
+    let dir = &acme.cache_dir;
     let mut out = String::from("\n# ACME (tls.mode = \"acme\"):\n");
     let mut line = |k: &str, v: &str| out.push_str(&format!("#   {k}: {v}\n"));
-    let kind = match acme.directory.as_str() {
-        crate::config::LETSENCRYPT => " (Let's Encrypt production)",
-        crate::config::LETSENCRYPT_STAGING => {
+    let kind = match acme.directory {
+        AcmeDirectory::LetsEncrypt => " (Let's Encrypt production)",
+        AcmeDirectory::LetsEncryptStaging => {
             " (Let's Encrypt staging: certificates are not trusted by clients)"
         }
-        _ => "",
+        AcmeDirectory::Url(_) => "",
     };
     line("directory", &format!("{url}{kind}"));
     line("domains", &acme.domains.join(", "));
@@ -32,8 +31,8 @@ pub fn report(config: &Config) -> String {
     };
     line("contact", &contact);
     line("cache_dir", &dir.display().to_string());
-    let path = cached_cert_path(&dir, &acme.domains, url);
-    let account = cached_account_path(&dir, &acme.contact, url);
+    let path = cached_cert_path(dir, &acme.domains, url);
+    let account = cached_account_path(dir, &acme.contact, url);
     line(
         "account key",
         if account.exists() {
