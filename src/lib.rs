@@ -10,8 +10,10 @@
 //!   [`tls::acme`] (certificates over ACME, TLS-ALPN-01 on the same listener).
 //! - [`store`]: the certificate store (index + file backend) and the upload rules.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
-//! - [`server`]: accept loop, handshake, per-connection identity, graceful shutdown;
-//!   [`killable`] lets shutdown cut upgraded connections.
+//! - [`listener`]: the accept loop every listener uses (backlog, connection limit,
+//!   accept-error backoff, stop on shutdown).
+//! - [`server`]: the gateway's listeners, handshake, per-connection identity, graceful
+//!   shutdown; [`killable`] lets shutdown cut upgraded connections.
 //! - [`redirect`]: the optional plain-HTTP listener that answers with 301 to https.
 //! - [`api`]: the HTTP API, one file per resource.
 //! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,
@@ -31,6 +33,7 @@ pub mod enroll;
 pub mod fsutil;
 pub mod identity;
 pub mod killable;
+pub mod listener;
 pub mod metrics;
 pub mod redirect;
 pub mod server;
@@ -47,22 +50,15 @@ pub use server::{Gateway, StartError};
 /// reloads the server certificate files on SIGHUP.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let mut gateway = Gateway::new(config.clone())?;
-    let listener = server::bind(config.listen)
+    let listener = listener::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen))?;
     if let Some(addr) = config.metrics_listen {
-        let metrics_listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let metrics = listener::bind(addr)
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (key `metrics_listen`): {e}"))?;
-        let router = gateway.metrics_router();
-        tracing::info!(%addr, "metrics listening (plain HTTP)");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(metrics_listener, router).await {
-                tracing::error!(error = %e, "metrics listener failed");
-            }
-        });
+        gateway = gateway.with_metrics_listener(metrics);
     }
-    if let Some(addr) = config.http_redirect.listen {
-        let redirect = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+    if let Some(addr) = config.http_redirect.as_ref().map(|r| r.listen) {
+        let redirect = listener::bind(addr).map_err(|e| {
             anyhow::anyhow!("cannot listen on {addr} (key `http_redirect.listen`): {e}")
         })?;
         gateway = gateway.with_redirect_listener(redirect);

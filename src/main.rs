@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use agentgate::config::{Config, LogFormat, TlsMode};
+use agentgate::config::{Config, LogFormat, TlsSource};
 use agentgate::identity::AgentId;
 
 #[derive(Parser)]
@@ -64,8 +64,8 @@ fn main() -> ExitCode {
             Ok(c) => {
                 println!("# configuration is valid; effective settings:");
                 print!("{}", c.to_masked_toml());
-                if c.tls.mode == TlsMode::Acme {
-                    print!("{}", agentgate::tls::acme::report(&c));
+                if let TlsSource::Acme(acme) = &c.tls {
+                    print!("{}", agentgate::tls::acme::report(acme));
                 }
                 ExitCode::SUCCESS
             }

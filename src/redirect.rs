@@ -4,18 +4,17 @@
 //! else is served in clear text: no API, no Socket.IO, no ACME (TLS-ALPN-01 needs none).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::listener;
 
 /// A client that sends no request line in this time is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,45 +31,25 @@ pub async fn serve(
     if let Ok(local) = listener.local_addr() {
         tracing::info!(%local, https_port, "plain-HTTP listener redirecting to https");
     }
-    let limit = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break, // the semaphore is never closed
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    crate::server::handle_accept_error(e).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                Ok::<_, Infallible>(redirect(&req, https_port))
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+    let conn_shutdown = shutdown.clone();
+    listener::accept_loop(
+        listener,
+        max_connections,
+        shutdown,
+        tracker,
+        move |tcp, _peer, permit| {
+            let shutdown = conn_shutdown.clone();
+            async move {
+                let _permit = permit;
+                let service =
+                    hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                        Ok::<_, Infallible>(redirect(&req, https_port))
+                    });
+                listener::serve_plain_http(tcp, service, HEADER_READ_TIMEOUT, shutdown).await;
             }
-        });
-    }
+        },
+    )
+    .await;
 }
 
 /// The answer to one request: 301 to its https URL, or 400 without a usable host.

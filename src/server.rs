@@ -1,5 +1,7 @@
-//! The gateway: accept loop, TLS handshake under a timeout, identity attached to each
-//! connection, HTTP/1.1 with upgrades served by hyper-util, and graceful shutdown.
+//! The gateway: its listeners (TLS, and optionally the plain-HTTP redirect and metrics
+//! ones, all on [`crate::listener`]), the TLS handshake under a timeout, identity attached
+//! to each connection, HTTP/1.1 with upgrades served by hyper-util, and graceful shutdown
+//! that drains every listener's connections.
 //!
 //! `Gateway::serve` takes its listener and its shutdown future as arguments, so tests
 //! start it on 127.0.0.1:0 and stop it when they like (mini-redis `server::run`).
@@ -15,10 +17,11 @@ use http::HeaderName;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use rustls::pki_types::UnixTime;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -29,6 +32,7 @@ use crate::config::Config;
 use crate::enroll::{EnrollError, Enrollment};
 use crate::identity::{AgentIdentity, Peer};
 use crate::killable::Killable;
+use crate::listener;
 use crate::metrics::Metrics;
 use crate::store::{CertStore, StoreError};
 use crate::tls::server_cert::ServerCertError;
@@ -72,6 +76,7 @@ pub struct Gateway {
     state: AppState,
     app: Router,
     redirect: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Gateway {
@@ -107,7 +112,7 @@ impl Gateway {
             metrics: metrics.clone(),
             enrollment,
             server_cert: server_cert.clone(),
-            stale_after: config.stale_after(),
+            stale_after: config.agents.stale_after,
             requests: TaskTracker::new(),
         };
         let exposure = match config.metrics_listen {
@@ -135,12 +140,15 @@ impl Gateway {
             state,
             app,
             redirect: None,
+            metrics_listener: None,
         })
     }
 
-    /// The router of the separate metrics listener (`metrics_listen`).
-    pub fn metrics_router(&self) -> Router {
-        api::metrics_router(self.state.clone())
+    /// Also serves `listener` as the plain-HTTP listener of `metrics_listen` (`GET /metrics`
+    /// only).
+    pub fn with_metrics_listener(mut self, listener: TcpListener) -> Self {
+        self.metrics_listener = Some(listener);
+        self
     }
 
     /// Also serves `listener` as the plain-HTTP listener of `[http_redirect]`.
@@ -175,18 +183,19 @@ impl Gateway {
         let token = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let ping = self.config.socketio.ping_interval_secs + self.config.socketio.ping_timeout_secs;
+        let ping = self.config.socketio.ping_interval + self.config.socketio.ping_timeout;
         self.agents
-            .spawn_binding_pruner(token.clone(), Duration::from_secs(ping.max(60) * 2));
+            .spawn_binding_pruner(token.clone(), ping.max(Duration::from_secs(60)) * 2);
         if let Some(acme) = self.server_cert.acme() {
             tracker.spawn(acme.clone().run(token.clone()));
         }
         if let Some(redirect) = self.redirect.take() {
+            // Without `[http_redirect]`, the port of the listener the caller gave.
             let https_port = self
                 .config
                 .http_redirect
-                .https_port
-                .unwrap_or(self.config.listen.port());
+                .as_ref()
+                .map_or(local.port(), |r| r.https_port);
             tracker.spawn(crate::redirect::serve(
                 redirect,
                 https_port,
@@ -195,9 +204,18 @@ impl Gateway {
                 tracker.clone(),
             ));
         }
+        if let Some(metrics) = self.metrics_listener.take() {
+            tracker.spawn(serve_metrics(
+                metrics,
+                api::metrics_router(self.state.clone()),
+                self.config.max_connections,
+                token.clone(),
+                tracker.clone(),
+            ));
+        }
         let conn = Arc::new(ConnShared {
             acceptor: Acceptor::new(self.tls.clone(), &self.server_cert),
-            handshake_timeout: self.config.handshake_timeout(),
+            handshake_timeout: self.config.handshake_timeout,
             verifier: self.verifier.clone(),
             store: self.store.clone(),
             app: self.app.clone(),
@@ -205,29 +223,14 @@ impl Gateway {
             kill: kill.clone(),
             metrics: self.metrics.clone(),
         });
-        let limit = Arc::new(Semaphore::new(self.config.max_connections));
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                permit = limit.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break, // the semaphore is never closed
-                },
-                _ = &mut shutdown => break,
-            };
-            let (tcp, remote) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        handle_accept_error(e).await;
-                        continue;
-                    }
-                },
-                _ = &mut shutdown => break,
-            };
-            tracker.spawn(conn.clone().serve(tcp, remote, permit));
-        }
-        drop(listener);
+        tracker.spawn(listener::accept_loop(
+            listener,
+            self.config.max_connections,
+            token.clone(),
+            tracker.clone(),
+            move |tcp, remote, permit| conn.clone().serve(tcp, remote, permit),
+        ));
+        shutdown.await;
         self.drain(token, kill, tracker).await;
         Ok(())
     }
@@ -236,7 +239,7 @@ impl Gateway {
     /// is told and its transport closed (so it reconnects, to another node if there is
     /// one); then connections drain. All within `shutdown_grace_secs`.
     async fn drain(&self, token: CancellationToken, kill: CancellationToken, tracker: TaskTracker) {
-        let grace = self.config.shutdown_grace();
+        let grace = self.config.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
         tracing::info!(
             connections = tracker.len(),
@@ -398,35 +401,31 @@ impl ConnShared {
     }
 }
 
-/// The listen backlog. A connect storm (a gateway restart, a site's network coming back)
-/// brings thousands of SYNs at once; with tokio's default of 1024 the kernel drops the
-/// excess and those clients wait for their SYN retransmission, 1 s and then 3 s later
-/// (measured in BENCHMARKS.md). Linux caps it at net.core.somaxconn, 4096 by default
-/// since 5.4.
-pub const LISTEN_BACKLOG: u32 = 4096;
-
-/// Binds a listener with [`LISTEN_BACKLOG`] (and SO_REUSEADDR, as `TcpListener::bind` sets).
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
-/// Accept errors are retried, never fatal: per-connection errors at once, resource
-/// exhaustion (EMFILE/ENFILE) after a pause so the loop does not spin (axum `serve`).
-pub(crate) async fn handle_accept_error(e: io::Error) {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    ) {
-        return;
+/// The separate metrics listener: plain HTTP, `GET /metrics` only, drained like the others.
+async fn serve_metrics(
+    listener: TcpListener,
+    router: Router,
+    max_connections: usize,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    if let Ok(local) = listener.local_addr() {
+        tracing::info!(%local, "metrics listening (plain HTTP)");
     }
-    tracing::error!(error = %e, "accept failed; retrying in 1 s");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let conn_shutdown = shutdown.clone();
+    listener::accept_loop(
+        listener,
+        max_connections,
+        shutdown,
+        tracker,
+        move |tcp, _peer, permit| {
+            let service = TowerToHyperService::new(router.clone());
+            let shutdown = conn_shutdown.clone();
+            async move {
+                let _permit = permit;
+                listener::serve_plain_http(tcp, service, HEADER_READ_TIMEOUT, shutdown).await;
+            }
+        },
+    )
+    .await;
 }

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use agentgate::config::{Config, TlsMode};
+use agentgate::config::{RawConfig, TlsMode};
 use common::pebble::{Pebble, free_port};
 use common::{API_KEY, AgentCert, TestPki, alert_of, first_read_error};
 
@@ -242,17 +242,17 @@ async fn status_follows_failed_orders_for_an_embedding_program() {
     let dir = tempfile::tempdir().unwrap();
     // Prepared, never started: its directory URL refuses connections.
     let pebble = Pebble::prepare(&dir.path().join("pebble"), 443, None);
-    let mut config = Config {
+    let mut config = RawConfig {
         api_keys: vec![API_KEY.into()],
         data_dir: dir.path().join("data"),
-        ..Config::default()
+        ..RawConfig::default()
     };
     config.store.dir = dir.path().join("certs");
     config.tls.mode = TlsMode::Acme;
     config.tls.acme.domains = vec!["localhost".into()];
     config.tls.acme.directory = pebble.directory_url();
     config.tls.acme.directory_ca_file = Some(pebble.listener_ca_file.clone());
-    config.validate("test").unwrap();
+    let config = config.validate("test").unwrap();
 
     let gateway = agentgate::Gateway::new(config).unwrap();
     let mut status = gateway.server_cert().acme().expect("acme mode").status();

@@ -381,3 +381,56 @@ async fn cors_allows_only_configured_origins() {
     assert!(r.headers.get("access-control-allow-origin").is_none());
     server.stop().await;
 }
+
+/// The separate metrics listener is one of the gateway's listeners: it serves while the
+/// gateway runs, and on shutdown stops accepting (its port refuses) and closes its
+/// kept-alive connections before `serve` returns.
+#[tokio::test]
+async fn metrics_listener_stops_and_drains_on_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_tracing();
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(&pki, dir.path(), |c| {
+        c.metrics_listen = Some("127.0.0.1:1".parse().unwrap())
+    });
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = agentgate::Gateway::new(config)
+        .unwrap()
+        .with_metrics_listener(metrics);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(gateway.serve(listener, async move {
+        let _ = rx.await;
+    }));
+
+    let mut kept = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+    kept.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = kept.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    tx.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(15), task)
+        .await
+        .expect("serve() did not return")
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(metrics_addr).await.is_err(),
+        "metrics port still accepting after shutdown"
+    );
+    // The kept-alive connection was closed by the drain (EOF, or a reset).
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        kept.read_to_end(&mut rest),
+    )
+    .await
+    .expect("kept-alive metrics connection not closed");
+    let _ = closed;
+}

@@ -342,6 +342,46 @@ async fn serve_runs_on_the_embedded_default_and_keeps_its_self_signed_certificat
     assert_eq!(server_cert_fingerprint(port), first);
 }
 
+/// The stderr of a gateway process, line by line, read on a thread of its own.
+struct LogLines {
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl LogLines {
+    fn follow(stderr: std::process::ChildStderr) -> Self {
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { lines }
+    }
+
+    /// Waits for a line containing `needle` (lines before it are consumed); the deadline
+    /// only bounds a failure.
+    async fn wait_for(&mut self, needle: &str) -> String {
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("the gateway exited without logging {needle:?}"),
+            Err(_) => panic!("no log line {needle:?} within 20 s"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn sighup_reloads_server_certificate_files_without_dropping_connections() {
     let dir = tempfile::tempdir().unwrap();
@@ -350,14 +390,15 @@ async fn sighup_reloads_server_certificate_files_without_dropping_connections() 
     let port = free_port();
     let config = files_mode_config(dir.path(), &pki_a, port, "");
     let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
-    let proc = Proc(
-        agentgate()
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = agentgate()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = LogLines::follow(child.stderr.take().unwrap());
+    let proc = Proc(child);
     wait_healthy(port).await;
 
     let connect = |pki: &TestPki| {
@@ -391,15 +432,10 @@ async fn sighup_reloads_server_certificate_files_without_dropping_connections() 
     std::fs::write(&cert, &pki_b.server_cert_pem).unwrap();
     std::fs::write(&key, &pki_b.server_key_pem).unwrap();
     proc.signal("-HUP");
-    let mut reloaded = false;
-    for _ in 0..50 {
-        if connect(&pki_b).await.is_ok() {
-            reloaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(reloaded, "certificate B not served after SIGHUP");
+    log.wait_for("server certificate reloaded").await;
+    connect(&pki_b)
+        .await
+        .expect("certificate B not served after SIGHUP");
     assert!(connect(&pki_a).await.is_err(), "certificate A still served");
     // The connection made before the reload is still served.
     sender.ready().await.unwrap();
@@ -408,7 +444,9 @@ async fn sighup_reloads_server_certificate_files_without_dropping_connections() 
     // A broken file on SIGHUP keeps the current certificate.
     std::fs::write(&cert, "garbage").unwrap();
     proc.signal("-HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reload ran and failed (not merely "has not happened yet").
+    log.wait_for("server certificate reload failed; keeping the current one")
+        .await;
     assert!(
         connect(&pki_b).await.is_ok(),
         "a bad reload must keep the certificate in service"

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use socketioxide::AckError;
+use socketioxide::{AckError, SendError};
 
 use super::Agents;
 use crate::identity::AgentId;
@@ -45,8 +45,30 @@ pub enum CommandError {
     Failed {
         agent_id: AgentId,
         event: String,
-        reason: String,
+        reason: DeliveryError,
     },
+}
+
+/// Why Socket.IO could not carry a command or its acknowledgement.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error(transparent)]
+    Ack(#[from] AckError),
+}
+
+/// An event name the API refuses to emit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventNameError {
+    #[error("event name must not be empty")]
+    Empty,
+    #[error("event name is longer than {MAX_EVENT_LEN} characters")]
+    TooLong,
+    #[error("event name must not contain control characters")]
+    ControlCharacter,
+    #[error("event name '{0}' is reserved")]
+    Reserved(String),
 }
 
 impl CommandError {
@@ -61,20 +83,18 @@ impl CommandError {
 }
 
 /// Checks an event name from the API: printable, bounded, not reserved.
-pub fn check_event_name(event: &str) -> Result<(), String> {
+pub fn check_event_name(event: &str) -> Result<(), EventNameError> {
     if event.is_empty() {
-        return Err("event name must not be empty".into());
+        return Err(EventNameError::Empty);
     }
     if event.chars().count() > MAX_EVENT_LEN {
-        return Err(format!(
-            "event name is longer than {MAX_EVENT_LEN} characters"
-        ));
+        return Err(EventNameError::TooLong);
     }
     if event.chars().any(char::is_control) {
-        return Err("event name must not contain control characters".into());
+        return Err(EventNameError::ControlCharacter);
     }
     if RESERVED_EVENTS.contains(&event) {
-        return Err(format!("event name '{event}' is reserved"));
+        return Err(EventNameError::Reserved(event.to_owned()));
     }
     Ok(())
 }
@@ -106,7 +126,7 @@ impl Agents {
         data: &Value,
         timeout: Duration,
     ) -> Result<Value, CommandError> {
-        let failed = |reason: String| CommandError::Failed {
+        let failed = |reason: DeliveryError| CommandError::Failed {
             agent_id: agent_id.clone(),
             event: event.to_owned(),
             reason,
@@ -122,7 +142,7 @@ impl Agents {
         let ack = socket
             .timeout(timeout)
             .emit_with_ack::<_, Value>(event, data)
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(e.into()))?;
         match ack.await {
             Ok(reply) => Ok(reply),
             Err(AckError::Timeout) => Err(CommandError::Timeout {
@@ -131,7 +151,7 @@ impl Agents {
                 timeout_ms: timeout.as_millis(),
             }),
             Err(AckError::Socket(_)) => Err(CommandError::NotConnected(agent_id.clone())),
-            Err(e) => Err(failed(e.to_string())),
+            Err(e) => Err(failed(e.into())),
         }
     }
 }
@@ -145,7 +165,7 @@ mod tests {
         assert!(check_event_name("restart_runtime").is_ok());
         assert!(check_event_name("plc:start").is_ok());
         assert_eq!(
-            check_event_name("connect").unwrap_err(),
+            check_event_name("connect").unwrap_err().to_string(),
             "event name 'connect' is reserved"
         );
         assert!(check_event_name("").is_err());

@@ -66,8 +66,8 @@ impl Agents {
             },
         };
         let (layer, io) = SocketIo::builder()
-            .ping_interval(Duration::from_secs(config.socketio.ping_interval_secs))
-            .ping_timeout(Duration::from_secs(config.socketio.ping_timeout_secs))
+            .ping_interval(config.socketio.ping_interval)
+            .ping_timeout(config.socketio.ping_timeout)
             .max_payload(config.socketio.max_payload_bytes)
             .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(state.clone())

@@ -185,7 +185,7 @@ pub async fn command(
     JsonBody(body): JsonBody<CommandBody>,
 ) -> Result<Json<Value>, ApiError> {
     let id = agent_id(&id)?;
-    commands::check_event_name(&body.event).map_err(ApiError::BadRequest)?;
+    commands::check_event_name(&body.event).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let timeout = checked_timeout(body.timeout_ms)?;
     let reply = app
         .agents
@@ -223,7 +223,7 @@ pub async fn fan_out(
             ids.push(id);
         }
     }
-    commands::check_event_name(&body.event).map_err(ApiError::BadRequest)?;
+    commands::check_event_name(&body.event).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let timeout = checked_timeout(body.timeout_ms)?;
     let results = join_all(ids.iter().map(|id| {
         let app = &app;

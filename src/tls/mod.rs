@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::config::{Config, TlsMode};
+use crate::config::{Config, TlsSource};
 use acme::Acme;
 use server_cert::{ServerCertError, SwappableCert};
 use verifier::{AgentCertVerifier, Rejection};
@@ -54,35 +54,28 @@ impl ServerCert {
         config: &Config,
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, ServerCertError> {
-        let (resolver, source): (Arc<dyn ResolvesServerCert>, _) = match config.tls.mode {
-            TlsMode::SelfSigned => {
-                let (key, path) = server_cert::self_signed(
-                    &config.data_dir,
-                    &config.tls.self_signed_names,
-                    &provider,
-                )?;
+        let (resolver, source): (Arc<dyn ResolvesServerCert>, _) = match &config.tls {
+            TlsSource::SelfSigned { names } => {
+                let (key, path) = server_cert::self_signed(&config.data_dir, names, &provider)?;
                 (
                     Arc::new(SwappableCert::new(key)),
                     CertSource::SelfSigned { path },
                 )
             }
-            TlsMode::Files => {
-                // Validation guarantees both paths in files mode.
-                let cert = config.tls.cert_file.clone().unwrap_or_default();
-                let key_path = config.tls.key_file.clone().unwrap_or_default();
-                let key = server_cert::load_files(&cert, &key_path, &provider)?;
-                let swappable = Arc::new(SwappableCert::new(key));
+            TlsSource::Files { cert, key } => {
+                let loaded = server_cert::load_files(cert, key, &provider)?;
+                let swappable = Arc::new(SwappableCert::new(loaded));
                 (
                     swappable.clone(),
                     CertSource::Files {
-                        cert,
-                        key: key_path,
+                        cert: cert.clone(),
+                        key: key.clone(),
                         swappable,
                     },
                 )
             }
-            TlsMode::Acme => {
-                let acme = Acme::new(config, provider.clone())?;
+            TlsSource::Acme(settings) => {
+                let acme = Acme::new(settings, config.listen.port(), provider.clone())?;
                 (acme.resolver(), CertSource::Acme(acme))
             }
         };

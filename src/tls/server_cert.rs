@@ -13,14 +13,24 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use crate::config::NonEmpty;
+
+/// Why the server certificate cannot be loaded, generated or reloaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerCertError {
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path}: no CERTIFICATE block found")]
+    NoCertificate { path: PathBuf },
     #[error("server key does not match the certificate or is unsupported: {0}")]
-    Key(String),
+    Key(#[source] rustls::Error),
     #[error("generating the self-signed certificate: {0}")]
-    Generate(String),
+    Generate(#[from] rcgen::Error),
+    #[error("writing the self-signed certificate: {0}")]
+    Write(#[source] io::Error),
     #[error(transparent)]
     Acme(#[from] super::acme::AcmeSetupError),
 }
@@ -60,19 +70,20 @@ pub fn load_files(
     key_file: &Path,
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, ServerCertError> {
-    let file_err = |path: &Path, message: String| ServerCertError::File {
-        path: path.into(),
-        message,
+    let pem_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ServerCertError::Pem { path, source }
     };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .map_err(|e| file_err(cert_file, e.to_string()))?
+        .map_err(pem_err(cert_file))?
         .collect::<Result<_, _>>()
-        .map_err(|e| file_err(cert_file, e.to_string()))?;
+        .map_err(pem_err(cert_file))?;
     if chain.is_empty() {
-        return Err(file_err(cert_file, "no CERTIFICATE block found".into()));
+        return Err(ServerCertError::NoCertificate {
+            path: cert_file.to_owned(),
+        });
     }
-    let key =
-        PrivateKeyDer::from_pem_file(key_file).map_err(|e| file_err(key_file, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(pem_err(key_file))?;
     certified_key(chain, key, provider)
 }
 
@@ -84,10 +95,9 @@ fn certified_key(
     let signing_key = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|e| ServerCertError::Key(e.to_string()))?;
+        .map_err(ServerCertError::Key)?;
     let ck = CertifiedKey::new(chain, signing_key);
-    ck.keys_match()
-        .map_err(|e| ServerCertError::Key(e.to_string()))?;
+    ck.keys_match().map_err(ServerCertError::Key)?;
     Ok(ck)
 }
 
@@ -96,7 +106,7 @@ fn certified_key(
 /// A kept certificate that expired or was made for other names is replaced.
 pub fn self_signed(
     data_dir: &Path,
-    names: &[String],
+    names: &NonEmpty<String>,
     provider: &CryptoProvider,
 ) -> Result<(CertifiedKey, PathBuf), ServerCertError> {
     let dir = data_dir.join("self-signed");
@@ -108,19 +118,15 @@ pub fn self_signed(
         }
         tracing::info!(path = %cert_path.display(), "kept self-signed certificate expired or names changed; generating a new one");
     }
-    let io_err = |e: io::Error| ServerCertError::Generate(e.to_string());
-    let mut params = rcgen::CertificateParams::new(names.to_vec())
-        .map_err(|e| ServerCertError::Generate(e.to_string()))?;
+    let io_err = ServerCertError::Write;
+    let mut params = rcgen::CertificateParams::new(names.to_vec())?;
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, names[0].clone());
+        .push(rcgen::DnType::CommonName, names.first().clone());
     params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
     params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| ServerCertError::Generate(e.to_string()))?;
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| ServerCertError::Generate(e.to_string()))?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = params.self_signed(&key)?;
     fs::create_dir_all(&dir).map_err(io_err)?;
     crate::fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
         .map_err(io_err)?;

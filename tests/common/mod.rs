@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentgate::agents::Agents;
-use agentgate::config::{Config, TlsMode};
+use agentgate::config::{Config, RawConfig, TlsMode};
 use agentgate::store::CertStore;
 use agentgate::{Gateway, StartError};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
@@ -79,8 +79,9 @@ impl TestServer {
         Self::start_with(|_| {}).await
     }
 
-    /// Starts a gateway with a test configuration that `adjust` may change.
-    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+    /// Starts a gateway with a test configuration that `adjust` may change (as written in
+    /// a file; it is validated afterwards).
+    pub async fn start_with(adjust: impl FnOnce(&mut RawConfig)) -> Self {
         let pki = Arc::new(TestPki::new());
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let config = test_config(&pki, dir.path(), adjust);
@@ -245,24 +246,23 @@ impl Drop for TestServer {
 pub fn test_config(
     pki: &TestPki,
     dir: &std::path::Path,
-    adjust: impl FnOnce(&mut Config),
+    adjust: impl FnOnce(&mut RawConfig),
 ) -> Config {
     let cert = dir.join("server.pem");
     let key = dir.join("server.key");
     std::fs::write(&cert, &pki.server_cert_pem).unwrap();
     std::fs::write(&key, &pki.server_key_pem).unwrap();
-    let mut config = Config {
+    let mut config = RawConfig {
         api_keys: vec![API_KEY.into()],
         data_dir: dir.join("data"),
-        ..Config::default()
+        ..RawConfig::default()
     };
     config.store.dir = dir.join("certs");
     config.tls.mode = TlsMode::Files;
     config.tls.cert_file = Some(cert);
     config.tls.key_file = Some(key);
     adjust(&mut config);
-    config.validate("test").unwrap();
-    config
+    config.validate("test").unwrap()
 }
 
 pub fn client_config(pki: &TestPki, agent: Option<&AgentCert>) -> Arc<rustls::ClientConfig> {

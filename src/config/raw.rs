@@ -1,0 +1,215 @@
+//! The configuration as written: what serde reads from the TOML file and the environment,
+//! with every key optional and defaulted. Nothing here is validated; [`RawConfig::validate`]
+//! (in the parent module) turns it into the [`super::Config`] the gateway runs on, and
+//! [`super::Config::to_raw`] turns that back for `check-config`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::LETSENCRYPT_STAGING;
+
+/// The whole configuration as written. Every key and its default is documented in
+/// `config.example.toml`; a test keeps the two in step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// Address of the TLS listener (agents, API and Socket.IO share it).
+    pub listen: SocketAddr,
+    /// Where agentgate keeps its own state (the generated self-signed certificate).
+    pub data_dir: PathBuf,
+    /// Bearer keys accepted by the API; several allow rotation. `API_KEY` replaces them.
+    pub api_keys: Vec<String>,
+    /// Development switch: let Socket.IO clients without an agent certificate connect.
+    pub allow_anonymous_agents: bool,
+    /// Origins allowed by CORS (exact `scheme://host[:port]`); empty means no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// A TLS handshake that does not finish in this time is dropped.
+    pub handshake_timeout_secs: u64,
+    /// Connections served at once; further accepts wait for a free slot.
+    pub max_connections: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests get before the process exits.
+    pub shutdown_grace_secs: u64,
+    pub log_format: LogFormat,
+    /// Serve `GET /metrics` on this separate plain-HTTP address instead of the main
+    /// listener (e.g. "127.0.0.1:9090", reachable only by the local Prometheus).
+    pub metrics_listen: Option<SocketAddr>,
+    pub agents: RawAgents,
+    pub store: RawStore,
+    pub tls: RawTls,
+    pub socketio: RawSocketIo,
+    pub http_redirect: RawHttpRedirect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAgents {
+    /// A connected agent with no heartbeat (or connect) for this long is reported stale.
+    pub stale_after_secs: u64,
+}
+
+impl Default for RawAgents {
+    fn default() -> Self {
+        // Three missed heartbeats at the 30 s interval existing agents use.
+        Self {
+            stale_after_secs: 90,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    /// Directory of `<agent_id>.pem` files; `CERT_STORAGE_DIR` overrides it.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    pub mode: TlsMode,
+    /// PEM chain (leaf first) for `mode = "files"`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `mode = "files"`.
+    pub key_file: Option<PathBuf>,
+    /// Subject alternative names of the generated certificate for `mode = "self-signed"`.
+    pub self_signed_names: Vec<String>,
+    /// Settings for `mode = "acme"`.
+    pub acme: RawAcme,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// A certificate generated once with rcgen and kept in `data_dir`.
+    SelfSigned,
+    /// A PEM chain and key from disk, reloaded on SIGHUP.
+    Files,
+    /// Obtained and renewed over ACME (RFC 8555), TLS-ALPN-01 answered on `listen`.
+    Acme,
+}
+
+/// `[tls.acme]`: where the certificate is ordered and where it is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAcme {
+    /// DNS names of the certificate; each must resolve to this host, whose port 443 must
+    /// reach `listen` (TLS-ALPN-01 validation connects there).
+    pub domains: Vec<String>,
+    /// Account contacts, `mailto:` URIs.
+    pub contact: Vec<String>,
+    /// `letsencrypt`, `letsencrypt-staging`, or the https URL of any ACME directory.
+    pub directory: String,
+    /// Account key and certificates; `None` means `<data_dir>/acme`.
+    pub cache_dir: Option<PathBuf>,
+    /// PEM root certificate(s) trusted for the directory's own HTTPS, in addition to the
+    /// built-in web roots (test CAs such as Pebble).
+    pub directory_ca_file: Option<PathBuf>,
+}
+
+/// `[http_redirect]`: an optional plain-HTTP listener that sends every request to https.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHttpRedirect {
+    /// Address of the plain-HTTP listener (e.g. `0.0.0.0:80`); `None`: no listener.
+    pub listen: Option<SocketAddr>,
+    /// Port written into the `Location` header; `None`: the port of `listen` (the TLS
+    /// one). Set it when a port mapping (`-p 443:8443`) makes the public port differ.
+    pub https_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSocketIo {
+    /// Engine.IO ping interval (the client is expected to answer within the timeout).
+    pub ping_interval_secs: u64,
+    pub ping_timeout_secs: u64,
+    /// Largest Engine.IO payload accepted from an agent.
+    pub max_payload_bytes: u64,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            data_dir: PathBuf::from("./agentgate-data"),
+            api_keys: Vec::new(),
+            allow_anonymous_agents: false,
+            cors_origins: Vec::new(),
+            handshake_timeout_secs: 10,
+            max_connections: 100_000,
+            shutdown_grace_secs: 10,
+            log_format: LogFormat::Text,
+            metrics_listen: None,
+            agents: RawAgents::default(),
+            store: RawStore::default(),
+            tls: RawTls::default(),
+            socketio: RawSocketIo::default(),
+            http_redirect: RawHttpRedirect::default(),
+        }
+    }
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./certs"),
+        }
+    }
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            mode: TlsMode::SelfSigned,
+            cert_file: None,
+            key_file: None,
+            self_signed_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            acme: RawAcme::default(),
+        }
+    }
+}
+
+impl Default for RawAcme {
+    fn default() -> Self {
+        // Staging by default: a first deployment that goes wrong must not burn the
+        // production rate limits (Let's Encrypt: 5 failed validations per hour).
+        Self {
+            domains: Vec::new(),
+            contact: Vec::new(),
+            directory: LETSENCRYPT_STAGING.to_owned(),
+            cache_dir: None,
+            directory_ca_file: None,
+        }
+    }
+}
+
+impl Default for RawSocketIo {
+    fn default() -> Self {
+        // The Engine.IO v4 defaults of the reference server (python-socketio) and socket.io.
+        Self {
+            ping_interval_secs: 25,
+            ping_timeout_secs: 20,
+            max_payload_bytes: 100_000,
+        }
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsMode::SelfSigned => "self-signed",
+            TlsMode::Files => "files",
+            TlsMode::Acme => "acme",
+        })
+    }
+}
