@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use agentgate::config::Config;
+use agentgate::config::RawConfig;
 use agentgate::store::CertStore;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -27,13 +27,13 @@ struct Gateway {
 impl Gateway {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config {
+        let mut raw = RawConfig {
             api_keys: vec![API_KEY.into()],
             data_dir: dir.path().join("data"),
-            ..Config::default()
+            ..RawConfig::default()
         };
-        config.store.dir = dir.path().join("certs");
-        config.validate("test").unwrap();
+        raw.store.dir = dir.path().join("certs");
+        let config = raw.validate("test").unwrap();
         let gateway = agentgate::Gateway::new(config).unwrap();
         let store = gateway.store().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
