@@ -25,6 +25,7 @@ use agentgate::agents::Agents;
 use agentgate::agents::registry::{Heartbeat, Session};
 use agentgate::api::{self, ApiKeys, AppState, MetricsExposure};
 use agentgate::certgen;
+use agentgate::clock::Clock;
 use agentgate::config::Config;
 use agentgate::enroll::Enrollment;
 use agentgate::identity::{AgentId, Fingerprint};
@@ -79,7 +80,7 @@ fn router(rt: &tokio::runtime::Runtime, certs: usize, agents: usize) -> Router {
         ..Config::default()
     };
     let metrics = Metrics::new();
-    let (_layer, handle) = Agents::build(&config, metrics.clone());
+    let (_layer, handle) = Agents::build(&config, metrics.clone(), Clock::system());
     let now = OffsetDateTime::now_utc();
     // Every (certs / agents)-th agent is registered; odd ones went silent 5 minutes ago.
     let step = certs / agents;
@@ -112,10 +113,10 @@ fn router(rt: &tokio::runtime::Runtime, certs: usize, agents: usize) -> Router {
         agents: handle,
         api_keys: ApiKeys::new(&[KEY]),
         metrics,
-        enrollment: Enrollment::open(&config.data_dir).expect("enrollment file"),
+        enrollment: Enrollment::open(&config.data_dir, Clock::system()).expect("enrollment file"),
         server_cert: ServerCert::from_config(&config, agentgate::tls::provider())
             .expect("self-signed server certificate"),
-        stale_after: Duration::from_secs(90),
+        clock: Clock::system(),
         requests: TaskTracker::new(),
     };
     // The temporary directory holds only the self-signed server certificate and an empty
@@ -129,7 +130,11 @@ async fn get(router: &Router, uri: &str) -> usize {
         .header("authorization", format!("Bearer {KEY}"))
         .body(Body::empty())
         .expect("request");
-    let res = router.clone().oneshot(req).await.expect("infallible router");
+    let res = router
+        .clone()
+        .oneshot(req)
+        .await
+        .expect("infallible router");
     assert_eq!(res.status(), StatusCode::OK, "{uri}");
     let body = res.into_body().collect().await.expect("body").to_bytes();
     body.len()
@@ -149,7 +154,10 @@ fn bench_pages(c: &mut Criterion) {
     );
     let middle = format!("{}", agent_id(certs / 2));
     let cases = [
-        ("certificates-first", "/agent/certificates?limit=100".to_owned()),
+        (
+            "certificates-first",
+            "/agent/certificates?limit=100".to_owned(),
+        ),
         (
             "certificates-middle",
             format!("/agent/certificates?limit=100&after={middle}"),
@@ -159,7 +167,10 @@ fn bench_pages(c: &mut Criterion) {
             "agents-all-middle",
             format!("/agents?limit=100&after={middle}"),
         ),
-        ("agents-connected", "/agents?limit=100&status=connected".to_owned()),
+        (
+            "agents-connected",
+            "/agents?limit=100&status=connected".to_owned(),
+        ),
         ("agents-stale", "/agents?limit=100&status=stale".to_owned()),
         (
             "agents-disconnected",

@@ -39,6 +39,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::rfc3339;
 use crate::config::Config;
 
 /// The library backs off `1 << n` seconds after the n-th consecutive failed order
@@ -848,11 +849,6 @@ fn unquote_debug(quoted: &str) -> Option<String> {
         }
     }
     Some(out)
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
 
 #[cfg(test)]
