@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{Mutex, MutexGuard};
 
+use crate::clock::{Clock, rfc3339_unix};
+use crate::digest::{hex, sha256_hex};
 use crate::fsutil::write_atomic;
-use crate::identity::{AgentId, Fingerprint};
-use crate::store::cert::rfc3339;
+use crate::identity::AgentId;
 
 /// How long used or expired token records are kept (for the "already used" answer).
 const KEEP_SPENT_SECS: i64 = 7 * 86_400;
@@ -28,6 +29,8 @@ pub struct Enrollment {
 
 struct Inner {
     path: PathBuf,
+    /// Issue times, expiry checks and redemption times read this clock.
+    clock: Clock,
     /// A tokio Mutex: held across the registration (validation, store write, file write)
     /// so that one token cannot be redeemed twice concurrently.
     state: Mutex<State>,
@@ -70,8 +73,9 @@ pub enum TokenError {
 }
 
 impl Enrollment {
-    /// Opens `<data_dir>/enrollment.json`, creating the directory if needed.
-    pub fn open(data_dir: &Path) -> Result<Self, EnrollError> {
+    /// Opens `<data_dir>/enrollment.json`, creating the directory if needed; token times
+    /// are read from `clock`.
+    pub fn open(data_dir: &Path, clock: Clock) -> Result<Self, EnrollError> {
         let path = data_dir.join("enrollment.json");
         let file_err = |message: String| EnrollError::File {
             path: path.clone(),
@@ -87,23 +91,21 @@ impl Enrollment {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
+                clock,
                 state: Mutex::new(state),
             }),
         })
     }
 
-    /// Issues a token for `agent_id` valid for `ttl_secs`; returns it and its expiry.
-    pub async fn issue(
-        &self,
-        agent_id: AgentId,
-        ttl_secs: i64,
-        now: i64,
-    ) -> std::io::Result<(String, i64)> {
+    /// Issues a token for `agent_id` valid for `ttl_secs` from now; returns it and its
+    /// expiry.
+    pub async fn issue(&self, agent_id: AgentId, ttl_secs: i64) -> std::io::Result<(String, i64)> {
+        let now = self.inner.clock.unix();
         let mut bytes = [0u8; 32];
         SystemRandom::new()
             .fill(&mut bytes)
             .map_err(|_| std::io::Error::other("system random source failed"))?;
-        let token = format!("agt_{}", Fingerprint(bytes).to_hex());
+        let token = format!("agt_{}", hex(&bytes));
         let expires_at = now + ttl_secs;
         let mut state = self.inner.state.lock().await;
         state
@@ -164,7 +166,8 @@ pub struct Registration<'a> {
 
 impl Registration<'_> {
     /// Whether `token` may register `agent_id` now; consumes nothing.
-    pub fn check(&self, token: &str, agent_id: &AgentId, now: i64) -> Result<(), TokenError> {
+    pub fn check(&self, token: &str, agent_id: &AgentId) -> Result<(), TokenError> {
+        let now = self.enrollment.inner.clock.unix();
         let record = self
             .state
             .tokens
@@ -177,7 +180,7 @@ impl Registration<'_> {
             return Err(TokenError::OtherAgent);
         }
         if now >= record.expires_at {
-            return Err(TokenError::Expired(rfc3339(record.expires_at)));
+            return Err(TokenError::Expired(rfc3339_unix(record.expires_at)));
         }
         Ok(())
     }
@@ -188,8 +191,8 @@ impl Registration<'_> {
         token: &str,
         agent_id: &AgentId,
         metadata: Value,
-        now: i64,
     ) -> std::io::Result<()> {
+        let now = self.enrollment.inner.clock.unix();
         if let Some(record) = self.state.tokens.get_mut(&hash(token)) {
             record.used_at = Some(now);
         }
@@ -199,40 +202,49 @@ impl Registration<'_> {
 }
 
 fn hash(token: &str) -> String {
-    Fingerprint::of_der(token.as_bytes()).to_hex()
+    sha256_hex(token.as_bytes())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::clock::ManualClock;
 
     #[tokio::test]
     async fn a_token_works_once_for_its_agent_until_it_expires_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let e = Enrollment::open(dir.path()).unwrap();
+        let manual = ManualClock::new(time::OffsetDateTime::from_unix_timestamp(1000).unwrap());
+        let e = Enrollment::open(dir.path(), manual.clock()).unwrap();
         let a: AgentId = "a1".parse().unwrap();
         let b: AgentId = "b1".parse().unwrap();
-        let (token, expires) = e.issue(a.clone(), 60, 1000).await.unwrap();
+        let (token, expires) = e.issue(a.clone(), 60).await.unwrap();
         assert_eq!(expires, 1060);
         let text = std::fs::read_to_string(dir.path().join("enrollment.json")).unwrap();
         assert!(!text.contains(&token), "token stored in clear");
 
-        let e = Enrollment::open(dir.path()).unwrap();
+        let e = Enrollment::open(dir.path(), manual.clock()).unwrap();
+        manual.advance(Duration::from_secs(59));
         let reg = e.begin().await;
-        assert_eq!(reg.check("agt_nope", &a, 1001), Err(TokenError::Unknown));
-        assert_eq!(reg.check(&token, &b, 1001), Err(TokenError::OtherAgent));
-        assert!(matches!(
-            reg.check(&token, &a, 1060),
-            Err(TokenError::Expired(_))
-        ));
-        assert_eq!(reg.check(&token, &a, 1001), Ok(()));
-        reg.redeem(&token, &a, serde_json::json!({"site": "x"}), 1001)
+        assert_eq!(reg.check("agt_nope", &a), Err(TokenError::Unknown));
+        assert_eq!(reg.check(&token, &b), Err(TokenError::OtherAgent));
+        assert_eq!(reg.check(&token, &a), Ok(()), "one second before expiry");
+        manual.advance(Duration::from_secs(1));
+        assert_eq!(
+            reg.check(&token, &a),
+            Err(TokenError::Expired("1970-01-01T00:17:40Z".into())),
+            "at expiry"
+        );
+        drop(reg);
+
+        let (token, _) = e.issue(a.clone(), 60).await.unwrap();
+        let reg = e.begin().await;
+        assert_eq!(reg.check(&token, &a), Ok(()));
+        reg.redeem(&token, &a, serde_json::json!({"site": "x"}))
             .await
             .unwrap();
-        assert_eq!(
-            e.begin().await.check(&token, &a, 1002),
-            Err(TokenError::Used)
-        );
+        assert_eq!(e.begin().await.check(&token, &a), Err(TokenError::Used));
         assert_eq!(e.metadata(&a).await.unwrap()["site"], "x");
     }
 }

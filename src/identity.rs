@@ -92,21 +92,12 @@ pub struct Fingerprint(pub [u8; 32]);
 
 impl Fingerprint {
     pub fn of_der(der: &[u8]) -> Self {
-        let digest = ring::digest::digest(&ring::digest::SHA256, der);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(digest.as_ref());
-        Self(out)
+        Self(crate::digest::sha256(der))
     }
 
     /// Lower-case hex, the form `openssl x509 -fingerprint -sha256` prints without colons.
     pub fn to_hex(&self) -> String {
-        use fmt::Write;
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            // Writing to a String cannot fail.
-            let _ = write!(s, "{b:02x}");
-        }
-        s
+        crate::digest::hex(&self.0)
     }
 }
 

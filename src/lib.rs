@@ -10,12 +10,15 @@
 //!   [`tls::acme`] (certificates over ACME, TLS-ALPN-01 on the same listener).
 //! - [`store`]: the certificate store (index + file backend) and the upload rules.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
+//! - [`digest`]: SHA-256 and hex (fingerprints, API key digests, install token hashes).
+//! - [`clock`]: where "now" comes from (system, or manual in tests) and the one RFC 3339
+//!   formatter.
 //! - [`listener`]: the accept loop every listener uses (backlog, connection limit,
 //!   accept-error backoff, stop on shutdown).
 //! - [`server`]: the gateway's listeners, handshake, per-connection identity, graceful
 //!   shutdown; [`killable`] lets shutdown cut upgraded connections.
 //! - [`redirect`]: the optional plain-HTTP listener that answers with 301 to https.
-//! - [`api`]: the HTTP API, one file per resource.
+//! - [`api`]: the HTTP API: router, middleware, extractors, errors, one file per resource.
 //! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,
 //!   commands to agents.
 //! - [`enroll`]: one-time install tokens and registered agent metadata.
@@ -28,7 +31,9 @@
 pub mod agents;
 pub mod api;
 pub mod certgen;
+pub mod clock;
 pub mod config;
+pub mod digest;
 pub mod enroll;
 pub mod fsutil;
 pub mod identity;

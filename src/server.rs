@@ -28,6 +28,7 @@ use tower::ServiceExt;
 
 use crate::agents::{Agents, session_guard};
 use crate::api::{self, ApiKeys, AppState, MetricsExposure};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::enroll::{EnrollError, Enrollment};
 use crate::identity::{AgentIdentity, Peer};
@@ -83,6 +84,12 @@ impl Gateway {
     /// Loads the store and the server certificate and builds the TLS and HTTP stacks.
     /// Must be called inside a tokio runtime.
     pub fn new(config: Config) -> Result<Self, StartError> {
+        Self::with_clock(config, Clock::system())
+    }
+
+    /// [`Gateway::new`] with the clock the API, the agent registry and the enrollment
+    /// store read "now" from (a manual one in tests of expiry and staleness).
+    pub fn with_clock(config: Config, clock: Clock) -> Result<Self, StartError> {
         let (store, skipped) =
             CertStore::open(&config.store.dir).map_err(|source| StartError::Store {
                 dir: config.store.dir.display().to_string(),
@@ -103,8 +110,8 @@ impl Gateway {
         ));
         let tls = tls::server_config(server_cert.resolver.clone(), verifier.clone(), provider)?;
         let metrics = Metrics::new();
-        let enrollment = Enrollment::open(&config.data_dir)?;
-        let (sio_layer, agents) = Agents::build(&config, metrics.clone());
+        let enrollment = Enrollment::open(&config.data_dir, clock.clone())?;
+        let (sio_layer, agents) = Agents::build(&config, metrics.clone(), clock.clone());
         let state = AppState {
             store: store.clone(),
             agents: agents.clone(),
@@ -112,13 +119,19 @@ impl Gateway {
             metrics: metrics.clone(),
             enrollment,
             server_cert: server_cert.clone(),
-            stale_after: config.agents.stale_after,
+            clock,
             requests: TaskTracker::new(),
         };
         let exposure = match config.metrics_listen {
             Some(_) => MetricsExposure::SeparateListener,
             None => MetricsExposure::MainListener,
         };
+        // `.layer` wraps what is already there, so the last layer added runs first. A
+        // request meets, in order: `observe` (metrics, access log, in-flight tracking, so
+        // every request is counted, refused ones too), the session guard (a `/socket.io/`
+        // request carrying a `sid` must come from the identity that opened the session),
+        // the Socket.IO layer (which answers `/socket.io/` itself), and then the API router
+        // (see `api::router` for the layers inside it).
         let app = api::router(state.clone(), &config.cors_origins, exposure)
             .layer(sio_layer)
             .layer(axum::middleware::from_fn_with_state(

@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentgate::clock::ManualClock;
 use common::*;
 use serde_json::{Value, json};
 
@@ -142,33 +143,46 @@ async fn command_errors_not_connected_timeout_and_bad_requests() {
 }
 
 #[tokio::test]
-async fn fan_out_returns_one_result_per_agent_concurrently() {
+async fn fan_out_returns_one_result_per_agent_and_reaches_every_agent_before_any_answers() {
     let server = Arc::new(TestServer::start().await);
     let (_, mut ok) = agent(&server, "fan-ok").await;
+    let (_, mut ok2) = agent(&server, "fan-ok2").await;
     let (_, _silent) = agent(&server, "fan-silent").await;
     let s = server.clone();
     let call = tokio::spawn(async move {
         s.api(
             "POST",
             "/agents/commands",
-            Some(json!({"agent_ids": ["fan-ok", "fan-silent", "fan-absent", "fan-ok"], "event": "status", "timeout_ms": 800})),
+            Some(json!({"agent_ids": ["fan-ok", "fan-ok2", "fan-silent", "fan-absent", "fan-ok"], "event": "status", "timeout_ms": 2000})),
         )
         .await
     });
-    answer(&mut ok, json!({"state": "running"})).await;
-    let started = std::time::Instant::now();
+    // Concurrent: both agents hold the command before either has answered. Sent one after
+    // the other, the second would get it only once the first had acknowledged.
+    let (name, _, first) = ok
+        .next_event_with_ack_within(10)
+        .await
+        .expect("socket closed");
+    let (name2, _, second) = ok2
+        .next_event_with_ack_within(10)
+        .await
+        .expect("socket closed");
+    assert_eq!((name.as_str(), name2.as_str()), ("status", "status"));
+    ok.ack(first.expect("ack id"), json!({"state": "running"}))
+        .await;
+    ok2.ack(second.expect("ack id"), json!({"state": "idle"}))
+        .await;
     let (status, body) = call.await.unwrap();
     assert_eq!(status, 200, "{body}");
     let results = body["results"].as_array().unwrap();
-    assert_eq!(results.len(), 3, "one result per distinct agent: {body}");
+    assert_eq!(results.len(), 4, "one result per distinct agent: {body}");
     assert_eq!(
         results[0],
         json!({"agent_id": "fan-ok", "status": "ok", "reply": {"state": "running"}})
     );
-    assert_eq!(results[1]["status"], "timeout");
-    assert_eq!(results[2]["status"], "not_connected");
-    // Concurrent: the whole fan-out is bounded by one timeout, not their sum.
-    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(results[1]["reply"], json!({"state": "idle"}));
+    assert_eq!(results[2]["status"], "timeout");
+    assert_eq!(results[3]["status"], "not_connected");
     let (status, _) = server
         .api(
             "POST",
@@ -189,12 +203,13 @@ async fn fan_out_returns_one_result_per_agent_concurrently() {
 
 #[tokio::test]
 async fn agents_listing_shows_sessions_heartbeats_certificates_and_staleness() {
-    let server = TestServer::start_with(|c| c.agents.stale_after_secs = 1).await;
+    let clock = ManualClock::starting_now();
+    let server = TestServer::start_with_clock(|c| c.agents.stale_after_secs = 90, &clock).await;
     let (cert, mut live) = agent(&server, "list-live").await;
     let (_, _quiet) = agent(&server, "list-quiet").await;
     let offline = server.pki.agent("list-offline");
     assert_eq!(server.upload(&offline).await.0, 200);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    clock.advance(Duration::from_secs(91));
     live.emit(
         "heartbeat",
         json!({"cpu_usage": 0.5, "memory_usage": 1, "disk_usage": 2}),
@@ -358,7 +373,8 @@ async fn token(server: &TestServer, id: &str, ttl: i64) -> String {
 
 #[tokio::test]
 async fn install_tokens_work_once_for_their_agent_until_expiry_and_survive_a_restart() {
-    let server = TestServer::start().await;
+    let clock = ManualClock::starting_now();
+    let server = TestServer::start_with_clock(|_| {}, &clock).await;
     let cert = server.pki.agent("enr-1");
     let t = token(&server, "enr-1", 600).await;
     let (status, body) = register(
@@ -398,9 +414,22 @@ async fn install_tokens_work_once_for_their_agent_until_expiry_and_survive_a_res
         (status, body["detail"].as_str().unwrap()),
         (401, "install token is not valid")
     );
-    // Expired.
-    let t4 = token(&server, "enr-4", 1).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Expired: valid up to the second before its expiry, refused from that second on.
+    let t4 = token(&server, "enr-4", 60).await;
+    clock.advance(Duration::from_secs(59));
+    let wrong_cn = server.pki.agent_with(
+        "enr-4",
+        AgentOpts {
+            cn: Some("someone"),
+            ..Default::default()
+        },
+    );
+    let (status, body) = register(&server, &t4, &wrong_cn, json!({})).await;
+    assert_eq!(
+        status, 400,
+        "the token passed, the certificate did not: {body}"
+    );
+    clock.advance(Duration::from_secs(1));
     let (status, body) = register(&server, &t4, &server.pki.agent("enr-4"), json!({})).await;
     assert_eq!(status, 401);
     assert!(

@@ -1,7 +1,7 @@
 //! Commands from the API to an agent: an event emitted with an acknowledgement and a
 //! timeout, to the agent's newest live session.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use socketioxide::{AckError, SendError};
@@ -99,60 +99,41 @@ pub fn check_event_name(event: &str) -> Result<(), EventNameError> {
     Ok(())
 }
 
-impl Agents {
-    /// Emits `event` with `data` to `agent_id` and waits for its acknowledgement.
-    pub async fn command(
-        &self,
-        agent_id: &AgentId,
-        event: &str,
-        data: &Value,
-        timeout: Duration,
-    ) -> Result<Value, CommandError> {
-        let started = Instant::now();
-        let result = self.command_inner(agent_id, event, data, timeout).await;
-        let seconds = result.is_ok().then(|| started.elapsed().as_secs_f64());
-        let outcome = result
-            .as_ref()
-            .map(|_| "ok")
-            .unwrap_or_else(|e| e.outcome());
-        self.metrics.command(outcome, seconds);
-        result
-    }
-
-    async fn command_inner(
-        &self,
-        agent_id: &AgentId,
-        event: &str,
-        data: &Value,
-        timeout: Duration,
-    ) -> Result<Value, CommandError> {
-        let failed = |reason: DeliveryError| CommandError::Failed {
+/// Emits `event` with `data` to the newest live session of `agent_id` and waits up to
+/// `timeout` for its acknowledgement.
+pub(super) async fn send(
+    agents: &Agents,
+    agent_id: &AgentId,
+    event: &str,
+    data: &Value,
+    timeout: Duration,
+) -> Result<Value, CommandError> {
+    let failed = |reason: DeliveryError| CommandError::Failed {
+        agent_id: agent_id.clone(),
+        event: event.to_owned(),
+        reason,
+    };
+    // The newest session: an agent that reconnected may briefly have two.
+    let socket = agents
+        .registry
+        .sessions_of(agent_id, None)
+        .into_iter()
+        .rev()
+        .find_map(|sid| agents.io.get_socket(sid))
+        .ok_or_else(|| CommandError::NotConnected(agent_id.clone()))?;
+    let ack = socket
+        .timeout(timeout)
+        .emit_with_ack::<_, Value>(event, data)
+        .map_err(|e| failed(e.into()))?;
+    match ack.await {
+        Ok(reply) => Ok(reply),
+        Err(AckError::Timeout) => Err(CommandError::Timeout {
             agent_id: agent_id.clone(),
             event: event.to_owned(),
-            reason,
-        };
-        // The newest session: an agent that reconnected may briefly have two.
-        let socket = self
-            .registry
-            .sessions_of(agent_id, None)
-            .into_iter()
-            .rev()
-            .find_map(|sid| self.io.get_socket(sid))
-            .ok_or_else(|| CommandError::NotConnected(agent_id.clone()))?;
-        let ack = socket
-            .timeout(timeout)
-            .emit_with_ack::<_, Value>(event, data)
-            .map_err(|e| failed(e.into()))?;
-        match ack.await {
-            Ok(reply) => Ok(reply),
-            Err(AckError::Timeout) => Err(CommandError::Timeout {
-                agent_id: agent_id.clone(),
-                event: event.to_owned(),
-                timeout_ms: timeout.as_millis(),
-            }),
-            Err(AckError::Socket(_)) => Err(CommandError::NotConnected(agent_id.clone())),
-            Err(e) => Err(failed(e.into())),
-        }
+            timeout_ms: timeout.as_millis(),
+        }),
+        Err(AckError::Socket(_)) => Err(CommandError::NotConnected(agent_id.clone())),
+        Err(e) => Err(failed(e.into())),
     }
 }
 

@@ -9,11 +9,10 @@ use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, MaybeHttpExtension, SocketRef, State, TryData};
 use socketioxide::handler::{FromMessageParts, MessageHandler, Value as ParserValue};
 use socketioxide::socket::{DisconnectReason, Socket};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use super::registry::{Heartbeat, Session};
 use super::{AgentsState, AnonymousAgents};
+use crate::clock::rfc3339;
 use crate::identity::Peer;
 
 /// Why a Socket.IO connect was refused; the client receives the text as its
@@ -76,7 +75,7 @@ pub async fn on_connect(
             sid: socket.id,
             fingerprint: identity.as_ref().map(|i| i.fingerprint),
             remote_addr: peer.remote_addr,
-            connected_at: OffsetDateTime::now_utc(),
+            connected_at: state.registry.clock().now(),
         },
     );
     match &identity {
@@ -143,7 +142,7 @@ fn on_heartbeat(
             return;
         }
     };
-    let received_at = OffsetDateTime::now_utc();
+    let received_at = state.registry.clock().now();
     state.metrics.heartbeat();
     if let Some(id) = &identity {
         state.registry.heartbeat(
@@ -157,7 +156,7 @@ fn on_heartbeat(
     let reply = HeartbeatAck {
         status: "ok",
         agent_id: identity.as_ref().map(|i| i.agent_id.as_str()),
-        received_at: received_at.format(&Rfc3339).unwrap_or_default(),
+        received_at: rfc3339(received_at),
     };
     let _ = socket.emit("heartbeat_ack", &reply);
     // Agents that emit with a callback get the same reply as their acknowledgement.

@@ -14,6 +14,7 @@ use socketioxide::socket::Sid;
 use socketioxide::{SocketIo, TransportType};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::identity::{AgentId, Fingerprint};
 use crate::metrics::Metrics;
@@ -53,11 +54,12 @@ pub struct AgentsState {
 }
 
 impl Agents {
-    /// Builds the Socket.IO layer (to mount on the router) and the handle.
-    pub fn build(config: &Config, metrics: Metrics) -> (SocketIoLayer, Agents) {
+    /// Builds the Socket.IO layer (to mount on the router) and the handle; the registry
+    /// stamps connects and heartbeats with `clock`.
+    pub fn build(config: &Config, metrics: Metrics, clock: Clock) -> (SocketIoLayer, Agents) {
         let state = AgentsState {
             metrics,
-            registry: AgentRegistry::default(),
+            registry: AgentRegistry::new(clock, config.agents.stale_after),
             bindings: SessionBindings::default(),
             anonymous: if config.allow_anonymous_agents {
                 AnonymousAgents::AllowWithWarning
@@ -102,6 +104,25 @@ impl Agents {
             self.bindings.unbind(&sid.to_string());
         }
         closed
+    }
+
+    /// Emits `event` with `data` to `agent_id` and waits for its acknowledgement.
+    pub async fn command(
+        &self,
+        agent_id: &AgentId,
+        event: &str,
+        data: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, commands::CommandError> {
+        let started = std::time::Instant::now();
+        let result = commands::send(self, agent_id, event, data, timeout).await;
+        let seconds = result.is_ok().then(|| started.elapsed().as_secs_f64());
+        let outcome = result
+            .as_ref()
+            .map(|_| "ok")
+            .unwrap_or_else(|e| e.outcome());
+        self.metrics.command(outcome, seconds);
+        result
     }
 
     /// Tells every connected socket that the server is going away. The server then cuts

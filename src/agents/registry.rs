@@ -1,28 +1,70 @@
 //! Who is connected: one entry per agent with its live Socket.IO sessions and its last
 //! heartbeat. Kept after the last session ends so the API can show when an agent was last
 //! seen; removed with the agent's certificate.
+//!
+//! Entries are ordered by agent id and indexed by status (connected, stale, disconnected),
+//! so that a page of `GET /agents` reads only the entries it shows. Staleness changes
+//! without any event (time passes), so the index keeps the connected agents that are
+//! still fresh by their last sign of life as well, and every read first moves those
+//! whose sign of life has fallen out of the `stale_after` window to the stale set: each
+//! agent moves once per silence, in O(log n).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde_json::Value;
 use socketioxide::socket::Sid;
 use time::OffsetDateTime;
 
+use crate::clock::Clock;
 use crate::identity::{AgentId, Fingerprint};
 
+/// What the registry says about an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentStatus {
+    /// At least one live session, and a heartbeat or a connect within `stale_after`.
+    Connected,
+    /// At least one live session, silent for longer than `stale_after`.
+    Stale,
+    /// No live session.
+    Disconnected,
+}
+
+impl AgentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connected => "connected",
+            Self::Stale => "stale",
+            Self::Disconnected => "disconnected",
+        }
+    }
+}
+
 /// Cheap-to-clone handle on the registry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AgentRegistry {
     /// A std Mutex: held only for map updates, never across an `.await`.
     inner: Arc<Mutex<Inner>>,
+    clock: Clock,
+    stale_after: Duration,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    agents: HashMap<AgentId, AgentState>,
+    agents: BTreeMap<AgentId, AgentState>,
     anonymous: HashMap<Sid, Session>,
+    /// Connected agents heard from within `stale_after`, by id...
+    fresh: BTreeSet<AgentId>,
+    /// ...and by their last sign of life, oldest first (the same agents).
+    fresh_by_time: BTreeSet<(OffsetDateTime, AgentId)>,
+    /// Connected agents silent for longer than `stale_after`.
+    stale: BTreeSet<AgentId>,
+    /// Entries without a live session.
+    idle: BTreeSet<AgentId>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -48,15 +90,43 @@ pub struct Heartbeat {
     pub payload: Value,
 }
 
+impl AgentState {
+    /// The newest connect or heartbeat, if the agent has a live session.
+    fn last_sign_of_life(&self) -> Option<OffsetDateTime> {
+        let last_connect = self.sessions.iter().map(|s| s.connected_at).max()?;
+        let last_heartbeat = self.last_heartbeat.as_ref().map(|h| h.received_at);
+        Some(last_heartbeat.map_or(last_connect, |h| h.max(last_connect)))
+    }
+}
+
+impl Default for AgentRegistry {
+    /// The system clock and the default `stale_after` of 90 s.
+    fn default() -> Self {
+        Self::new(Clock::system(), Duration::from_secs(90))
+    }
+}
+
 impl AgentRegistry {
+    pub fn new(clock: Clock, stale_after: Duration) -> Self {
+        Self {
+            inner: Arc::default(),
+            clock,
+            stale_after,
+        }
+    }
+
+    /// The clock the registry stamps connects, heartbeats and disconnects with.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     pub fn connect(&self, agent_id: Option<&AgentId>, session: Session) {
         let mut inner = self.lock();
         match agent_id {
-            Some(id) => {
-                let state = inner.agents.entry(id.clone()).or_default();
+            Some(id) => inner.update(id, |state| {
                 state.disconnected_at = None;
                 state.sessions.push(session);
-            }
+            }),
             None => {
                 inner.anonymous.insert(session.sid, session);
             }
@@ -64,14 +134,17 @@ impl AgentRegistry {
     }
 
     pub fn disconnect(&self, agent_id: Option<&AgentId>, sid: Sid) {
+        let now = self.clock.now();
         let mut inner = self.lock();
         match agent_id {
             Some(id) => {
-                if let Some(state) = inner.agents.get_mut(id) {
-                    state.sessions.retain(|s| s.sid != sid);
-                    if state.sessions.is_empty() {
-                        state.disconnected_at = Some(OffsetDateTime::now_utc());
-                    }
+                if inner.agents.contains_key(id) {
+                    inner.update(id, |state| {
+                        state.sessions.retain(|s| s.sid != sid);
+                        if state.sessions.is_empty() {
+                            state.disconnected_at = Some(now);
+                        }
+                    });
                 }
             }
             None => {
@@ -81,8 +154,9 @@ impl AgentRegistry {
     }
 
     pub fn heartbeat(&self, agent_id: &AgentId, heartbeat: Heartbeat) {
-        if let Some(state) = self.lock().agents.get_mut(agent_id) {
-            state.last_heartbeat = Some(heartbeat);
+        let mut inner = self.lock();
+        if inner.agents.contains_key(agent_id) {
+            inner.update(agent_id, |state| state.last_heartbeat = Some(heartbeat));
         }
     }
 
@@ -109,37 +183,267 @@ impl AgentRegistry {
 
     /// Forgets an agent entirely (its certificate was deleted).
     pub fn forget(&self, agent_id: &AgentId) {
-        self.lock().agents.remove(agent_id);
+        let mut inner = self.lock();
+        inner.unplace(agent_id);
+        inner.agents.remove(agent_id);
     }
 
-    /// Number of agents with at least one live session.
+    /// Number of agents with at least one live session (fresh or stale). O(1).
     pub fn connected_agents(&self) -> usize {
-        self.lock()
-            .agents
-            .values()
-            .filter(|s| !s.sessions.is_empty())
-            .count()
+        let inner = self.lock();
+        inner.fresh.len() + inner.stale.len()
+    }
+
+    /// Number of agents with `status` among those with a live session (`Connected`,
+    /// `Stale`); for `Disconnected`, the registry entries without one. O(1) after the
+    /// staleness sweep.
+    pub fn count(&self, status: AgentStatus) -> usize {
+        let inner = self.swept();
+        match status {
+            AgentStatus::Connected => inner.fresh.len(),
+            AgentStatus::Stale => inner.stale.len(),
+            AgentStatus::Disconnected => inner.idle.len(),
+        }
     }
 
     pub fn anonymous_sessions(&self) -> usize {
         self.lock().anonymous.len()
     }
 
-    /// A copy of every agent entry, for listings.
-    pub fn snapshot(&self) -> Vec<(AgentId, AgentState)> {
-        let mut all: Vec<_> = self
-            .lock()
-            .agents
-            .iter()
-            .map(|(id, s)| (id.clone(), s.clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+    /// The status of each of `ids` (registry entries or not), in one lock.
+    pub fn statuses<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a AgentId>,
+    ) -> Vec<(&'a AgentId, AgentStatus)> {
+        let inner = self.swept();
+        ids.into_iter().map(|id| (id, inner.status(id))).collect()
+    }
+
+    /// Up to `n` agent ids after `after`, in order: every entry when `status` is `None`,
+    /// else the entries with that status. O(n · log N).
+    pub fn ids_after(
+        &self,
+        status: Option<AgentStatus>,
+        after: Option<&AgentId>,
+        n: usize,
+    ) -> Vec<AgentId> {
+        let inner = self.swept();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let range = (from, Bound::Unbounded);
+        match status {
+            None => inner
+                .agents
+                .range::<AgentId, _>(range)
+                .map(|(id, _)| id.clone())
+                .take(n)
+                .collect(),
+            Some(AgentStatus::Connected) => inner
+                .fresh
+                .range::<AgentId, _>(range)
+                .take(n)
+                .cloned()
+                .collect(),
+            Some(AgentStatus::Stale) => inner
+                .stale
+                .range::<AgentId, _>(range)
+                .take(n)
+                .cloned()
+                .collect(),
+            Some(AgentStatus::Disconnected) => inner
+                .idle
+                .range::<AgentId, _>(range)
+                .take(n)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Copies of the entries of `ids` (`None` for ids without one), with their status.
+    pub fn entries(&self, ids: &[AgentId]) -> Vec<(Option<AgentState>, AgentStatus)> {
+        let inner = self.swept();
+        ids.iter()
+            .map(|id| (inner.agents.get(id).cloned(), inner.status(id)))
+            .collect()
+    }
+
+    fn swept(&self) -> MutexGuard<'_, Inner> {
+        let mut inner = self.lock();
+        inner.sweep(self.clock.now() - self.stale_after);
+        inner
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Every critical section is a single map update, so a panic inside one cannot leave
-        // the maps half-changed; keep serving rather than poison every later call.
+        // Every critical section leaves the maps consistent before it can panic (each
+        // update removes an agent from the status index, changes it, and puts it back), so
+        // keep serving rather than poison every later call.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    /// Changes an agent's entry (created if missing) and re-indexes it.
+    fn update(&mut self, id: &AgentId, change: impl FnOnce(&mut AgentState)) {
+        self.unplace(id);
+        change(self.agents.entry(id.clone()).or_default());
+        self.place(id);
+    }
+
+    /// Takes `id` out of the status index (before its entry changes).
+    fn unplace(&mut self, id: &AgentId) {
+        let Some(state) = self.agents.get(id) else {
+            return;
+        };
+        match state.last_sign_of_life() {
+            Some(t) => {
+                self.fresh_by_time.remove(&(t, id.clone()));
+                self.fresh.remove(id);
+                self.stale.remove(id);
+            }
+            None => {
+                self.idle.remove(id);
+            }
+        }
+    }
+
+    /// Puts `id` into the status index: fresh if it has a live session (the next sweep
+    /// moves it to stale if its sign of life is already old), else idle.
+    fn place(&mut self, id: &AgentId) {
+        let Some(state) = self.agents.get(id) else {
+            return;
+        };
+        match state.last_sign_of_life() {
+            Some(t) => {
+                self.fresh_by_time.insert((t, id.clone()));
+                self.fresh.insert(id.clone());
+            }
+            None => {
+                self.idle.insert(id.clone());
+            }
+        }
+    }
+
+    /// Moves every fresh agent last heard from before `cutoff` to the stale set.
+    fn sweep(&mut self, cutoff: OffsetDateTime) {
+        while let Some((t, _)) = self.fresh_by_time.first()
+            && *t < cutoff
+        {
+            if let Some((_, id)) = self.fresh_by_time.pop_first() {
+                self.fresh.remove(&id);
+                self.stale.insert(id);
+            }
+        }
+    }
+
+    /// The status of `id`; valid after a sweep.
+    fn status(&self, id: &AgentId) -> AgentStatus {
+        if self.fresh.contains(id) {
+            AgentStatus::Connected
+        } else if self.stale.contains(id) {
+            AgentStatus::Stale
+        } else {
+            AgentStatus::Disconnected
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn session(connected_at: OffsetDateTime) -> Session {
+        Session {
+            sid: Sid::new(),
+            fingerprint: None,
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            connected_at,
+        }
+    }
+
+    fn id(s: &str) -> AgentId {
+        AgentId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn stale_when_connected_and_silent_for_longer_than_the_window() {
+        let manual = ManualClock::starting_now();
+        let clock = manual.clock();
+        let registry = AgentRegistry::new(clock.clone(), Duration::from_secs(90));
+        let a = id("a");
+        let status = |r: &AgentRegistry| r.statuses([&a])[0].1;
+        assert_eq!(status(&registry), AgentStatus::Disconnected);
+        let s = session(clock.now());
+        let sid = s.sid;
+        registry.connect(Some(&a), s);
+        assert_eq!(status(&registry), AgentStatus::Connected);
+        manual.advance(Duration::from_secs(90));
+        assert_eq!(
+            status(&registry),
+            AgentStatus::Connected,
+            "exactly at the window"
+        );
+        manual.advance(Duration::from_secs(1));
+        assert_eq!(status(&registry), AgentStatus::Stale);
+        assert_eq!(registry.count(AgentStatus::Stale), 1);
+        registry.heartbeat(
+            &a,
+            Heartbeat {
+                received_at: clock.now(),
+                payload: Value::Null,
+            },
+        );
+        assert_eq!(status(&registry), AgentStatus::Connected);
+        assert_eq!(
+            (
+                registry.count(AgentStatus::Connected),
+                registry.count(AgentStatus::Stale)
+            ),
+            (1, 0)
+        );
+        registry.disconnect(Some(&a), sid);
+        assert_eq!(status(&registry), AgentStatus::Disconnected);
+        assert_eq!(registry.count(AgentStatus::Disconnected), 1);
+        assert_eq!(registry.get(&a).unwrap().disconnected_at, Some(clock.now()));
+        registry.forget(&a);
+        assert_eq!(registry.count(AgentStatus::Disconnected), 0);
+        assert!(registry.get(&a).is_none());
+    }
+
+    #[test]
+    fn pages_by_status_come_in_id_order_after_the_cursor() {
+        let manual = ManualClock::starting_now();
+        let clock = manual.clock();
+        let registry = AgentRegistry::new(clock.clone(), Duration::from_secs(90));
+        let old = clock.now() - Duration::from_secs(300);
+        for (name, at) in [
+            ("d", old),
+            ("b", clock.now()),
+            ("a", old),
+            ("c", clock.now()),
+        ] {
+            registry.connect(Some(&id(name)), session(at));
+        }
+        let gone = session(clock.now());
+        let gone_sid = gone.sid;
+        registry.connect(Some(&id("e")), gone);
+        registry.disconnect(Some(&id("e")), gone_sid);
+        let ids = |v: Vec<AgentId>| v.iter().map(|i| i.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(registry.ids_after(None, None, 10)),
+            ["a", "b", "c", "d", "e"]
+        );
+        assert_eq!(ids(registry.ids_after(None, Some(&id("b")), 2)), ["c", "d"]);
+        assert_eq!(
+            ids(registry.ids_after(Some(AgentStatus::Connected), None, 10)),
+            ["b", "c"]
+        );
+        assert_eq!(
+            ids(registry.ids_after(Some(AgentStatus::Stale), Some(&id("a")), 10)),
+            ["d"]
+        );
+        assert_eq!(
+            ids(registry.ids_after(Some(AgentStatus::Disconnected), None, 10)),
+            ["e"]
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 
@@ -202,7 +202,7 @@ fn handshake_sid(body: &[u8]) -> Option<String> {
 }
 
 fn refuse(status: StatusCode, detail: &str) -> Response {
-    (status, axum::Json(serde_json::json!({ "detail": detail }))).into_response()
+    crate::api::detail(status, detail)
 }
 
 #[cfg(test)]

@@ -9,57 +9,22 @@ use axum::extract::{Path, State};
 use futures_util::future::join_all;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
-use super::{ApiError, ApiQuery, AppState, JsonBody, PageQuery, agent_id};
+use super::extract::StatusFilter;
+use super::{ApiError, ApiQuery, AppState, JsonBody, Page, PageQuery, agent_id};
 use crate::agents::commands::{self, CommandError};
-use crate::agents::registry::AgentState;
+use crate::agents::registry::{AgentState, AgentStatus};
+use crate::clock::rfc3339;
 use crate::identity::AgentId;
 
 /// Largest fan-out in one request.
 pub const MAX_FAN_OUT: usize = 10_000;
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    Connected,
-    Stale,
-    Disconnected,
-}
+/// Store ids read per step when a page of disconnected agents skips connected ones.
+const DISCONNECTED_CHUNK: usize = 256;
 
-impl Status {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Connected => "connected",
-            Self::Stale => "stale",
-            Self::Disconnected => "disconnected",
-        }
-    }
-}
-
-/// Connected with a heartbeat (or a connect) within `stale_after`; stale when connected
-/// but silent for longer; disconnected without a live session.
-fn status_of(state: Option<&AgentState>, stale_after: Duration, now: OffsetDateTime) -> Status {
-    let Some(state) = state.filter(|s| !s.sessions.is_empty()) else {
-        return Status::Disconnected;
-    };
-    let last_connect = state.sessions.iter().map(|s| s.connected_at).max();
-    let last_heartbeat = state.last_heartbeat.as_ref().map(|h| h.received_at);
-    let last_sign_of_life = last_connect.max(last_heartbeat).unwrap_or(now);
-    if now - last_sign_of_life > stale_after {
-        Status::Stale
-    } else {
-        Status::Connected
-    }
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
-}
-
-fn view(app: &AppState, id: &AgentId, state: Option<&AgentState>, now: OffsetDateTime) -> Value {
-    let status = status_of(state, app.stale_after, now);
+fn view(app: &AppState, id: &AgentId, state: Option<&AgentState>, status: AgentStatus) -> Value {
     let sessions: Vec<Value> = state
         .map(|s| {
             s.sessions
@@ -87,7 +52,7 @@ fn view(app: &AppState, id: &AgentId, state: Option<&AgentState>, now: OffsetDat
     json!({
         "agent_id": id,
         "status": status.as_str(),
-        "connected": status != Status::Disconnected,
+        "connected": status != AgentStatus::Disconnected,
         "sessions": sessions,
         "last_heartbeat": last_heartbeat,
         "disconnected_at": state.and_then(|s| s.disconnected_at).map(rfc3339),
@@ -95,52 +60,104 @@ fn view(app: &AppState, id: &AgentId, state: Option<&AgentState>, now: OffsetDat
     })
 }
 
+/// `GET /agents`: every agent with a certificate or a registry entry, in agent id order.
+///
+/// A page reads only the entries it shows from ordered indexes (the store's certificates
+/// by agent id, the registry's agents by status), so it costs O(limit · log n). `total`
+/// comes from counters: for `connected` and `stale` it is the number of such agents; for
+/// `all` the number of stored certificates, and for `disconnected` those of them without a
+/// live session (an agent listed without a certificate, one whose certificate was
+/// deleted while its session was being set up, is not counted).
 pub async fn list(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit()?;
-    let wanted = match q.status.as_deref().unwrap_or("all") {
-        "all" => None,
-        "connected" => Some(Status::Connected),
-        "stale" => Some(Status::Stale),
-        "disconnected" => Some(Status::Disconnected),
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "status must be one of all, connected, stale, disconnected; got '{other}'"
-            )));
+    let limit = q.limit();
+    let after = q.after.as_ref();
+    let registry = &app.agents.registry;
+    let wanted = q.status.unwrap_or(StatusFilter::All).status();
+    let (ids, total) = match wanted {
+        None => {
+            let ids = merge(
+                app.store.ids_after(after, limit + 1),
+                registry.ids_after(None, after, limit + 1),
+                limit + 1,
+            );
+            (ids, app.store.len())
         }
+        Some(status @ (AgentStatus::Connected | AgentStatus::Stale)) => (
+            registry.ids_after(Some(status), after, limit + 1),
+            registry.count(status),
+        ),
+        Some(AgentStatus::Disconnected) => (
+            disconnected_after(&app, after, limit + 1),
+            app.store.len().saturating_sub(registry.connected_agents()),
+        ),
     };
-    let now = OffsetDateTime::now_utc();
-    let registry: std::collections::BTreeMap<AgentId, AgentState> =
-        app.agents.registry.snapshot().into_iter().collect();
-    // Every agent the gateway knows: those with a certificate and those seen connected.
-    let ids: BTreeSet<AgentId> = app
-        .store
-        .list()
-        .iter()
-        .map(|c| c.agent_id.clone())
-        .chain(registry.keys().cloned())
-        .collect();
-    let matching: Vec<&AgentId> = ids
-        .iter()
-        .filter(|id| wanted.is_none_or(|w| status_of(registry.get(*id), app.stale_after, now) == w))
-        .collect();
-    let total = matching.len();
-    let page: Vec<&AgentId> = matching
-        .into_iter()
-        .filter(|id| q.after.as_deref().is_none_or(|after| id.as_str() > after))
-        .take(limit + 1)
-        .collect();
-    let next = (page.len() > limit).then(|| page[limit - 1].to_string());
+    let page = Page::cut(ids, limit, |id| id);
+    let entries = registry.entries(&page.items);
     let agents: Vec<Value> = page
+        .items
         .iter()
-        .take(limit)
-        .map(|id| view(&app, id, registry.get(*id), now))
+        .zip(entries)
+        .map(|(id, (state, status))| view(&app, id, state.as_ref(), status))
         .collect();
     Ok(Json(
-        json!({ "agents": agents, "total": total, "next_after": next }),
+        json!({ "agents": agents, "total": total, "next_after": page.next_after }),
     ))
+}
+
+/// The first `n` disconnected agents after `after`: registry entries without a session,
+/// and stored certificates whose agent has no session (read in chunks, skipping the
+/// connected ones).
+fn disconnected_after(app: &AppState, after: Option<&AgentId>, n: usize) -> Vec<AgentId> {
+    let registry = &app.agents.registry;
+    let idle = registry.ids_after(Some(AgentStatus::Disconnected), after, n);
+    let mut from_store = Vec::with_capacity(n);
+    let mut cursor = after.cloned();
+    loop {
+        let chunk = app
+            .store
+            .ids_after(cursor.as_ref(), DISCONNECTED_CHUNK.max(n));
+        let Some(last) = chunk.last().cloned() else {
+            break;
+        };
+        from_store.extend(
+            registry
+                .statuses(&chunk)
+                .into_iter()
+                .filter(|(_, s)| *s == AgentStatus::Disconnected)
+                .map(|(id, _)| id.clone()),
+        );
+        if from_store.len() >= n || chunk.len() < DISCONNECTED_CHUNK.max(n) {
+            break;
+        }
+        cursor = Some(last);
+    }
+    merge(idle, from_store, n)
+}
+
+/// The first `n` distinct ids of two sorted lists, in order.
+fn merge(a: Vec<AgentId>, b: Vec<AgentId>, n: usize) -> Vec<AgentId> {
+    let mut out = Vec::with_capacity(n.min(a.len() + b.len()));
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    while out.len() < n {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x < y => a.next(),
+            (Some(x), Some(y)) if x > y => b.next(),
+            (Some(_), Some(_)) => {
+                b.next();
+                a.next()
+            }
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(id) => out.push(id),
+            None => break,
+        }
+    }
+    out
 }
 
 pub async fn get_one(
@@ -148,11 +165,16 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = agent_id(&id)?;
-    let state = app.agents.registry.get(&id);
+    let (state, status) = app
+        .agents
+        .registry
+        .entries(std::slice::from_ref(&id))
+        .pop()
+        .unwrap_or((None, AgentStatus::Disconnected));
     if state.is_none() && app.store.by_agent(&id).is_none() {
         return Err(ApiError::NotFound(format!("unknown agent '{id}'")));
     }
-    let mut v = view(&app, &id, state.as_ref(), OffsetDateTime::now_utc());
+    let mut v = view(&app, &id, state.as_ref(), status);
     v["metadata"] = app.enrollment.metadata(&id).await.unwrap_or(Value::Null);
     Ok(Json(v))
 }
@@ -248,35 +270,18 @@ pub async fn fan_out(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agents::registry::{Heartbeat, Session};
-
-    fn session(connected_at: OffsetDateTime) -> Session {
-        Session {
-            sid: socketioxide::socket::Sid::new(),
-            fingerprint: None,
-            remote_addr: "127.0.0.1:1".parse().unwrap(),
-            connected_at,
-        }
-    }
 
     #[test]
-    fn stale_when_connected_and_silent_for_longer_than_the_window() {
-        let now = OffsetDateTime::now_utc();
-        let window = Duration::from_secs(90);
-        assert_eq!(status_of(None, window, now), Status::Disconnected);
-        let mut s = AgentState {
-            sessions: vec![session(now - Duration::from_secs(10))],
-            ..Default::default()
+    fn merge_keeps_order_drops_duplicates_and_stops_at_n() {
+        let ids = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.parse().unwrap())
+                .collect::<Vec<AgentId>>()
         };
-        assert_eq!(status_of(Some(&s), window, now), Status::Connected);
-        s.sessions = vec![session(now - Duration::from_secs(300))];
-        assert_eq!(status_of(Some(&s), window, now), Status::Stale);
-        s.last_heartbeat = Some(Heartbeat {
-            received_at: now - Duration::from_secs(5),
-            payload: Value::Null,
-        });
-        assert_eq!(status_of(Some(&s), window, now), Status::Connected);
-        s.sessions.clear();
-        assert_eq!(status_of(Some(&s), window, now), Status::Disconnected);
+        assert_eq!(
+            merge(ids(&["a", "c", "d"]), ids(&["b", "c", "e"]), 4),
+            ids(&["a", "b", "c", "d"])
+        );
+        assert_eq!(merge(ids(&[]), ids(&["x"]), 3), ids(&["x"]));
     }
 }

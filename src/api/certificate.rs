@@ -11,9 +11,10 @@ use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiQuery, AppState, JsonBody, PageQuery, agent_id};
+use super::{ApiError, ApiQuery, AppState, JsonBody, Page, PageQuery, agent_id};
+use crate::clock::rfc3339_unix;
 use crate::store::StoredCert;
-use crate::store::cert::{rfc3339, validate_upload};
+use crate::store::cert::validate_upload;
 
 #[derive(Deserialize)]
 pub struct UploadBody {
@@ -25,7 +26,7 @@ pub async fn upload(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<UploadBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let now = state.clock.unix();
     let cert = validate_upload(&body.agent_id, &body.certificate, now).inspect_err(|e| {
         // The agent id is logged only once it is known to be a safe, printable id.
         let agent_id = crate::identity::AgentId::parse(&body.agent_id).ok();
@@ -71,8 +72,8 @@ pub fn view(cert: &StoredCert) -> Value {
         "agent_id": cert.agent_id,
         "fingerprint": cert.fingerprint,
         "subject": cert.subject,
-        "not_before": rfc3339(cert.not_before),
-        "not_after": rfc3339(cert.not_after),
+        "not_before": rfc3339_unix(cert.not_before),
+        "not_after": rfc3339_unix(cert.not_after),
         "key_type": cert.key_type,
         "self_signed": cert.self_signed(),
     })
@@ -90,32 +91,26 @@ pub async fn get_one(
     Ok(Json(view(&cert)))
 }
 
+/// `GET /agent/certificates`: one page in agent id order, read from the store's ordered
+/// index (O(limit · log n)); `total` is the number of stored certificates.
 pub async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit()?;
     if q.status.is_some() {
         return Err(ApiError::BadRequest(
             "status is not a filter of /agent/certificates; see /agents".into(),
         ));
     }
-    let all = state.store.list();
-    let total = all.len();
-    let page: Vec<_> = all
-        .iter()
-        .filter(|c| {
-            q.after
-                .as_deref()
-                .is_none_or(|after| c.agent_id.as_str() > after)
-        })
-        .take(limit + 1)
-        .collect();
-    let next = (page.len() > limit).then(|| page[limit - 1].agent_id.to_string());
-    let certificates: Vec<Value> = page.iter().take(limit).map(|c| view(c)).collect();
-    Ok(Json(
-        json!({ "certificates": certificates, "total": total, "next_after": next }),
-    ))
+    let limit = q.limit();
+    let fetched = state.store.page_after(q.after.as_ref(), limit + 1);
+    let page = Page::cut(fetched, limit, |c| &c.agent_id);
+    let certificates: Vec<Value> = page.items.iter().map(|c| view(c)).collect();
+    Ok(Json(json!({
+        "certificates": certificates,
+        "total": state.store.len(),
+        "next_after": page.next_after,
+    })))
 }
 
 /// Revokes an agent: the certificate is removed (file and index), the agent's live

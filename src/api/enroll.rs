@@ -8,7 +8,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, JsonBody, agent_id};
-use crate::store::cert::{rfc3339, validate_upload};
+use crate::clock::rfc3339_unix;
+use crate::store::cert::validate_upload;
 
 /// Token lifetime bounds: at least a second, at most 30 days (an installer that has not
 /// run in a month should get a fresh token).
@@ -36,19 +37,17 @@ pub async fn issue(
             "ttl_s must be between 1 and {MAX_TTL_SECS}, got {ttl}"
         )));
     }
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let (token, expires_at) =
-        state
-            .enrollment
-            .issue(id.clone(), ttl, now)
-            .await
-            .map_err(|source| ApiError::Io {
-                context: "could not record the install token",
-                source,
-            })?;
-    tracing::info!(agent_id = %id, expires_at = %rfc3339(expires_at), "install token issued");
+    let (token, expires_at) = state
+        .enrollment
+        .issue(id.clone(), ttl)
+        .await
+        .map_err(|source| ApiError::Io {
+            context: "could not record the install token",
+            source,
+        })?;
+    tracing::info!(agent_id = %id, expires_at = %rfc3339_unix(expires_at), "install token issued");
     Ok(Json(
-        json!({ "install_token": token, "agent_id": id, "expires_at": rfc3339(expires_at) }),
+        json!({ "install_token": token, "agent_id": id, "expires_at": rfc3339_unix(expires_at) }),
     ))
 }
 
@@ -81,17 +80,16 @@ pub async fn register(
             "metadata exceeds {MAX_METADATA_BYTES} bytes"
         )));
     }
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let registration = state.enrollment.begin().await;
     registration
-        .check(&body.install_token, &id, now)
+        .check(&body.install_token, &id)
         .inspect_err(|e| {
             tracing::info!(agent_id = %id, reason = %e, "agent registration refused");
         })?;
-    let cert = validate_upload(id.as_str(), &body.certificate, now)?;
+    let cert = validate_upload(id.as_str(), &body.certificate, state.clock.unix())?;
     let stored = super::certificate::store(&state, cert, "register").await?;
     registration
-        .redeem(&body.install_token, &id, metadata, now)
+        .redeem(&body.install_token, &id, metadata)
         .await
         .map_err(|source| ApiError::Io {
             context: "could not record the redeemed install token",

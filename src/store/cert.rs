@@ -14,6 +14,7 @@ use x509_parser::pem::Pem;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::public_key::PublicKey;
 
+use crate::clock::rfc3339_unix;
 use crate::identity::{AgentId, AgentIdError, Fingerprint};
 
 /// Smallest RSA modulus we store: NIST SP 800-131A disallows anything below 2048 bits.
@@ -123,10 +124,10 @@ pub fn validate_upload(agent_id: &str, pem: &str, now_unix: i64) -> Result<Store
         return Err(CertError::NotSelfSigned { issuer });
     }
     if now_unix < cert.not_before {
-        return Err(CertError::NotYetValid(rfc3339(cert.not_before)));
+        return Err(CertError::NotYetValid(rfc3339_unix(cert.not_before)));
     }
     if now_unix > cert.not_after {
-        return Err(CertError::Expired(rfc3339(cert.not_after)));
+        return Err(CertError::Expired(rfc3339_unix(cert.not_after)));
     }
     Ok(cert)
 }
@@ -238,17 +239,6 @@ fn check_key(cert: &X509Certificate<'_>) -> Result<String, CertError> {
         return Ok("Ed25519".into());
     }
     Err(CertError::UnsupportedKey(alg.to_id_string()))
-}
-
-/// RFC 3339 rendering of unix seconds, for messages and the API.
-pub fn rfc3339(unix_secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix_secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix_secs.to_string())
 }
 
 fn pem_encode(label: &str, der: &[u8]) -> String {

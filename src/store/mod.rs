@@ -8,8 +8,9 @@
 pub mod cert;
 pub mod file;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -33,10 +34,12 @@ struct Shared {
     write_lock: tokio::sync::Mutex<()>,
 }
 
+/// The in-memory index every backend feeds: the handshake reads it by fingerprint, the
+/// API by agent id, in order, so that a page of certificates or agents is a range read.
 #[derive(Debug, Default)]
 struct Index {
     by_fingerprint: HashMap<Fingerprint, Arc<StoredCert>>,
-    by_agent: HashMap<AgentId, Arc<StoredCert>>,
+    by_agent: BTreeMap<AgentId, Arc<StoredCert>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,11 +122,31 @@ impl CertStore {
         self.read().by_agent.values().map(|c| c.not_after).min()
     }
 
-    /// Every stored certificate, sorted by agent id.
+    /// Every stored certificate, in agent id order: a copy of the whole index, for tools
+    /// and tests; the API reads pages with [`CertStore::page_after`].
     pub fn list(&self) -> Vec<Arc<StoredCert>> {
-        let mut all: Vec<_> = self.read().by_agent.values().cloned().collect();
-        all.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-        all
+        self.read().by_agent.values().cloned().collect()
+    }
+
+    /// Up to `n` certificates whose agent id comes after `after`, in agent id order.
+    /// O(n + log N).
+    pub fn page_after(&self, after: Option<&AgentId>, n: usize) -> Vec<Arc<StoredCert>> {
+        self.read()
+            .by_agent
+            .range::<AgentId, _>((after_bound(after), Bound::Unbounded))
+            .take(n)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// Up to `n` agent ids with a certificate after `after`, in order. O(n + log N).
+    pub fn ids_after(&self, after: Option<&AgentId>, n: usize) -> Vec<AgentId> {
+        self.read()
+            .by_agent
+            .range::<AgentId, _>((after_bound(after), Bound::Unbounded))
+            .take(n)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Stores `cert` for its agent, replacing any previous one; durable before it is visible.
@@ -168,11 +191,15 @@ impl CertStore {
     }
 }
 
+fn after_bound(after: Option<&AgentId>) -> Bound<&AgentId> {
+    after.map_or(Bound::Unbounded, Bound::Excluded)
+}
+
 impl Index {
     fn with_capacity(n: usize) -> Self {
         Self {
             by_fingerprint: HashMap::with_capacity(n),
-            by_agent: HashMap::with_capacity(n),
+            by_agent: BTreeMap::new(),
         }
     }
 

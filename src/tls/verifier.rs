@@ -121,3 +121,66 @@ impl ClientCertVerifier for AgentCertVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::identity::AgentId;
+    use crate::store::cert;
+
+    fn verifier_with_one_cert() -> (
+        AgentCertVerifier,
+        crate::store::StoredCert,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let id = AgentId::parse("boundary-1").unwrap();
+        let generated = crate::certgen::generate(&id, 30).unwrap();
+        let der = cert::single_certificate_der(&generated.cert_pem).unwrap();
+        let stored = cert::parse_for(id, der).unwrap();
+        let store = CertStore::open_with_indexed(dir.path(), vec![stored.clone()]).unwrap();
+        let verifier = AgentCertVerifier::new(
+            store,
+            crate::tls::provider().signature_verification_algorithms,
+        );
+        (verifier, stored, dir)
+    }
+
+    fn at(secs: i64) -> UnixTime {
+        UnixTime::since_unix_epoch(Duration::from_secs(u64::try_from(secs).unwrap()))
+    }
+
+    #[test]
+    fn valid_from_not_before_through_not_after_inclusive() {
+        let (verifier, stored, _dir) = verifier_with_one_cert();
+        let (nb, na) = (stored.not_before, stored.not_after);
+        assert!(matches!(
+            verifier.decide(&stored.der, at(nb - 1)),
+            Err(CertificateError::NotValidYetContext { .. })
+        ));
+        let identity = verifier.decide(&stored.der, at(nb)).unwrap();
+        assert_eq!(identity.agent_id, stored.agent_id);
+        assert_eq!(identity.fingerprint, stored.fingerprint);
+        assert!(verifier.decide(&stored.der, at(na)).is_ok());
+        assert!(matches!(
+            verifier.decide(&stored.der, at(na + 1)),
+            Err(CertificateError::ExpiredContext { .. })
+        ));
+        // The store's own check agrees on both edges.
+        assert!(stored.is_valid_at(nb) && stored.is_valid_at(na));
+        assert!(!stored.is_valid_at(nb - 1) && !stored.is_valid_at(na + 1));
+    }
+
+    #[test]
+    fn a_leaf_that_is_not_stored_is_unknown_whatever_the_time() {
+        let (verifier, stored, _dir) = verifier_with_one_cert();
+        let other = crate::certgen::generate(&AgentId::parse("other").unwrap(), 30).unwrap();
+        let der = cert::single_certificate_der(&other.cert_pem).unwrap();
+        assert!(matches!(
+            verifier.decide(&der, at(stored.not_before)),
+            Err(CertificateError::Other(_))
+        ));
+    }
+}

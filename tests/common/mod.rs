@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentgate::agents::Agents;
+use agentgate::clock::{Clock, ManualClock};
 use agentgate::config::{Config, RawConfig, TlsMode};
 use agentgate::store::CertStore;
 use agentgate::{Gateway, StartError};
@@ -88,14 +89,37 @@ impl TestServer {
         Self::start_in(pki, dir, config).await.unwrap()
     }
 
+    /// Starts a gateway whose API, registry and enrollment read the time from `clock`, so
+    /// that a test steps over an expiry or a staleness window instead of sleeping.
+    pub async fn start_with_clock(
+        adjust: impl FnOnce(&mut RawConfig),
+        clock: &ManualClock,
+    ) -> Self {
+        let pki = Arc::new(TestPki::new());
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let config = test_config(&pki, dir.path(), adjust);
+        Self::start_in_with_clock(pki, dir, config, clock.clock())
+            .await
+            .unwrap()
+    }
+
     /// Starts a gateway on existing directories (restart tests).
     pub async fn start_in(
         pki: Arc<TestPki>,
         dir: Arc<tempfile::TempDir>,
         config: Config,
     ) -> Result<Self, StartError> {
+        Self::start_in_with_clock(pki, dir, config, Clock::system()).await
+    }
+
+    async fn start_in_with_clock(
+        pki: Arc<TestPki>,
+        dir: Arc<tempfile::TempDir>,
+        config: Config,
+        clock: Clock,
+    ) -> Result<Self, StartError> {
         init_tracing();
-        let gateway = Gateway::new(config.clone())?;
+        let gateway = Gateway::with_clock(config.clone(), clock)?;
         let store = gateway.store().clone();
         let agents = gateway.agents().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -315,11 +315,6 @@ pub fn certificate_info(pem: &[u8], origin: CertOrigin) -> Result<CertificateInf
     })
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

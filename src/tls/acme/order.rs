@@ -10,7 +10,8 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::problem::describe_order_error;
-use super::{Acme, CertOrigin, Event, certificate_info, rfc3339};
+use super::{Acme, CertOrigin, Event, certificate_info};
+use crate::clock::rfc3339;
 
 /// The library backs off `1 << n` seconds after the n-th consecutive failed order
 /// (n from 0), with n capped at 16 (rustls-acme 0.15.4, `AcmeState::poll_next_infinite`).

@@ -5,7 +5,8 @@ use std::io;
 use time::OffsetDateTime;
 
 use super::cache::{cached_account_path, cached_cert_path};
-use super::{CertOrigin, certificate_info, rfc3339};
+use super::{CertOrigin, certificate_info};
+use crate::clock::rfc3339;
 use crate::config::{AcmeConfig, AcmeDirectory};
 
 /// What `agentgate check-config` prints about ACME: the settings, and whether the cache

@@ -1,0 +1,201 @@
+//! Extractors with this API's errors: JSON bodies ([`JsonBody`]), query strings
+//! ([`ApiQuery`]), agent ids from paths ([`agent_id`]), and the paging parameters and
+//! helper both list endpoints share ([`PageQuery`], [`Page`]).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::{StatusCode, request::Parts};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
+
+use super::{ApiError, MAX_BODY_BYTES};
+use crate::agents::registry::AgentStatus;
+use crate::identity::AgentId;
+
+/// Parses an agent id from a path or body, as a 400 with the rule when it is invalid.
+pub fn agent_id(s: &str) -> Result<AgentId, ApiError> {
+    AgentId::parse(s).map_err(|e| ApiError::BadRequest(format!("invalid agent_id: {e}")))
+}
+
+/// Query parameters with this API's errors (400 with a detail).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))
+    }
+}
+
+/// A JSON body with this API's errors: 413 over [`MAX_BODY_BYTES`], 422 for malformed JSON
+/// or missing fields (as FastAPI answered), whatever the Content-Type says.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let req = req
+            .map(|body| axum::body::Body::new(http_body_util::Limited::new(body, MAX_BODY_BYTES)));
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::BodyTooLarge
+            } else {
+                ApiError::BadBody(format!(
+                    "could not read the request body: {}",
+                    rejection.body_text()
+                ))
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::InvalidJson(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Largest page size of the list endpoints.
+pub const MAX_PAGE: usize = 1000;
+/// Page size when `limit` is not given.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// `?limit=N&after=<agent_id>&status=...`: keyset pagination over agent ids (stable while
+/// the set changes, unlike offsets). Each value is parsed here, so a bad one is a 400 whose
+/// detail names the parameter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    #[serde(default, deserialize_with = "limit")]
+    pub limit: Option<usize>,
+    #[serde(default, deserialize_with = "after")]
+    pub after: Option<AgentId>,
+    #[serde(default, deserialize_with = "status")]
+    pub status: Option<StatusFilter>,
+}
+
+/// `?status=` of `GET /agents`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusFilter {
+    All,
+    Connected,
+    Stale,
+    Disconnected,
+}
+
+impl StatusFilter {
+    /// The one status the filter keeps, `None` for all.
+    pub fn status(self) -> Option<AgentStatus> {
+        match self {
+            Self::All => None,
+            Self::Connected => Some(AgentStatus::Connected),
+            Self::Stale => Some(AgentStatus::Stale),
+            Self::Disconnected => Some(AgentStatus::Disconnected),
+        }
+    }
+}
+
+fn limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    // Query values arrive as strings; a number is parsed from the text.
+    let text = String::deserialize(d)?;
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(Some(n)),
+        _ => Err(D::Error::custom(format!(
+            "limit must be a whole number between 1 and {MAX_PAGE}, got '{text}'"
+        ))),
+    }
+}
+
+fn after<'de, D: Deserializer<'de>>(d: D) -> Result<Option<AgentId>, D::Error> {
+    let text = String::deserialize(d)?;
+    AgentId::parse(&text)
+        .map(Some)
+        .map_err(|e| D::Error::custom(format!("after must be an agent id: {e}")))
+}
+
+fn status<'de, D: Deserializer<'de>>(d: D) -> Result<Option<StatusFilter>, D::Error> {
+    StatusFilter::deserialize(d)
+        .map(Some)
+        .map_err(|e| D::Error::custom(format!("status: {e}")))
+}
+
+impl PageQuery {
+    pub fn limit(&self) -> usize {
+        self.limit.unwrap_or(DEFAULT_PAGE)
+    }
+}
+
+/// One page of a list ordered by agent id: at most `limit` items, and the cursor of the
+/// next page when there is one.
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_after: Option<AgentId>,
+}
+
+impl<T> Page<T> {
+    /// Cuts a page from the first `limit + 1` items after the cursor (fewer when the list
+    /// ends): the extra item only tells that a next page exists. Every list endpoint
+    /// fetches its items from an ordered index (`range(after..).take(limit + 1)`), so a page
+    /// costs O(limit · log n) whatever the size of the list.
+    pub fn cut(mut fetched: Vec<T>, limit: usize, key: impl Fn(&T) -> &AgentId) -> Self {
+        let next_after = if fetched.len() > limit {
+            fetched.truncate(limit);
+            fetched.last().map(|last| key(last).clone())
+        } else {
+            None
+        };
+        Self {
+            items: fetched,
+            next_after,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(q: &str) -> Result<PageQuery, String> {
+        let uri: axum::http::Uri = format!("/agents?{q}").parse().unwrap();
+        Query::<PageQuery>::try_from_uri(&uri)
+            .map(|Query(q)| q)
+            .map_err(|e| e.body_text())
+    }
+
+    #[test]
+    fn bad_paging_values_are_refused_naming_the_parameter() {
+        let q = query("limit=5&after=a1&status=stale").unwrap();
+        assert_eq!(
+            (q.limit(), q.after.unwrap().as_str(), q.status),
+            (5, "a1", Some(StatusFilter::Stale))
+        );
+        assert_eq!(query("").unwrap().limit(), DEFAULT_PAGE);
+        for (q, names) in [
+            ("limit=0", "limit"),
+            ("limit=1001", "limit"),
+            ("limit=x", "limit"),
+            ("after=../etc", "after"),
+            ("status=sleeping", "status"),
+        ] {
+            let e = query(q).unwrap_err();
+            assert!(
+                e.contains(&format!("{names} ")) || e.contains(&format!("{names}:")),
+                "{q}: {e}"
+            );
+        }
+        assert!(query("offset=3").unwrap_err().contains("offset"));
+    }
+
+    #[test]
+    fn a_page_keeps_limit_items_and_points_after_the_last() {
+        let ids: Vec<AgentId> = ["a", "b", "c"].iter().map(|s| s.parse().unwrap()).collect();
+        let page = Page::cut(ids.clone(), 2, |id| id);
+        assert_eq!(page.items.len(), 2);
+        assert_eq!(page.next_after.unwrap().as_str(), "b");
+        let last = Page::cut(ids, 3, |id| id);
+        assert_eq!((last.items.len(), last.next_after), (3, None));
+    }
+}

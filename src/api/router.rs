@@ -1,0 +1,93 @@
+//! The routes: which handler answers which path, which need the API key, and the
+//! separate metrics listener's router.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderValue, Method, header};
+use axum::middleware;
+use axum::routing::{get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use super::middleware::require_api_key;
+use super::{ApiError, AppState, agents, certificate, enroll, hello, ops};
+
+/// Where `GET /metrics` is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsExposure {
+    /// On the main listener, next to the API (no key, like /health).
+    MainListener,
+    /// Only on the separate `metrics_listen` address.
+    SeparateListener,
+}
+
+/// The API router (without the Socket.IO layer, which the server mounts around it).
+///
+/// Inside it, a request meets CORS first (when configured; it answers preflights itself),
+/// then the route match, then, on the protected routes only, the API key check
+/// (`route_layer`, so an unknown path is a 404 and never a 403), then the handler. The
+/// server wraps this router in more layers; see [`crate::server::Gateway::new`].
+pub fn router(state: AppState, cors_origins: &[String], metrics: MetricsExposure) -> Router {
+    let protected = Router::new()
+        .route("/hello-world", post(hello::hello_world))
+        .route("/agent/certificate", post(certificate::upload))
+        .route(
+            "/agent/certificate/{agent_id}",
+            get(certificate::get_one).delete(certificate::delete),
+        )
+        .route("/agent/certificates", get(certificate::list))
+        .route("/agents", get(agents::list))
+        .route("/agents/commands", post(agents::fan_out))
+        .route("/agents/{agent_id}", get(agents::get_one))
+        .route("/agents/{agent_id}/commands", post(agents::command))
+        .route("/install-tokens", post(enroll::issue))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let mut public = Router::new()
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/agent/register", post(enroll::register));
+    if metrics == MetricsExposure::MainListener {
+        public = public.route("/metrics", get(ops::metrics));
+    }
+    let mut router = protected
+        .merge(public)
+        .fallback(not_found)
+        .with_state(state);
+    if !cors_origins.is_empty() {
+        router = router.layer(cors(cors_origins));
+    }
+    router
+}
+
+/// The router of the separate plain-HTTP metrics listener. It answers `/health` and
+/// `/ready` too: with ACME, before the first certificate arrives the TLS listener cannot
+/// complete a handshake, and this is where a load balancer or an operator sees why.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// CORS as the system it replaces had it: listed origins only, preflight cached 24 h.
+fn cors(origins: &[String]) -> CorsLayer {
+    // Origins were validated as header values when the configuration was loaded.
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(24 * 3600))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("Not Found".into())
+}
