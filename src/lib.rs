@@ -18,6 +18,8 @@
 //!   commands to agents.
 //! - [`enroll`]: one-time install tokens and registered agent metadata.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`cluster`]: several nodes on one Redis: the URL, a reconnecting pub/sub driver for
+//!   socketioxide-redis, emit-with-ack that ends when every answer is in.
 //! - [`certgen`]: `agentgate cert generate`.
 //! - [`bench`]: `agentgate bench`, the fleet simulator and the handshake benchmark that
 //!   measure a running gateway from outside (BENCHMARKS.md).
@@ -29,6 +31,7 @@ pub mod agents;
 pub mod api;
 pub mod bench;
 pub mod certgen;
+pub mod cluster;
 pub mod config;
 pub mod enroll;
 pub mod fsutil;
