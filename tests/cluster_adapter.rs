@@ -43,8 +43,11 @@ impl Drop for Node {
 impl Node {
     async fn start(topology: &Topology) -> Node {
         common::init_tracing();
-        let driver = RedisDriver::connect(topology, &DriverConfig::default())
+        let driver_config = DriverConfig::default();
+        let connect = RedisDriver::connect(topology, &driver_config);
+        let driver = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
+            .expect("driver connect hung")
             .expect("driver connects");
         // Request timeout 2 s: the fallback when a node does not answer at all.
         let config = RedisAdapterConfig::new().with_request_timeout(Duration::from_secs(2));
@@ -54,7 +57,10 @@ impl Node {
             .build_layer();
         // With a remote adapter `ns` is async and fallible: not awaiting it leaves no
         // namespace (DESIGN.md).
-        io.ns("/", on_connect).await.expect("namespace");
+        tokio::time::timeout(Duration::from_secs(10), io.ns("/", on_connect))
+            .await
+            .expect("namespace init hung")
+            .expect("namespace");
         let app = axum::Router::new().layer(layer);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -70,8 +76,10 @@ impl Node {
     }
 
     async fn emit(&self, room: &'static str, data: Value) -> cluster::AckCollection<Value> {
-        cluster::emit_with_ack(self.io.to(room), "command", &data, ACK_TIMEOUT)
+        let emit = cluster::emit_with_ack(self.io.to(room), "command", &data, ACK_TIMEOUT);
+        tokio::time::timeout(ACK_TIMEOUT * 3, emit)
             .await
+            .expect("emit_with_ack hung")
             .expect("emit_with_ack")
     }
 }
@@ -95,6 +103,12 @@ struct Client {
 
 impl Client {
     async fn connect(addr: SocketAddr) -> Client {
+        tokio::time::timeout(Duration::from_secs(10), Self::connect_now(addr))
+            .await
+            .expect("Socket.IO connect hung")
+    }
+
+    async fn connect_now(addr: SocketAddr) -> Client {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
         let (ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
@@ -108,7 +122,13 @@ impl Client {
     }
 
     /// Joins `room` on its server and starts answering events in the background.
-    async fn join_and_echo(mut self, room: &str) -> tokio::task::JoinHandle<()> {
+    async fn join_and_echo(self, room: &str) -> tokio::task::JoinHandle<()> {
+        tokio::time::timeout(Duration::from_secs(10), self.join_now(room))
+            .await
+            .expect("join hung")
+    }
+
+    async fn join_now(mut self, room: &str) -> tokio::task::JoinHandle<()> {
         let packet = format!("421{}", json!(["join", room]));
         self.ws.send(Message::text(packet)).await.unwrap();
         loop {
