@@ -128,14 +128,29 @@ impl Client {
             .expect("join hung")
     }
 
+    /// Sends `join` until it is acknowledged: socketioxide 0.18 sends CONNECT before it
+    /// runs the connect handler, so an event sent right after CONNECT can arrive before
+    /// `on("join")` is registered and be dropped (seen on a loaded machine).
     async fn join_now(mut self, room: &str) -> tokio::task::JoinHandle<()> {
-        let packet = format!("421{}", json!(["join", room]));
-        self.ws.send(Message::text(packet)).await.unwrap();
-        loop {
-            let msg = self.next_text().await.expect("join ack");
-            if msg.starts_with("431") {
-                assert_eq!(msg, r#"431["joined"]"#);
-                break;
+        let mut ack_id = 0;
+        'joined: loop {
+            ack_id += 1;
+            let packet = format!("42{ack_id}{}", json!(["join", room]));
+            self.ws.send(Message::text(packet)).await.unwrap();
+            let want = format!("43{ack_id}");
+            let retry = tokio::time::sleep(Duration::from_millis(300));
+            tokio::pin!(retry);
+            loop {
+                tokio::select! {
+                    msg = self.next_text() => {
+                        let msg = msg.expect("join ack");
+                        if let Some(rest) = msg.strip_prefix(&want) {
+                            assert_eq!(rest, r#"["joined"]"#);
+                            break 'joined;
+                        }
+                    }
+                    _ = &mut retry => continue 'joined,
+                }
             }
         }
         tokio::spawn(async move {
