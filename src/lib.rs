@@ -23,6 +23,8 @@
 //!   commands to agents.
 //! - [`enroll`]: one-time install tokens and registered agent metadata.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`cluster`]: several nodes on one Redis: the URL, a reconnecting pub/sub driver for
+//!   socketioxide-redis, emit-with-ack that ends when every answer is in.
 //! - [`certgen`]: `agentgate cert generate`.
 //! - [`signal`](mod@signal): SIGINT/SIGTERM/SIGHUP.
 
@@ -32,6 +34,7 @@ pub mod agents;
 pub mod api;
 pub mod certgen;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod digest;
 pub mod enroll;

@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different subset of the helpers
 
 pub mod pebble;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

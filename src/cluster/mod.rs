@@ -1,0 +1,16 @@
+//! Several nodes acting as one (DESIGN.md, "Several nodes (Redis)"): the pieces that sit
+//! between socketioxide and a shared Redis.
+//!
+//! - [`redis_url`]: the operator's Redis URL, validated, with RESP3 and a redacted form.
+//! - [`driver`]: a `socketioxide-redis` driver that reconnects and resubscribes after a
+//!   Redis restart, standalone or Redis Cluster, with a status handle.
+//! - [`ack`]: emit-with-ack to a room that ends as soon as every answer is in (works
+//!   around the ack-stream stall) and tells an empty room at once.
+
+pub mod ack;
+pub mod driver;
+pub mod redis_url;
+
+pub use ack::{AckCollection, emit_with_ack};
+pub use driver::{DriverConfig, DriverError, DriverStatus, RedisDriver, Topology};
+pub use redis_url::{RedisUrl, RedisUrlError};
