@@ -8,6 +8,8 @@
 //! - [`tls`]: rustls server configuration, server certificate sources, the handshake
 //!   ([`tls::Acceptor`]), [`tls::verifier`] (the agent certificate verifier) and
 //!   [`tls::acme`] (certificates over ACME, TLS-ALPN-01 on the same listener).
+//! - [`cluster`]: several nodes sharing one Redis ([`cluster::acme`]: one ACME
+//!   certificate for all of them).
 //! - [`store`]: the certificate store (index + file backend) and the upload rules.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
 //! - [`server`]: accept loop, handshake, per-connection identity, graceful shutdown;
@@ -29,6 +31,7 @@ pub mod agents;
 pub mod api;
 pub mod bench;
 pub mod certgen;
+pub mod cluster;
 pub mod config;
 pub mod enroll;
 pub mod fsutil;
