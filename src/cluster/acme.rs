@@ -60,8 +60,7 @@ use crate::tls::acme::describe_order_error;
 
 /// Releases the lock only if it still holds our token: a node whose lock expired must not
 /// delete the lock another node took since (the pattern of the Redis `SET` documentation).
-const RELEASE_SCRIPT: &str =
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+const RELEASE_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 /// Extends the lock only while it still holds our token.
 const RENEW_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
 
@@ -156,14 +155,25 @@ pub enum ClusterAcmeEvent {
     /// This node generated the account key and stored it in Redis.
     AccountKeyCreated,
     /// This node placed an order (one `newOrder` request at the CA).
-    OrderPlaced { order_url: String },
+    OrderPlaced {
+        order_url: String,
+    },
     /// The challenge certificate for `domain` is in Redis; the CA is told next.
-    ChallengePublished { domain: String },
-    ChallengeValidated { domain: String },
+    ChallengePublished {
+        domain: String,
+    },
+    ChallengeValidated {
+        domain: String,
+    },
     /// This node obtained a certificate and stored it in Redis.
     Issued(CertificateInfo),
-    OrderFailed { error: String, retry_in: Duration },
-    RedisUnavailable { error: String },
+    OrderFailed {
+        error: String,
+        retry_in: Duration,
+    },
+    RedisUnavailable {
+        error: String,
+    },
     RedisAvailable,
 }
 
@@ -462,7 +472,8 @@ impl ClusterAcme {
         if unchanged {
             return Ok(info);
         }
-        let key = certified_key(pem, &s.settings.provider).map_err(bad)?;
+        let key =
+            certified_key(pem, &s.settings.provider, KeyCheck::KeyMatchesLeaf).map_err(bad)?;
         s.resolver.current.store(Some(Arc::new(key)));
         if let Ok(mut current) = s.current_pem.lock() {
             *current = Some(pem.to_vec());
@@ -524,7 +535,9 @@ impl ClusterAcme {
                     tracing::warn!(error = %e, "ACME (cluster) lock not renewed for its whole TTL");
                     return ClusterAcmeError::LockLost;
                 }
-                Err(e) => tracing::warn!(error = %e, "ACME (cluster) lock renewal failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ACME (cluster) lock renewal failed; retrying")
+                }
             }
         }
     }
@@ -802,7 +815,8 @@ impl ClusterAcme {
                             m = messages.next() => m,
                         };
                         let Some(message) = message else { break };
-                        let text = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
+                        let text =
+                            String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
                         self.on_notification(&text).await;
                     }
                     tracing::warn!("ACME (cluster) notification subscription lost; resubscribing");
@@ -910,13 +924,14 @@ impl ChallengeSource {
         let domain = server_name?;
         let key = match tokio::time::timeout(CHALLENGE_READ_TIMEOUT, self.fetch(domain)).await {
             Ok(Ok(found)) => found?,
-            Ok(Err(_)) | Err(_) => self
-                .shared
-                .challenges
-                .lock()
-                .ok()?
-                .get(&domain.to_ascii_lowercase())
-                .cloned()?,
+            Ok(Err(e)) => {
+                tracing::warn!(%domain, error = %e, "ACME (cluster) challenge not read from Redis; trying the copy from the last notification");
+                self.cached(domain)?
+            }
+            Err(_) => {
+                tracing::warn!(%domain, "ACME (cluster) challenge read from Redis timed out; trying the copy from the last notification");
+                self.cached(domain)?
+            }
         };
         let mut config = ServerConfig::builder_with_provider(self.shared.settings.provider.clone())
             .with_safe_default_protocol_versions()
@@ -925,6 +940,11 @@ impl ChallengeSource {
             .with_cert_resolver(Arc::new(FixedCert(key)));
         config.alpn_protocols = vec![ACME_TLS_ALPN_NAME.to_vec()];
         Some(Arc::new(config))
+    }
+
+    fn cached(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        let cache = self.shared.challenges.lock().ok()?;
+        cache.get(&domain.to_ascii_lowercase()).cloned()
     }
 
     /// Reads the challenge for `domain` from Redis into the local copy.
@@ -937,12 +957,14 @@ impl ChallengeSource {
             .query_async(&mut conn)
             .await?;
         let key = match pem {
-            Some(pem) => Some(Arc::new(certified_key(&pem, &s.settings.provider).map_err(
-                |reason| ClusterAcmeError::BadCertificate {
-                    key: s.keys.challenge(&domain),
-                    reason,
-                },
-            )?)),
+            Some(pem) => Some(Arc::new(
+                certified_key(&pem, &s.settings.provider, KeyCheck::None).map_err(|reason| {
+                    ClusterAcmeError::BadCertificate {
+                        key: s.keys.challenge(&domain),
+                        reason,
+                    }
+                })?,
+            )),
             None => None,
         };
         if let Ok(mut cache) = s.challenges.lock() {
@@ -1010,8 +1032,23 @@ fn key_authorization_sha256(account_key: &EcdsaKeyPair, token: &str) -> ring::di
     ring::digest::digest(&ring::digest::SHA256, key_authorization.as_bytes())
 }
 
-/// Key (PKCS#8) + chain from PEM, checked to belong together.
-fn certified_key(pem: &[u8], provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+/// How much [`certified_key`] checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyCheck {
+    /// The served certificate: the key must match the leaf (rustls parses the leaf).
+    KeyMatchesLeaf,
+    /// A challenge certificate: rustls' parser refuses its critical acmeIdentifier
+    /// extension (`UnsupportedCriticalExtension`), so the pair is taken as the ordering
+    /// node made it, as rustls-acme does with its own.
+    None,
+}
+
+/// Key (PKCS#8) + chain from PEM.
+fn certified_key(
+    pem: &[u8],
+    provider: &CryptoProvider,
+    check: KeyCheck,
+) -> Result<CertifiedKey, String> {
     let blocks = pem::parse_many(pem).map_err(|e| format!("bad PEM: {e}"))?;
     let key = blocks
         .iter()
@@ -1026,7 +1063,18 @@ fn certified_key(pem: &[u8], provider: &CryptoProvider) -> Result<CertifiedKey, 
         return Err("no CERTIFICATE block".into());
     }
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.contents().to_vec()));
-    CertifiedKey::from_der(chain, key, provider).map_err(|e| e.to_string())
+    match check {
+        KeyCheck::KeyMatchesLeaf => {
+            CertifiedKey::from_der(chain, key, provider).map_err(|e| e.to_string())
+        }
+        KeyCheck::None => {
+            let key = provider
+                .key_provider
+                .load_private_key(key)
+                .map_err(|e| e.to_string())?;
+            Ok(CertifiedKey::new(chain, key))
+        }
+    }
 }
 
 fn certificate_info(pem: &[u8]) -> Result<CertificateInfo, String> {
@@ -1129,7 +1177,7 @@ mod tests {
             .unwrap();
         let ours = challenge_cert_pem(&account.key_pair, "tok-123", "gw.example.com").unwrap();
         let provider = rustls::crypto::ring::default_provider();
-        let ours = certified_key(ours.as_bytes(), &provider).unwrap();
+        let ours = certified_key(ours.as_bytes(), &provider, KeyCheck::None).unwrap();
         assert_eq!(
             acme_identifier(&ours.cert[0]),
             acme_identifier(&theirs.cert[0])
@@ -1141,7 +1189,7 @@ mod tests {
         assert_eq!(info.names, vec!["gw.example.com"]);
         // Another token gives another digest.
         let other = challenge_cert_pem(&account.key_pair, "tok-456", "gw.example.com").unwrap();
-        let other = certified_key(other.as_bytes(), &provider).unwrap();
+        let other = certified_key(other.as_bytes(), &provider, KeyCheck::None).unwrap();
         assert_ne!(
             acme_identifier(&other.cert[0]),
             acme_identifier(&theirs.cert[0])
@@ -1192,7 +1240,9 @@ mod tests {
             key_prefix: "agentgate".into(),
             timing: Timing::default(),
         };
-        let prod = Keys::new(&settings(rustls_acme::acme::LETS_ENCRYPT_PRODUCTION_DIRECTORY));
+        let prod = Keys::new(&settings(
+            rustls_acme::acme::LETS_ENCRYPT_PRODUCTION_DIRECTORY,
+        ));
         let staging = Keys::new(&settings(rustls_acme::acme::LETS_ENCRYPT_STAGING_DIRECTORY));
         for key in [
             &prod.account,

@@ -6,6 +6,7 @@
 
 pub mod pebble;
 pub mod pki;
+pub mod redis_server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
