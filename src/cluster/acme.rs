@@ -124,7 +124,8 @@ pub enum ClusterAcmeError {
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("{}", describe_order_error(.0))]
-    Order(#[from] OrderError),
+    /// Boxed: rustls-acme's error carries whole order and authorization objects.
+    Order(Box<OrderError>),
     #[error("the certificate in Redis ({key}) is unusable: {reason}")]
     BadCertificate { key: String, reason: String },
     #[error("the ordering lock expired or was taken over while the order ran")]
@@ -133,15 +134,21 @@ pub enum ClusterAcmeError {
     Shutdown,
 }
 
+impl From<OrderError> for ClusterAcmeError {
+    fn from(e: OrderError) -> Self {
+        Self::Order(Box::new(e))
+    }
+}
+
 impl From<AcmeError> for ClusterAcmeError {
     fn from(e: AcmeError) -> Self {
-        Self::Order(OrderError::Acme(e))
+        OrderError::Acme(e).into()
     }
 }
 
 impl From<rcgen::Error> for ClusterAcmeError {
     fn from(e: rcgen::Error) -> Self {
-        Self::Order(OrderError::Rcgen(e))
+        OrderError::Rcgen(e).into()
     }
 }
 
@@ -839,10 +846,10 @@ impl ClusterAcme {
         } else if let Some(domain) = text.strip_prefix("challenge ") {
             // A copy for when Redis cannot be read at validation time.
             let _ = self.challenge().fetch(domain).await;
-        } else if let Some(domain) = text.strip_prefix("challenge-done ") {
-            if let Ok(mut cache) = s.challenges.lock() {
-                cache.remove(&domain.to_ascii_lowercase());
-            }
+        } else if let Some(domain) = text.strip_prefix("challenge-done ")
+            && let Ok(mut cache) = s.challenges.lock()
+        {
+            cache.remove(&domain.to_ascii_lowercase());
         }
     }
 
