@@ -130,6 +130,62 @@ async fn two_nodes_starting_together_place_one_order_and_serve_one_certificate()
     shutdown.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_is_ordered_once_for_the_cluster_and_every_node_swaps_to_the_new_certificate() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(&dir.path().join("redis")).await;
+    let port_b = free_port();
+    let listener_b = TcpListener::bind(("127.0.0.1", port_b)).await.unwrap();
+    // 30 s certificates: renewal is due a third of the lifetime before notAfter (after 20 s).
+    let mut pebble = Pebble::prepare(&dir.path().join("pebble"), port_b, Some(30));
+    pebble.start().await;
+    let shutdown = CancellationToken::new();
+
+    let a = Node::start("node-a", any_port().await, &redis, &pebble, &shutdown);
+    let b = Node::start("node-b", listener_b, &redis, &pebble, &shutdown);
+    let first = a
+        .wait(
+            "A serves a certificate",
+            ClusterAcmeStatus::has_certificate,
+            90,
+        )
+        .await
+        .certificate
+        .unwrap();
+    b.wait(
+        "B serves the first certificate",
+        |s| s.certificate.as_ref() == Some(&first),
+        30,
+    )
+    .await;
+    assert_eq!(pebble.new_orders(), 1);
+
+    let renewed = |s: &ClusterAcmeStatus| {
+        s.certificate
+            .as_ref()
+            .is_some_and(|c| c.serial != first.serial)
+    };
+    let a_status = a
+        .wait("A serves the renewed certificate", renewed, 60)
+        .await;
+    let b_status = b
+        .wait("B serves the renewed certificate", renewed, 30)
+        .await;
+    assert_eq!(a_status.certificate, b_status.certificate);
+    assert_eq!(
+        a_status.orders_placed + b_status.orders_placed,
+        2,
+        "one first order and one renewal for the whole cluster"
+    );
+    assert_eq!(pebble.new_orders(), 2);
+    let root = pebble.root_pem().await;
+    let leaf = served_leaf(a.port, &root).await;
+    assert_eq!(serial_of(&leaf), a_status.certificate.unwrap().serial);
+    assert_eq!(served_leaf(b.port, &root).await, leaf);
+    shutdown.cancel();
+}
+
 /// One node: a cluster ACME manager and a TLS listener using it.
 struct Node {
     port: u16,
