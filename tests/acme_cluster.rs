@@ -186,6 +186,64 @@ async fn renewal_is_ordered_once_for_the_cluster_and_every_node_swaps_to_the_new
     shutdown.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_the_certificate_in_service_and_a_restart_orders_nothing() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(&dir.path().join("redis")).await;
+    let port_b = free_port();
+    let listener_b = TcpListener::bind(("127.0.0.1", port_b)).await.unwrap();
+    let mut pebble = Pebble::prepare(&dir.path().join("pebble"), port_b, None);
+    pebble.start().await;
+    let shutdown = CancellationToken::new();
+
+    let a = Node::start("node-a", any_port().await, &redis, &pebble, &shutdown);
+    let b = Node::start("node-b", listener_b, &redis, &pebble, &shutdown);
+    a.wait(
+        "A serves a certificate",
+        ClusterAcmeStatus::has_certificate,
+        90,
+    )
+    .await;
+    b.wait(
+        "B serves a certificate",
+        ClusterAcmeStatus::has_certificate,
+        30,
+    )
+    .await;
+    let root = pebble.root_pem().await;
+    let leaf = served_leaf(a.port, &root).await;
+
+    // Persist what Redis holds, then take it away.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    drop(conn);
+    redis.kill();
+    a.wait("A notices the outage", |s| !s.redis_reachable, 30)
+        .await;
+    b.wait("B notices the outage", |s| !s.redis_reachable, 30)
+        .await;
+    assert_eq!(served_leaf(a.port, &root).await, leaf, "still served");
+    assert_eq!(served_leaf(b.port, &root).await, leaf, "still served");
+
+    redis.restart().await;
+    a.wait("A reaches Redis again", |s| s.redis_reachable, 30)
+        .await;
+    b.wait("B reaches Redis again", |s| s.redis_reachable, 30)
+        .await;
+    let c = Node::start("node-c", any_port().await, &redis, &pebble, &shutdown);
+    c.wait(
+        "C serves the certificate",
+        ClusterAcmeStatus::has_certificate,
+        30,
+    )
+    .await;
+    assert_eq!(served_leaf(c.port, &root).await, leaf);
+    assert_eq!(pebble.new_orders(), 1, "the outage caused no order");
+    shutdown.cancel();
+}
+
 /// One node: a cluster ACME manager and a TLS listener using it.
 struct Node {
     port: u16,

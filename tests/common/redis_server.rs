@@ -1,7 +1,7 @@
 //! A throwaway redis-server (Debian package `redis-server`) on a free loopback port, with
 //! no persistence, killed when dropped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -12,7 +12,8 @@ use super::free_port;
 
 pub struct RedisServer {
     pub port: u16,
-    child: Child,
+    dir: PathBuf,
+    child: Option<Child>,
 }
 
 impl RedisServer {
@@ -20,25 +21,44 @@ impl RedisServer {
     /// answers `PING`.
     pub async fn start(dir: &Path) -> RedisServer {
         std::fs::create_dir_all(dir).unwrap();
-        let port = free_port();
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: dir.to_owned(),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// Kills the server; what it held is gone unless `SAVE` wrote it to its directory.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it (again) on the same port and directory; it loads `dump.rdb` if one is there.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server already running");
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(dir)
+            .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot run `redis-server` ({e}): install the Debian package `redis-server`")
             });
-        let mut server = RedisServer { port, child };
+        self.child = Some(child);
         for _ in 0..200 {
-            if let Some(status) = server.child.try_wait().unwrap() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("redis-server exited with {status}");
             }
-            if server.ping().await {
-                return server;
+            if self.ping().await {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -63,7 +83,6 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
