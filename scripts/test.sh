@@ -75,6 +75,7 @@ install_base_tools() {
 # Tests start their own instances on 127.0.0.1 and find them on PATH.
 install_services() {
     need_cmd pebble                    # ACME test server for tests/acme.rs (Debian package `pebble`)
+    need_cmd redis-server              # scale-out tests, tests/acme_cluster.rs (Debian package `redis-server`)
 }
 
 # ---------------------------------------------------------------- Python test agent
