@@ -304,7 +304,8 @@ impl ClusterAcme {
     /// Starts the manager of this node: a task that loads the certificate from Redis,
     /// orders under the lock when none is there or it is due, and one that follows the
     /// notifications. Nothing here waits on Redis: a node whose Redis is down starts, and
-    /// serves once Redis answers. Both tasks end when `shutdown` is cancelled.
+    /// serves once Redis answers. Both tasks end when `shutdown` is cancelled. Must be
+    /// called within a tokio runtime (it spawns the tasks).
     pub fn start(
         client: redis::Client,
         settings: ClusterAcmeSettings,
@@ -855,9 +856,16 @@ impl ClusterAcme {
 
     fn redis_ok(&self) {
         if self.shared.redis_down.swap(false, Ordering::SeqCst) {
-            self.shared
-                .status
-                .send_modify(|st| st.redis_reachable = true);
+            self.shared.status.send_modify(|st| {
+                st.redis_reachable = true;
+                if st
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("Redis: "))
+                {
+                    st.last_error = None;
+                }
+            });
             self.emit(ClusterAcmeEvent::RedisAvailable);
         }
     }
@@ -930,7 +938,12 @@ impl ChallengeSource {
     pub async fn config_for(&self, server_name: Option<&str>) -> Option<Arc<ServerConfig>> {
         let domain = server_name?;
         let key = match tokio::time::timeout(CHALLENGE_READ_TIMEOUT, self.fetch(domain)).await {
-            Ok(Ok(found)) => found?,
+            Ok(Ok(Some(found))) => found,
+            Ok(Ok(None)) => {
+                // Debug only: anyone can offer `acme-tls/1`, and must not fill the log.
+                tracing::debug!(%domain, "ACME (cluster) validation handshake, but no challenge is open for this name");
+                return None;
+            }
             Ok(Err(e)) => {
                 tracing::warn!(%domain, error = %e, "ACME (cluster) challenge not read from Redis; trying the copy from the last notification");
                 self.cached(domain)?
