@@ -413,7 +413,7 @@ impl ClusterAcme {
     async fn step(&self, shutdown: &CancellationToken) -> Result<(), ClusterAcmeError> {
         let s = &self.shared;
         let stored = self.load_and_deploy().await?;
-        if !self.needs_order(stored.as_ref()) {
+        if !self.needs_order(&stored) {
             return Ok(());
         }
         let mut conn = s.conn.clone();
@@ -433,34 +433,35 @@ impl ClusterAcme {
         result
     }
 
-    /// Reads the certificate from Redis and serves it if it changed. Returns what is
-    /// stored: `None` when Redis holds none, `Some(None)` when it holds an unusable one.
-    async fn load_and_deploy(&self) -> Result<Option<Option<CertificateInfo>>, ClusterAcmeError> {
+    /// Reads the certificate from Redis and serves it if it changed.
+    async fn load_and_deploy(&self) -> Result<Stored, ClusterAcmeError> {
         let s = &self.shared;
         let mut conn = s.conn.clone();
         let pem: Option<Vec<u8>> = redis::cmd("GET")
             .arg(&s.keys.cert)
             .query_async(&mut conn)
             .await?;
-        let Some(pem) = pem else { return Ok(None) };
+        let Some(pem) = pem else {
+            return Ok(Stored::Missing);
+        };
         match self.deploy(&pem) {
-            Ok(info) => Ok(Some(Some(info))),
+            Ok(info) => Ok(Stored::Usable(info)),
             Err(e) => {
                 tracing::error!(error = %e, "ACME (cluster) certificate in Redis ignored; a new one will be ordered");
                 s.status
                     .send_modify(|st| st.last_error = Some(e.to_string()));
-                Ok(Some(None))
+                Ok(Stored::Unusable)
             }
         }
     }
 
-    fn needs_order(&self, stored: Option<&Option<CertificateInfo>>) -> bool {
+    fn needs_order(&self, stored: &Stored) -> bool {
         match stored {
-            Some(Some(info)) => {
+            Stored::Usable(info) => {
                 let renew_at = info.renew_at(self.shared.settings.timing.renew_before);
                 OffsetDateTime::now_utc() >= renew_at
             }
-            Some(None) | None => true,
+            Stored::Missing | Stored::Unusable => true,
         }
     }
 
@@ -554,7 +555,7 @@ impl ClusterAcme {
         let s = &self.shared;
         // Another node may have stored a certificate between our read and our lock.
         let stored = self.load_and_deploy().await?;
-        if !self.needs_order(stored.as_ref()) {
+        if !self.needs_order(&stored) {
             return Ok(());
         }
         let outcome = tokio::select! {
@@ -995,6 +996,15 @@ impl ChallengeSource {
         }
         Ok(key)
     }
+}
+
+/// What Redis holds for the configured names.
+#[derive(Debug)]
+enum Stored {
+    Missing,
+    /// Present but not parseable, or key and certificate do not match: replaced by an order.
+    Unusable,
+    Usable(CertificateInfo),
 }
 
 /// The certificate in service; swapped without a lock on the handshake path.
