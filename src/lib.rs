@@ -8,6 +8,8 @@
 //! - [`tls`]: rustls server configuration, server certificate sources, the handshake
 //!   ([`tls::Acceptor`]), [`tls::verifier`] (the agent certificate verifier) and
 //!   [`tls::acme`] (certificates over ACME, TLS-ALPN-01 on the same listener).
+//! - [`cluster`]: several nodes sharing one Redis ([`cluster::acme`]: one ACME
+//!   certificate for all of them).
 //! - [`store`]: the certificate store (index + file backend) and the upload rules.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
 //! - [`digest`]: SHA-256 and hex (fingerprints, API key digests, install token hashes).

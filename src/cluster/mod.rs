@@ -4,10 +4,14 @@
 //! - [`redis_url`]: the operator's Redis URL, validated, with RESP3 and a redacted form.
 //! - [`driver`]: a `socketioxide-redis` driver that reconnects and resubscribes after a
 //!   Redis restart, standalone or Redis Cluster, with a status handle.
+//! - [`acme`]: one server certificate for the whole cluster over ACME: one node orders
+//!   under a Redis lock, every node serves the certificate from Redis, and whichever node
+//!   the CA reaches answers the TLS-ALPN-01 challenge.
 //! - [`ack`]: emit-with-ack to a room that ends as soon as every answer is in (works
 //!   around the ack-stream stall) and tells an empty room at once.
 
 pub mod ack;
+pub mod acme;
 pub mod driver;
 pub mod redis_url;
 
