@@ -23,8 +23,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 
 pub use raw::{
-    LogFormat, RawAcme, RawAgents, RawConfig, RawHttpRedirect, RawSocketIo, RawStore, RawTls,
-    TlsMode,
+    ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawHttpRedirect,
+    RawSocketIo, RawStore, RawTls, TlsMode,
 };
 
 /// `tls.acme.directory` names for Let's Encrypt.
@@ -62,6 +62,18 @@ pub struct Config {
     pub socketio: SocketIoConfig,
     /// The plain-HTTP redirect listener, if any.
     pub http_redirect: Option<HttpRedirectConfig>,
+    /// `[cluster]`: several nodes sharing one Redis; `None` is one node on files.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// With `protocol=resp3` added; its `Display` hides the password.
+    pub redis_url: crate::cluster::RedisUrl,
+    /// Matches `^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$`.
+    pub node_id: String,
+    pub mode: ClusterMode,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -335,6 +347,11 @@ impl Config {
                 },
                 None => RawHttpRedirect::default(),
             },
+            cluster: self.cluster.as_ref().map(|c| RawCluster {
+                redis_url: Some(c.redis_url.as_secret_str().to_owned()),
+                node_id: Some(c.node_id.clone()),
+                mode: c.mode,
+            }),
         }
     }
 
@@ -342,6 +359,10 @@ impl Config {
     pub fn to_masked_toml(&self) -> String {
         let mut shown = self.to_raw();
         shown.api_keys = shown.api_keys.iter().map(|k| mask(k)).collect();
+        if let (Some(raw), Some(cluster)) = (shown.cluster.as_mut(), &self.cluster) {
+            // Credentials in the URL are never shown (`check-config`, logs).
+            raw.redis_url = Some(cluster.redis_url.redacted());
+        }
         toml_string(&shown)
     }
 }
@@ -366,6 +387,10 @@ impl RawConfig {
         let socketio = validate_socketio(self.socketio, origin)?;
         let tls = validate_tls(self.tls, &self.data_dir, origin)?;
         let http_redirect = validate_http_redirect(self.http_redirect, self.listen, origin)?;
+        let cluster = match self.cluster {
+            Some(raw) => Some(validate_cluster(raw, self.listen, origin)?),
+            None => None,
+        };
         Ok(Config {
             listen: self.listen,
             data_dir: self.data_dir,
@@ -384,8 +409,57 @@ impl RawConfig {
             tls,
             socketio,
             http_redirect,
+            cluster,
         })
     }
+}
+
+fn validate_cluster(
+    raw: RawCluster,
+    listen: SocketAddr,
+    origin: &str,
+) -> Result<ClusterConfig, ConfigError> {
+    let Some(url) = raw.redis_url else {
+        return Err(invalid(
+            "cluster.redis_url",
+            origin,
+            "is required in [cluster] (e.g. \"redis://10.0.0.5:6379\")",
+        ));
+    };
+    let redis_url = crate::cluster::RedisUrl::parse(&url)
+        .map_err(|e| invalid("cluster.redis_url", origin, &e.to_string()))?;
+    let node_id = match raw.node_id {
+        Some(id) => id,
+        None => format!("{}:{}", host_name(), listen.port()),
+    };
+    let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
+    let first_ok = node_id
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok || node_id.len() > 128 || !node_id.chars().all(valid_char) {
+        return Err(invalid(
+            "cluster.node_id",
+            origin,
+            &format!(
+                "{node_id:?} must be 1 to 128 of A-Z a-z 0-9 . _ : - starting with a letter or digit"
+            ),
+        ));
+    }
+    Ok(ClusterConfig {
+        redis_url,
+        node_id,
+        mode: raw.mode,
+    })
+}
+
+/// The kernel's host name (Linux), for the default node id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "agentgate".to_owned())
 }
 
 fn validate_api_keys(keys: Vec<String>, origin: &str) -> Result<NonEmpty<String>, ConfigError> {
@@ -800,6 +874,27 @@ mod tests {
         let shown = c.validate("test").unwrap().to_masked_toml();
         assert!(!shown.contains("super-secret-key"));
         assert!(shown.contains("<masked, 16 characters>"));
+    }
+
+    #[test]
+    fn cluster_section_is_validated_and_its_password_never_shown() {
+        let c: RawConfig = toml::from_str(
+            "api_keys = [\"k\"]\n[cluster]\nredis_url = \"redis://agw:hunter2@10.0.0.5:6379\"\n",
+        )
+        .unwrap();
+        let config = c.validate("test").unwrap();
+        let cluster = config.cluster.as_ref().unwrap();
+        assert_eq!(cluster.mode, ClusterMode::Standalone);
+        assert!(cluster.node_id.ends_with(":8443"), "{}", cluster.node_id);
+        assert!(cluster.redis_url.as_secret_str().contains("protocol=resp3"));
+        let shown = config.to_masked_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("[cluster]"), "{shown}");
+        // Without [cluster], nothing about Redis appears.
+        let single: RawConfig = toml::from_str("api_keys = [\"k\"]\n").unwrap();
+        let single = single.validate("test").unwrap();
+        assert!(single.cluster.is_none());
+        assert!(!single.to_masked_toml().contains("cluster"));
     }
 
     #[test]

@@ -41,6 +41,33 @@ pub struct RawConfig {
     pub tls: RawTls,
     pub socketio: RawSocketIo,
     pub http_redirect: RawHttpRedirect,
+    /// `[cluster]`: several nodes sharing one Redis. Absent: one node, files, no Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<RawCluster>,
+}
+
+/// `[cluster]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCluster {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS). Required.
+    pub redis_url: Option<String>,
+    /// This node's name in listings; default: the host name and the listen port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    pub mode: ClusterMode,
+}
+
+/// How Redis is deployed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterMode {
+    /// One Redis server (or a primary with replicas behind one address).
+    #[default]
+    Standalone,
+    /// A Redis Cluster; `redis_url` is one seed node, the rest is discovered. Pub/sub is
+    /// sharded (SSUBSCRIBE/SPUBLISH).
+    Cluster,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +182,7 @@ impl Default for RawConfig {
             tls: RawTls::default(),
             socketio: RawSocketIo::default(),
             http_redirect: RawHttpRedirect::default(),
+            cluster: None,
         }
     }
 }
