@@ -59,7 +59,7 @@ pub use server::{Gateway, StartError};
 /// Runs the gateway for `config` until `shutdown` resolves: builds it, binds the listener,
 /// reloads the server certificate files on SIGHUP.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let mut gateway = Gateway::new(config.clone())?;
+    let mut gateway = Gateway::start(config.clone()).await?;
     let listener = listener::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen))?;
     if let Some(addr) = config.metrics_listen {

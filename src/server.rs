@@ -83,13 +83,13 @@ pub struct Gateway {
 impl Gateway {
     /// Loads the store and the server certificate and builds the TLS and HTTP stacks.
     /// Must be called inside a tokio runtime.
-    pub fn new(config: Config) -> Result<Self, StartError> {
-        Self::with_clock(config, Clock::system())
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with_clock(config, Clock::system()).await
     }
 
-    /// [`Gateway::new`] with the clock the API, the agent registry and the enrollment
+    /// [`Gateway::start`] with the clock the API, the agent registry and the enrollment
     /// store read "now" from (a manual one in tests of expiry and staleness).
-    pub fn with_clock(config: Config, clock: Clock) -> Result<Self, StartError> {
+    pub async fn start_with_clock(config: Config, clock: Clock) -> Result<Self, StartError> {
         let (store, skipped) =
             CertStore::open(&config.store.dir).map_err(|source| StartError::Store {
                 dir: config.store.dir.display().to_string(),

@@ -254,7 +254,7 @@ async fn status_follows_failed_orders_for_an_embedding_program() {
     config.tls.acme.directory_ca_file = Some(pebble.listener_ca_file.clone());
     let config = config.validate("test").unwrap();
 
-    let gateway = agentgate::Gateway::new(config).unwrap();
+    let gateway = agentgate::Gateway::start(config).await.unwrap();
     let mut status = gateway.server_cert().acme().expect("acme mode").status();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -397,7 +397,8 @@ async fn metrics_listener_stops_and_drains_on_shutdown() {
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = metrics.local_addr().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = agentgate::Gateway::new(config)
+    let gateway = agentgate::Gateway::start(config)
+        .await
         .unwrap()
         .with_metrics_listener(metrics);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

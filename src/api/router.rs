@@ -26,7 +26,7 @@ pub enum MetricsExposure {
 /// Inside it, a request meets CORS first (when configured; it answers preflights itself),
 /// then the route match, then, on the protected routes only, the API key check
 /// (`route_layer`, so an unknown path is a 404 and never a 403), then the handler. The
-/// server wraps this router in more layers; see [`crate::server::Gateway::new`].
+/// server wraps this router in more layers; see [`crate::server::Gateway::start`].
 pub fn router(state: AppState, cors_origins: &[String], metrics: MetricsExposure) -> Router {
     let protected = Router::new()
         .route("/hello-world", post(hello::hello_world))

@@ -121,7 +121,7 @@ impl TestServer {
         clock: Clock,
     ) -> Result<Self, StartError> {
         init_tracing();
-        let gateway = Gateway::with_clock(config.clone(), clock)?;
+        let gateway = Gateway::start_with_clock(config.clone(), clock).await?;
         let store = gateway.store().clone();
         let agents = gateway.agents().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

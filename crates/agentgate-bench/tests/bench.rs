@@ -34,7 +34,7 @@ impl Gateway {
         };
         raw.store.dir = dir.path().join("certs");
         let config = raw.validate("test").unwrap();
-        let gateway = agentgate::Gateway::new(config).unwrap();
+        let gateway = agentgate::Gateway::start(config).await.unwrap();
         let store = gateway.store().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
