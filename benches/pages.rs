@@ -8,6 +8,7 @@
 //!
 //! Under `cargo test --all-targets` (criterion's test mode, no `--bench` argument) each
 //! benchmark runs once with 10^3 certificates and 10^2 agents.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
 use std::hint::black_box;
 use std::time::Duration;

@@ -10,6 +10,7 @@
 //!
 //! Under `cargo test --all-targets` (criterion's test mode, no `--bench` argument) the
 //! directory holds 100 files instead, so the test suite stays fast.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

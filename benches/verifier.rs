@@ -10,6 +10,7 @@
 //!
 //! Under `cargo test --all-targets` (criterion's test mode, no `--bench` argument) each
 //! benchmark runs once and the store sizes stop at 10^4, so the test suite stays fast.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
 use std::hint::black_box;
 use std::sync::Arc;

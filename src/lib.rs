@@ -12,14 +12,14 @@
 //!   certificate for all of them).
 //! - [`store`]: the certificate store (index + file backend) and the upload rules.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
-//! - [`digest`]: SHA-256 and hex (fingerprints, API key digests, install token hashes).
+//! - `digest`: SHA-256 and hex (fingerprints, API key digests, install token hashes).
 //! - [`clock`]: where "now" comes from (system, or manual in tests) and the one RFC 3339
 //!   formatter.
-//! - [`listener`]: the accept loop every listener uses (backlog, connection limit,
+//! - `listener`: the accept loop every listener uses (backlog, connection limit,
 //!   accept-error backoff, stop on shutdown).
-//! - [`server`]: the gateway's listeners, handshake, per-connection identity, graceful
-//!   shutdown; [`killable`] lets shutdown cut upgraded connections.
-//! - [`redirect`]: the optional plain-HTTP listener that answers with 301 to https.
+//! - `server`: the gateway's listeners, handshake, per-connection identity, graceful
+//!   shutdown; `killable` lets shutdown cut upgraded connections.
+//! - `redirect`: the optional plain-HTTP listener that answers with 301 to https.
 //! - [`api`]: the HTTP API: router, middleware, extractors, errors, one file per resource.
 //! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,
 //!   commands to agents.
@@ -30,23 +30,21 @@
 //! - [`certgen`]: `agentgate cert generate`.
 //! - [`signal`](mod@signal): SIGINT/SIGTERM/SIGHUP.
 
-#![forbid(unsafe_code)]
-
 pub mod agents;
 pub mod api;
 pub mod certgen;
 pub mod clock;
 pub mod cluster;
 pub mod config;
-pub mod digest;
+pub(crate) mod digest;
 pub mod enroll;
-pub mod fsutil;
+pub(crate) mod fsutil;
 pub mod identity;
-pub mod killable;
-pub mod listener;
+pub(crate) mod killable;
+pub(crate) mod listener;
 pub mod metrics;
-pub mod redirect;
-pub mod server;
+pub(crate) mod redirect;
+pub(crate) mod server;
 pub mod signal;
 pub mod store;
 pub mod tls;

@@ -2,6 +2,7 @@
 //! real TLS-ALPN-01 validation on the gateway's own listener, and the `[http_redirect]`
 //! listener. The gateway runs as the `agentgate` binary, as an operator runs it, and the
 //! tests read its JSON log: that is where an operator sees what ACME did.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! 127.0.0.1 that answers `acme-tls/1` handshakes through its `ChallengeSource` and serves
 //! the managed certificate otherwise. Pebble validates TLS-ALPN-01 on node B's port only,
 //! whichever node placed the order.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
 mod common;
 

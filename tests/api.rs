@@ -1,5 +1,6 @@
 //! The HTTP API: authentication, the upload rules with their exact details, body limits,
 //! and that a refused upload writes nothing anywhere.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The `agentgate` binary: its subcommands, the embedded default, signals.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
 mod common;
 

@@ -5,6 +5,7 @@
 //!
 //! Needs `node` on PATH and the npm packages in tests/agents/node/node_modules, which
 //! `./scripts/test.sh` installs from the committed package-lock.json.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The certificate store across restarts, and adoption of a directory written by the
 //! system agentgate replaces.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
 mod common;
 

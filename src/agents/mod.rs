@@ -1,10 +1,10 @@
 //! The agent side: Socket.IO handlers (connect, heartbeat, disconnect), the registry of
 //! connected agents, and the guard that binds Engine.IO sessions to TLS identities.
 
-pub mod commands;
-pub mod handlers;
+pub(crate) mod commands;
+pub(crate) mod handlers;
 pub mod registry;
-pub mod session_guard;
+pub(crate) mod session_guard;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -126,7 +126,7 @@ impl Agents {
     }
 
     /// Tells every connected socket that the server is going away. The server then cuts
-    /// the connections (see [`crate::killable`]) so that clients reconnect by themselves.
+    /// the connections (see `crate::killable`) so that clients reconnect by themselves.
     pub async fn notify_shutdown(&self, reason: &str) {
         let notice = serde_json::json!({ "reason": reason, "reconnect": true });
         if let Err(e) = self.io.emit("server_shutdown", &notice).await {

@@ -5,20 +5,20 @@
 //!
 //! # Layout
 //! - [`router`]: which handler answers which path, and which paths need the API key;
-//! - [`middleware`]: the API key check and the request observer (metrics, access log);
-//! - [`extract`]: JSON bodies, query strings, agent ids and the paging both lists share;
-//! - [`error`]: [`ApiError`] and its one mapping to statuses;
-//! - one file per resource: [`agents`], [`certificate`], [`enroll`], [`hello`], [`ops`].
+//! - `middleware`: the API key check and the request observer (metrics, access log);
+//! - `extract`: JSON bodies, query strings, agent ids and the paging both lists share;
+//! - `error`: [`ApiError`] and its one mapping to statuses;
+//! - one file per resource: `agents`, `certificate`, `enroll`, `hello`, `ops`.
 
-pub mod agents;
-pub mod certificate;
-pub mod enroll;
-pub mod error;
-pub mod extract;
-pub mod hello;
-pub mod middleware;
-pub mod ops;
-pub mod router;
+pub(crate) mod agents;
+pub(crate) mod certificate;
+pub(crate) mod enroll;
+pub(crate) mod error;
+pub(crate) mod extract;
+pub(crate) mod hello;
+pub(crate) mod middleware;
+pub(crate) mod ops;
+pub(crate) mod router;
 
 use tokio_util::task::TaskTracker;
 
@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::store::CertStore;
 use crate::tls::ServerCert;
 pub use error::{ApiError, detail};
-pub use extract::{ApiQuery, JsonBody, MAX_PAGE, Page, PageQuery, agent_id};
+pub use extract::{ApiQuery, JsonBody, Page, PageQuery, agent_id};
 pub use middleware::{ApiKeys, observe};
 pub use router::{MetricsExposure, metrics_router, router};
 

@@ -5,14 +5,14 @@
 //! keys joined by `__`, e.g. `AGENTGATE_TLS__MODE`), then the two variables of the system
 //! agentgate replaces: `API_KEY` (one key) and `CERT_STORAGE_DIR`.
 //!
-//! Two layers: [`raw`] is what serde reads (every key optional, defaulted, unchecked);
+//! Two layers: `raw` is what serde reads (every key optional, defaulted, unchecked);
 //! [`Config`] is what the gateway runs on, built by [`RawConfig::validate`], with one
 //! sub-struct and one validation function per section, and no state that validation would
 //! have refused (a TLS source is an enum carrying only its own mode's fields, name lists
 //! that must not be empty are [`NonEmpty`]). A new section adds a raw struct, a validated
 //! struct and a `validate_<section>` function.
 
-pub mod raw;
+pub(crate) mod raw;
 
 use std::net::SocketAddr;
 use std::ops::Deref;

@@ -60,10 +60,6 @@ impl StoredCert {
         })
     }
 
-    pub fn is_valid_at(&self, unix_secs: i64) -> bool {
-        self.not_before <= unix_secs && unix_secs <= self.not_after
-    }
-
     /// The canonical PEM that the file backend writes.
     pub fn to_pem(&self) -> String {
         pem_encode("CERTIFICATE", &self.der)

@@ -35,10 +35,6 @@ impl FileBackend {
         Ok(Self { dir })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Reads every `<agent_id>.pem` in the directory. Files that are not certificates for
     /// the agent their name says are returned as skipped, not as errors: one bad file must
     /// not keep every other agent out.

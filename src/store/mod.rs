@@ -6,7 +6,7 @@
 //! a failed write never leaves an agent half-stored.
 
 pub mod cert;
-pub mod file;
+pub(crate) mod file;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -86,10 +86,6 @@ impl CertStore {
         Self {
             shared: Arc::new(shared),
         }
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.shared.backend.dir()
     }
 
     /// The handshake lookup: O(1), no I/O.

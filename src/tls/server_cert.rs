@@ -52,10 +52,6 @@ impl SwappableCert {
     pub fn replace(&self, key: CertifiedKey) {
         self.current.store(Arc::new(key));
     }
-
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current.load_full()
-    }
 }
 
 impl ResolvesServerCert for SwappableCert {

@@ -22,6 +22,7 @@
 //!
 //! Targets must be loopback addresses: this is a benchmark for one machine, not a load
 //! tool to point at someone else's server.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test and bench tooling: a failure should stop loudly
 
 pub mod agent;
 pub mod api;

@@ -1,4 +1,5 @@
 //! The `agentgate-bench` command line: parses arguments and calls the library.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test and bench tooling: a failure should stop loudly
 
 use std::process::ExitCode;
 

@@ -10,7 +10,7 @@
 //! - [`http`]: an HTTP/1.1 client connection over any stream (hyper's client).
 //! - [`pki`]: the test PKI made with rcgen at run time (a CA, a server certificate, agent
 //!   certificates good and bad) and the `openssl req -x509` recipe of agent installers.
-
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test and bench tooling: a failure should stop loudly
 #![forbid(unsafe_code)]
 
 pub mod http;

@@ -48,7 +48,6 @@ use crate::config::AcmeConfig;
 use cache::{AcmeCache, ensure_private_dir};
 use resolver::AcmeResolver;
 
-pub use cache::cached_cert_path;
 pub use problem::describe_order_error;
 pub use report::report;
 
