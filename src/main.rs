@@ -65,7 +65,7 @@ fn main() -> ExitCode {
                 println!("# configuration is valid; effective settings:");
                 print!("{}", c.to_masked_toml());
                 if let TlsSource::Acme(acme) = &c.tls {
-                    print!("{}", agentgate::tls::acme::report(acme));
+                    print!("{}", agentgate::tls::acme::report(acme, c.cluster.as_ref()));
                 }
                 ExitCode::SUCCESS
             }

@@ -199,9 +199,7 @@ impl Gateway {
         let ping = self.config.socketio.ping_interval + self.config.socketio.ping_timeout;
         self.agents
             .spawn_binding_pruner(token.clone(), ping.max(Duration::from_secs(60)) * 2);
-        if let Some(acme) = self.server_cert.acme() {
-            tracker.spawn(acme.clone().run(token.clone()));
-        }
+        self.server_cert.spawn_background(token.clone(), &tracker);
         if let Some(redirect) = self.redirect.take() {
             // Without `[http_redirect]`, the port of the listener the caller gave.
             let https_port = self

@@ -19,15 +19,16 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use agentgate::cluster::acme::{ClusterAcme, ClusterAcmeSettings, ClusterAcmeStatus, Timing};
-use common::pebble::{Pebble, free_port};
-use common::redis_server::RedisServer;
+use agentgate::config::{ClusterMode, RawCluster, RawConfig, TlsMode};
+use common::pebble::{Pebble, free_port, https_get};
+use common::redis::RedisServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_orders_the_other_answers_the_validation_and_a_late_node_serves_without_ordering()
 {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(&dir.path().join("redis")).await;
+    let redis = RedisServer::start();
     // Node B's port is the one Pebble dials for TLS-ALPN-01.
     let port_b = free_port();
     let listener_b = TcpListener::bind(("127.0.0.1", port_b)).await.unwrap();
@@ -93,7 +94,7 @@ async fn one_node_orders_the_other_answers_the_validation_and_a_late_node_serves
 async fn two_nodes_starting_together_place_one_order_and_serve_one_certificate() {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(&dir.path().join("redis")).await;
+    let redis = RedisServer::start();
     let port_b = free_port();
     let listener_b = TcpListener::bind(("127.0.0.1", port_b)).await.unwrap();
     let mut pebble = Pebble::prepare(&dir.path().join("pebble"), port_b, None);
@@ -135,7 +136,7 @@ async fn two_nodes_starting_together_place_one_order_and_serve_one_certificate()
 async fn renewal_is_ordered_once_for_the_cluster_and_every_node_swaps_to_the_new_certificate() {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(&dir.path().join("redis")).await;
+    let redis = RedisServer::start();
     let port_b = free_port();
     let listener_b = TcpListener::bind(("127.0.0.1", port_b)).await.unwrap();
     // 30 s certificates: renewal is due a third of the lifetime before notAfter (after 20 s).
@@ -191,7 +192,7 @@ async fn renewal_is_ordered_once_for_the_cluster_and_every_node_swaps_to_the_new
 async fn redis_outage_keeps_the_certificate_in_service_and_a_restart_orders_nothing() {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let mut redis = RedisServer::start(&dir.path().join("redis")).await;
+    let mut redis = RedisServer::start();
     let port_b = free_port();
     let listener_b = TcpListener::bind(("127.0.0.1", port_b)).await.unwrap();
     let mut pebble = Pebble::prepare(&dir.path().join("pebble"), port_b, None);
@@ -228,7 +229,7 @@ async fn redis_outage_keeps_the_certificate_in_service_and_a_restart_orders_noth
     assert_eq!(served_leaf(a.port, &root).await, leaf, "still served");
     assert_eq!(served_leaf(b.port, &root).await, leaf, "still served");
 
-    redis.restart().await;
+    redis.restart();
     a.wait("A reaches Redis again", |s| s.redis_reachable, 30)
         .await;
     b.wait("B reaches Redis again", |s| s.redis_reachable, 30)
@@ -243,6 +244,96 @@ async fn redis_outage_keeps_the_certificate_in_service_and_a_restart_orders_noth
     assert_eq!(served_leaf(c.port, &root).await, leaf);
     assert_eq!(pebble.new_orders(), 1, "the outage caused no order");
     shutdown.cancel();
+}
+
+/// The whole gateway, twice: `tls.mode = "acme"` with `[cluster]` on one Redis. Pebble
+/// validates on B's listener only, so a certificate at all proves that B's accept path
+/// answered the challenge, whichever node placed the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_in_a_cluster_order_once_and_serve_one_certificate() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let port_b = free_port();
+    let listener_b = TcpListener::bind(("127.0.0.1", port_b)).await.unwrap();
+    let mut pebble = Pebble::prepare(&dir.path().join("pebble"), port_b, None);
+    pebble.start().await;
+
+    let gateway = |name: &str| {
+        let mut raw = RawConfig {
+            api_keys: vec!["k".into()],
+            data_dir: dir.path().join(name).join("data"),
+            ..RawConfig::default()
+        };
+        raw.store.dir = dir.path().join(name).join("certs");
+        raw.tls.mode = TlsMode::Acme;
+        raw.tls.acme.domains = vec!["localhost".into()];
+        raw.tls.acme.directory = pebble.directory_url();
+        raw.tls.acme.directory_ca_file = Some(pebble.listener_ca_file.clone());
+        raw.cluster = Some(RawCluster {
+            redis_url: Some(redis.url()),
+            node_id: Some(name.into()),
+            mode: ClusterMode::Standalone,
+        });
+        raw.validate("test").unwrap()
+    };
+    let a = agentgate::Gateway::start(gateway("node-a")).await.unwrap();
+    let b = agentgate::Gateway::start(gateway("node-b")).await.unwrap();
+    let (acme_a, acme_b) = (
+        a.server_cert()
+            .cluster_acme()
+            .expect("cluster ACME")
+            .clone(),
+        b.server_cert()
+            .cluster_acme()
+            .expect("cluster ACME")
+            .clone(),
+    );
+    let listener_a = any_port().await;
+    let port_a = listener_a.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let served_a = tokio::spawn(a.serve(listener_a, stop.clone().cancelled_owned()));
+    let served_b = tokio::spawn(b.serve(listener_b, stop.clone().cancelled_owned()));
+
+    let wait = |acme: ClusterAcme, what: &'static str| async move {
+        let mut status = acme.status();
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            status.wait_for(ClusterAcmeStatus::has_certificate),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no certificate within 120 s"))
+        .unwrap()
+        .clone()
+    };
+    let status_a = wait(acme_a, "node A").await;
+    let status_b = wait(acme_b, "node B").await;
+    assert_eq!(
+        status_a.orders_placed + status_b.orders_placed,
+        1,
+        "one order for the cluster: {status_a:?} {status_b:?}"
+    );
+    assert_eq!(pebble.new_orders(), 1, "one newOrder at the CA");
+    let root = pebble.root_pem().await;
+    let leaf_a = served_leaf(port_a, &root).await;
+    assert_eq!(leaf_a, served_leaf(port_b, &root).await, "one certificate");
+    assert_eq!(
+        serial_of(&leaf_a),
+        status_a.certificate.unwrap().serial,
+        "the one in Redis"
+    );
+    for port in [port_a, port_b] {
+        let (status, body) = https_get(port, "/ready", &root).await.unwrap();
+        assert_eq!(status, 200, "node on {port}: {body}");
+    }
+    stop.cancel();
+    for served in [served_a, served_b] {
+        tokio::time::timeout(Duration::from_secs(20), served)
+            .await
+            .expect("drained")
+            .unwrap()
+            .unwrap();
+    }
 }
 
 /// One node: a cluster ACME manager and a TLS listener using it.

@@ -300,6 +300,12 @@ fn scope_hash(items: &[String], directory_url: &str) -> String {
     BASE64_URL_SAFE_NO_PAD.encode(ctx.finish())
 }
 
+impl std::fmt::Debug for ClusterAcme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
 impl ClusterAcme {
     /// Starts the manager of this node: a task that loads the certificate from Redis,
     /// orders under the lock when none is there or it is due, and one that follows the

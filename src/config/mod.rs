@@ -391,6 +391,18 @@ impl RawConfig {
             Some(raw) => Some(validate_cluster(raw, self.listen, origin)?),
             None => None,
         };
+        if matches!(tls, TlsSource::Acme(_))
+            && cluster
+                .as_ref()
+                .is_some_and(|c| c.mode == ClusterMode::Cluster)
+        {
+            return Err(err(
+                "cluster.mode",
+                "tls.mode = \"acme\" shares its certificate through a standalone Redis (or a \
+                 primary behind Sentinel/HAProxy); with a Redis Cluster (mode = \"cluster\") use \
+                 tls.mode = \"files\" and a certificate from your own ACME client",
+            ));
+        }
         Ok(Config {
             listen: self.listen,
             data_dir: self.data_dir,

@@ -17,8 +17,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, TlsSource};
+use crate::cluster::acme::{ChallengeSource, ClusterAcme, ClusterAcmeSettings, Timing};
+use crate::config::{AcmeConfig, ClusterConfig, Config, TlsSource};
 use acme::Acme;
 use server_cert::{ServerCertError, SwappableCert};
 use verifier::{AgentCertVerifier, Rejection};
@@ -47,6 +50,12 @@ enum CertSource {
         swappable: Arc<SwappableCert>,
     },
     Acme(Acme),
+    /// `mode = "acme"` with `[cluster]`: one certificate for every node, through Redis.
+    /// `stop` ends the manager's tasks (they start with the gateway, before it serves).
+    ClusterAcme {
+        acme: ClusterAcme,
+        stop: CancellationToken,
+    },
 }
 
 impl ServerCert {
@@ -74,10 +83,17 @@ impl ServerCert {
                     },
                 )
             }
-            TlsSource::Acme(settings) => {
-                let acme = Acme::new(settings, config.listen.port(), provider.clone())?;
-                (acme.resolver(), CertSource::Acme(acme))
-            }
+            TlsSource::Acme(settings) => match &config.cluster {
+                None => {
+                    let acme = Acme::new(settings, config.listen.port(), provider.clone())?;
+                    (acme.resolver(), CertSource::Acme(acme))
+                }
+                Some(cluster) => {
+                    let stop = CancellationToken::new();
+                    let acme = start_cluster_acme(settings, cluster, &provider, stop.clone())?;
+                    (acme.resolver(), CertSource::ClusterAcme { acme, stop })
+                }
+            },
         };
         Ok(Self {
             resolver,
@@ -86,11 +102,37 @@ impl ServerCert {
         })
     }
 
-    /// The ACME machinery, in `mode = "acme"`.
+    /// The ACME machinery, in `mode = "acme"` on a single node.
     pub fn acme(&self) -> Option<&Acme> {
         match &self.source {
             CertSource::Acme(acme) => Some(acme),
-            CertSource::SelfSigned { .. } | CertSource::Files { .. } => None,
+            _ => None,
+        }
+    }
+
+    /// The ACME machinery, in `mode = "acme"` with `[cluster]`.
+    pub fn cluster_acme(&self) -> Option<&ClusterAcme> {
+        match &self.source {
+            CertSource::ClusterAcme { acme, .. } => Some(acme),
+            _ => None,
+        }
+    }
+
+    /// Runs what keeps the certificate fresh (ACME orders and renewals) until `shutdown`,
+    /// in tasks of `tracker` so that the gateway's drain waits for them.
+    pub(crate) fn spawn_background(&self, shutdown: CancellationToken, tracker: &TaskTracker) {
+        match &self.source {
+            CertSource::Acme(acme) => {
+                tracker.spawn(acme.clone().run(shutdown));
+            }
+            CertSource::ClusterAcme { stop, .. } => {
+                let stop = stop.clone();
+                tracker.spawn(async move {
+                    shutdown.cancelled().await;
+                    stop.cancel();
+                });
+            }
+            CertSource::SelfSigned { .. } | CertSource::Files { .. } => {}
         }
     }
 
@@ -107,7 +149,9 @@ impl ServerCert {
                 Ok(true)
             }
             // ACME renews by itself; there is no file to re-read.
-            CertSource::SelfSigned { .. } | CertSource::Acme(_) => Ok(false),
+            CertSource::SelfSigned { .. }
+            | CertSource::Acme(_)
+            | CertSource::ClusterAcme { .. } => Ok(false),
         }
     }
 
@@ -117,6 +161,7 @@ impl ServerCert {
         match &self.source {
             CertSource::SelfSigned { .. } | CertSource::Files { .. } => true,
             CertSource::Acme(acme) => acme.has_certificate(),
+            CertSource::ClusterAcme { acme, .. } => acme.status().borrow().has_certificate(),
         }
     }
 
@@ -125,8 +170,33 @@ impl ServerCert {
             CertSource::SelfSigned { path } => format!("self-signed ({})", path.display()),
             CertSource::Files { cert, .. } => format!("files ({})", cert.display()),
             CertSource::Acme(acme) => acme.describe(),
+            CertSource::ClusterAcme { acme, .. } => acme.describe(),
         }
     }
+}
+
+/// Starts this node's part of the cluster's ACME (DESIGN.md, "Several nodes"): the account
+/// key, the certificate and the open TLS-ALPN-01 challenges live in `[cluster]`'s Redis.
+/// Nothing here waits on Redis; the node serves once the certificate is there.
+fn start_cluster_acme(
+    settings: &AcmeConfig,
+    cluster: &ClusterConfig,
+    provider: &Arc<CryptoProvider>,
+    stop: CancellationToken,
+) -> Result<ClusterAcme, ServerCertError> {
+    let client = redis::Client::open(cluster.redis_url.as_secret_str())
+        .map_err(crate::cluster::acme::ClusterAcmeError::from)?;
+    let settings = ClusterAcmeSettings {
+        domains: settings.domains.to_vec(),
+        directory_url: settings.directory.url().to_owned(),
+        contact: settings.contact.clone(),
+        client_config: acme::directory_client(settings, provider.clone())?,
+        provider: provider.clone(),
+        node_id: cluster.node_id.clone(),
+        key_prefix: "agentgate".to_owned(),
+        timing: Timing::default(),
+    };
+    Ok(ClusterAcme::start(client, settings, stop)?)
 }
 
 /// Takes TCP connections through the TLS handshake: ordinary handshakes with the gateway's
@@ -134,7 +204,16 @@ impl ServerCert {
 #[derive(Clone)]
 pub struct Acceptor {
     main: Arc<ServerConfig>,
-    acme_challenge: Option<Arc<ServerConfig>>,
+    acme_challenge: Option<Challenge>,
+}
+
+/// Where a TLS-ALPN-01 validation handshake gets its certificate.
+#[derive(Clone)]
+enum Challenge {
+    /// One node: the config rustls-acme keeps for the order in progress.
+    Local(Arc<ServerConfig>),
+    /// A cluster: whichever node placed the order published the challenge in Redis.
+    Cluster(ChallengeSource),
 }
 
 /// The outcome of a successful [`Acceptor::accept`].
@@ -152,7 +231,11 @@ impl Acceptor {
     pub fn new(main: Arc<ServerConfig>, server_cert: &ServerCert) -> Self {
         Self {
             main,
-            acme_challenge: server_cert.acme().map(Acme::challenge_config),
+            acme_challenge: match &server_cert.source {
+                CertSource::Acme(acme) => Some(Challenge::Local(acme.challenge_config())),
+                CertSource::ClusterAcme { acme, .. } => Some(Challenge::Cluster(acme.challenge())),
+                CertSource::SelfSigned { .. } | CertSource::Files { .. } => None,
+            },
         }
     }
 
@@ -165,7 +248,16 @@ impl Acceptor {
         if let Some(challenge) = &self.acme_challenge
             && rustls_acme::is_tls_alpn_challenge(&start.client_hello())
         {
-            let mut tls = start.into_stream(challenge.clone()).await?;
+            let config = match challenge {
+                Challenge::Local(config) => config.clone(),
+                Challenge::Cluster(source) => {
+                    let name = start.client_hello().server_name().map(str::to_owned);
+                    source.config_for(name.as_deref()).await.ok_or_else(|| {
+                        io::Error::other("TLS-ALPN-01 validation for a name with no open challenge")
+                    })?
+                }
+            };
+            let mut tls = start.into_stream(config).await?;
             // The CA needs the handshake only; a close_notify ends it politely.
             let _ = tls.shutdown().await;
             return Ok(Accepted::AcmeChallenge);

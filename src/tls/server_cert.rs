@@ -33,6 +33,8 @@ pub enum ServerCertError {
     Write(#[source] io::Error),
     #[error(transparent)]
     Acme(#[from] super::acme::AcmeSetupError),
+    #[error("ACME in a cluster: {0}")]
+    ClusterAcme(#[from] crate::cluster::acme::ClusterAcmeError),
 }
 
 /// A resolver holding one certificate that can be replaced atomically; handshakes in

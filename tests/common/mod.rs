@@ -7,7 +7,6 @@
 
 pub mod pebble;
 pub mod redis;
-pub mod redis_server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

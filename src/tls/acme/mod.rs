@@ -170,19 +170,11 @@ impl Acme {
             path: cache_dir.clone(),
             source,
         })?;
-        let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = &settings.directory_ca_file {
-            add_pem_roots(&mut roots, path)?;
-        }
-        let client = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let client = directory_client(settings, provider.clone())?;
         let cache = AcmeCache::new(cache_dir);
         let directory_url = settings.directory.url().to_owned();
         let state: State =
-            rustls_acme::AcmeConfig::new_with_client_config(&settings.domains, Arc::new(client))
+            rustls_acme::AcmeConfig::new_with_client_config(&settings.domains, client)
                 .contact(&settings.contact)
                 .directory(&directory_url)
                 .cache(cache.clone())
@@ -238,6 +230,24 @@ impl Acme {
             self.shared.cache.dir.display()
         )
     }
+}
+
+/// The HTTPS client for the ACME directory: the web PKI roots, plus
+/// `tls.acme.directory_ca_file` when set (a private CA, Pebble in the tests).
+pub fn directory_client(
+    settings: &AcmeConfig,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ClientConfig>, AcmeSetupError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &settings.directory_ca_file {
+        add_pem_roots(&mut roots, path)?;
+    }
+    let client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(client))
 }
 
 fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), AcmeSetupError> {

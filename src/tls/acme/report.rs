@@ -7,11 +7,13 @@ use time::OffsetDateTime;
 use super::cache::{cached_account_path, cached_cert_path};
 use super::{CertOrigin, certificate_info};
 use crate::clock::rfc3339;
-use crate::config::{AcmeConfig, AcmeDirectory};
+use crate::config::{AcmeConfig, AcmeDirectory, ClusterConfig};
 
 /// What `agentgate check-config` prints about ACME: the settings, and whether the cache
-/// holds a certificate that a start would serve without ordering, and until when.
-pub fn report(acme: &AcmeConfig) -> String {
+/// holds a certificate that a start would serve without ordering, and until when. With
+/// `[cluster]` the account and certificate live in Redis, which `check-config` does not
+/// contact; it says so instead of reporting on a cache directory nobody uses.
+pub fn report(acme: &AcmeConfig, cluster: Option<&ClusterConfig>) -> String {
     let url = acme.directory.url();
     let dir = &acme.cache_dir;
     let mut out = String::from("\n# ACME (tls.mode = \"acme\"):\n");
@@ -31,6 +33,17 @@ pub fn report(acme: &AcmeConfig) -> String {
         acme.contact.join(", ")
     };
     line("contact", &contact);
+    if let Some(cluster) = cluster {
+        line(
+            "shared through Redis",
+            &format!(
+                "{} (not contacted by check-config): one node orders under a lock, every node \
+                 serves the certificate from Redis and answers TLS-ALPN-01",
+                cluster.redis_url.redacted()
+            ),
+        );
+        return out;
+    }
     line("cache_dir", &dir.display().to_string());
     let path = cached_cert_path(dir, &acme.domains, url);
     let account = cached_account_path(dir, &acme.contact, url);
