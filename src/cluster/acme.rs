@@ -56,6 +56,8 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::rfc3339;
+
 use crate::tls::acme::describe_order_error;
 
 /// Releases the lock only if it still holds our token: a node whose lock expired must not
@@ -1154,16 +1156,11 @@ fn random_hex() -> String {
         let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
         bytes = nanos.to_le_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::digest::hex(&bytes)
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
 
 #[cfg(test)]
