@@ -4,7 +4,8 @@
 # 1. installs what the tests need and is missing (Debian packages, a Python venv with
 #    the test agent's pinned dependencies in ./.venv, the Node test agent's npm packages
 #    from its package-lock.json in tests/agents/node/node_modules);
-# 2. cargo fmt --check, cargo clippy -D warnings, cargo test, over the whole workspace
+# 2. cargo fmt --check, cargo clippy -D warnings, cargo test, over the whole workspace with
+#    every feature (`fuzzing` adds the fuzz entry points that tests/fuzz_regressions.rs replays)
 #    (the gateway, crates/agentgate-bench, crates/testkit).
 #
 # Idempotent: a second run installs nothing and skips pip and npm. Quiet: prints only failures
@@ -152,7 +153,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo is not on PATH (the Rust toolchai
 
 cargo fmt --all -- --check ||
     die "cargo fmt: code is not formatted (run: cargo fmt --all)"
-cargo clippy --workspace --all-targets --locked --quiet -- -D warnings ||
+cargo clippy --workspace --all-targets --all-features --locked --quiet -- -D warnings ||
     die "cargo clippy: warnings or errors (see above)"
-cargo test --workspace --all-targets --locked --quiet ||
+cargo test --workspace --all-targets --all-features --locked --quiet ||
     die "cargo test: tests failed (see above)"

@@ -39,6 +39,8 @@ pub mod config;
 pub(crate) mod digest;
 pub mod enroll;
 pub(crate) mod fsutil;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod identity;
 pub(crate) mod killable;
 pub(crate) mod listener;

@@ -173,7 +173,7 @@ struct HeartbeatAck<'a> {
 }
 
 /// `{cpu_usage, memory_usage, disk_usage, timestamp?}`, numbers for the three usages.
-fn check_heartbeat(v: &Value) -> Result<(), String> {
+pub(crate) fn check_heartbeat(v: &Value) -> Result<(), String> {
     let obj = v
         .as_object()
         .ok_or("heartbeat payload must be a JSON object")?;
