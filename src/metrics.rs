@@ -25,6 +25,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProblemLabels {
+    pub problem: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub method: String,
     pub route: String,
@@ -41,6 +46,7 @@ struct Inner {
     registry: Registry,
     handshakes: Family<HandshakeLabels, Counter>,
     heartbeats: Counter,
+    heartbeats_malformed: Family<ProblemLabels, Counter>,
     commands: Family<OutcomeLabels, Counter>,
     command_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
@@ -79,6 +85,12 @@ impl Metrics {
             "heartbeats",
             "Heartbeats received from agents",
             heartbeats.clone(),
+        );
+        let heartbeats_malformed = Family::<ProblemLabels, Counter>::default();
+        registry.register(
+            "heartbeats_malformed",
+            "Heartbeats acknowledged with an error event: payload not an object, or a known field of the wrong type",
+            heartbeats_malformed.clone(),
         );
         let commands = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -130,6 +142,7 @@ impl Metrics {
                 registry,
                 handshakes,
                 heartbeats,
+                heartbeats_malformed,
                 commands,
                 command_seconds,
                 http_requests,
@@ -150,6 +163,15 @@ impl Metrics {
 
     pub fn heartbeat(&self) {
         self.inner.heartbeats.inc();
+    }
+
+    /// A heartbeat that also got an `error` event; `problem` is `not_an_object` or
+    /// `wrong_type`.
+    pub fn heartbeat_malformed(&self, problem: &'static str) {
+        self.inner
+            .heartbeats_malformed
+            .get_or_create(&ProblemLabels { problem })
+            .inc();
     }
 
     pub fn command(&self, outcome: &'static str, seconds: Option<f64>) {

@@ -128,16 +128,20 @@ impl Gateway {
         };
         // `.layer` wraps what is already there, so the last layer added runs first. A
         // request meets, in order: `observe` (metrics, access log, in-flight tracking, so
-        // every request is counted, refused ones too), the session guard (a `/socket.io/`
-        // request carrying a `sid` must come from the identity that opened the session),
-        // the Socket.IO layer (which answers `/socket.io/` itself), and then the API router
-        // (see `api::router` for the layers inside it).
+        // every request is counted, refused ones too), `json_errors` (every 4xx and 5xx
+        // below leaves as `{"detail": ...}`), the request head limits (414, 431), the
+        // session guard (a `/socket.io/` request carrying a `sid` must come from the
+        // identity that opened the session), the Socket.IO layer (which answers
+        // `/socket.io/` itself), and then the API router (see `api::router` for the layers
+        // inside it).
         let app = api::router(state.clone(), &config.cors_origins, exposure)
             .layer(sio_layer)
             .layer(axum::middleware::from_fn_with_state(
                 agents.bindings.clone(),
                 session_guard::guard,
             ))
+            .layer(axum::middleware::from_fn(api::head_limits::check_head))
+            .layer(axum::middleware::from_fn(api::json_errors))
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 api::observe,
@@ -393,7 +397,9 @@ impl ConnShared {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_headers(api::head_limits::HYPER_MAX_HEADERS)
+            .max_buf_size(api::head_limits::HYPER_MAX_BUF);
         let io = Killable::new(tls, self.kill.clone());
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);

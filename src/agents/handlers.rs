@@ -10,6 +10,7 @@ use socketioxide::extract::{AckSender, MaybeHttpExtension, SocketRef, State, Try
 use socketioxide::handler::{FromMessageParts, MessageHandler, Value as ParserValue};
 use socketioxide::socket::{DisconnectReason, Socket};
 
+use super::heartbeat;
 use super::registry::{Heartbeat, Session};
 use super::{AgentsState, AnonymousAgents};
 use crate::clock::rfc3339;
@@ -123,6 +124,9 @@ impl MessageHandler<LocalAdapter, Inline> for OnHeartbeat {
     }
 }
 
+/// Every heartbeat is acknowledged and stored (see [`heartbeat`](super::heartbeat)); a
+/// malformed one also gets an `error` event, sent first so the agent reads why before the
+/// acknowledgement, and is counted.
 fn on_heartbeat(
     socket: SocketRef,
     data: Result<Value, ParserError>,
@@ -131,17 +135,16 @@ fn on_heartbeat(
     ack: AckSender,
 ) {
     let identity = peer.and_then(|p| p.identity);
-    let payload = match data
-        .map_err(|e| e.to_string())
-        .and_then(|v| check_heartbeat(&v).map(|()| v))
-    {
-        Ok(v) => v,
-        Err(reason) => {
-            tracing::debug!(sid = %socket.id, %reason, "malformed heartbeat");
-            let _ = socket.emit("error", &json!({ "event": "heartbeat", "message": reason }));
-            return;
-        }
-    };
+    let reading = heartbeat::read(data.map_err(|e| e.to_string()));
+    if let Some(problem) = &reading.problem {
+        let message = problem.message();
+        tracing::debug!(sid = %socket.id, reason = %message, "malformed heartbeat");
+        state.metrics.heartbeat_malformed(problem.label());
+        let _ = socket.emit(
+            "error",
+            &json!({ "event": "heartbeat", "message": message }),
+        );
+    }
     let received_at = state.registry.clock().now();
     state.metrics.heartbeat();
     if let Some(id) = &identity {
@@ -149,7 +152,7 @@ fn on_heartbeat(
             &id.agent_id,
             Heartbeat {
                 received_at,
-                payload,
+                payload: reading.stored,
             },
         );
     }
@@ -172,24 +175,6 @@ struct HeartbeatAck<'a> {
     received_at: String,
 }
 
-/// `{cpu_usage, memory_usage, disk_usage, timestamp?}`, numbers for the three usages.
-fn check_heartbeat(v: &Value) -> Result<(), String> {
-    let obj = v
-        .as_object()
-        .ok_or("heartbeat payload must be a JSON object")?;
-    for field in ["cpu_usage", "memory_usage", "disk_usage"] {
-        match obj.get(field) {
-            Some(Value::Number(_)) => {}
-            Some(_) => return Err(format!("heartbeat field `{field}` must be a number")),
-            None => return Err(format!("heartbeat field `{field}` is missing")),
-        }
-    }
-    match obj.get("timestamp") {
-        None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
-        Some(_) => Err("heartbeat field `timestamp` must be a string".into()),
-    }
-}
-
 async fn on_disconnect(
     socket: SocketRef,
     reason: DisconnectReason,
@@ -206,35 +191,5 @@ async fn on_disconnect(
             tracing::info!(agent_id = %id.agent_id, sid = %socket.id, %reason, "agent disconnected")
         }
         None => tracing::info!(sid = %socket.id, %reason, "anonymous client disconnected"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heartbeat_payload_rules() {
-        assert!(
-            check_heartbeat(&json!({"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}))
-                .is_ok()
-        );
-        assert!(
-            check_heartbeat(&json!({"cpu_usage": 0.5, "memory_usage": 1, "disk_usage": 1, "timestamp": "2025-11-13T12:00:00"}))
-                .is_ok()
-        );
-        assert_eq!(
-            check_heartbeat(&json!("x")).unwrap_err(),
-            "heartbeat payload must be a JSON object"
-        );
-        assert_eq!(
-            check_heartbeat(&json!({"cpu_usage": "high", "memory_usage": 1, "disk_usage": 1}))
-                .unwrap_err(),
-            "heartbeat field `cpu_usage` must be a number"
-        );
-        assert_eq!(
-            check_heartbeat(&json!({"cpu_usage": 1, "memory_usage": 1})).unwrap_err(),
-            "heartbeat field `disk_usage` is missing"
-        );
     }
 }

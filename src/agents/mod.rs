@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod handlers;
+pub(crate) mod heartbeat;
 pub mod registry;
 pub mod session_guard;
 
@@ -71,6 +72,11 @@ impl Agents {
             .ping_interval(config.socketio.ping_interval)
             .ping_timeout(config.socketio.ping_timeout)
             .max_payload(config.socketio.max_payload_bytes)
+            // engineioxide's WebSocket limits are 64 MiB a message and 16 MiB a frame,
+            // whatever `max_payload` says (it bounds polling bodies only); one limit for
+            // both transports bounds what a heartbeat can make us store.
+            .ws_max_message_size(ws_limit(config.socketio.max_payload_bytes))
+            .ws_max_frame_size(ws_limit(config.socketio.max_payload_bytes))
             .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(state.clone())
             .build_layer();
@@ -159,6 +165,12 @@ impl Agents {
             }
         });
     }
+}
+
+/// `max_payload_bytes` as the WebSocket message limit (a `usize`; saturates on targets
+/// where it does not fit, where the limit would be moot anyway).
+fn ws_limit(max_payload: u64) -> usize {
+    usize::try_from(max_payload).unwrap_or(usize::MAX)
 }
 
 use socketioxide::handler::ConnectHandler as _;
