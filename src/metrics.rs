@@ -30,6 +30,11 @@ pub struct ProblemLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub method: String,
     pub route: String,
@@ -47,6 +52,9 @@ struct Inner {
     handshakes: Family<HandshakeLabels, Counter>,
     heartbeats: Counter,
     heartbeats_malformed: Family<ProblemLabels, Counter>,
+    socket_backpressure: Counter,
+    socket_overflow_disconnects: Counter,
+    emits_undelivered: Family<EventLabels, Counter>,
     commands: Family<OutcomeLabels, Counter>,
     command_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
@@ -91,6 +99,24 @@ impl Metrics {
             "heartbeats_malformed",
             "Heartbeats acknowledged with an error event: payload not an object, or a known field of the wrong type",
             heartbeats_malformed.clone(),
+        );
+        let socket_backpressure = Counter::default();
+        registry.register(
+            "socket_backpressure",
+            "Times a Socket.IO session's send buffer was full: its replies queued and its connection no longer read until they were out",
+            socket_backpressure.clone(),
+        );
+        let socket_overflow_disconnects = Counter::default();
+        registry.register(
+            "socket_overflow_disconnects",
+            "Socket.IO sessions closed because replies piled up past the per-session limit",
+            socket_overflow_disconnects.clone(),
+        );
+        let emits_undelivered = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "emits_undelivered",
+            "Server-initiated events that could not be handed to a session (buffer still full at the deadline, or session gone)",
+            emits_undelivered.clone(),
         );
         let commands = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -143,6 +169,9 @@ impl Metrics {
                 handshakes,
                 heartbeats,
                 heartbeats_malformed,
+                socket_backpressure,
+                socket_overflow_disconnects,
+                emits_undelivered,
                 commands,
                 command_seconds,
                 http_requests,
@@ -172,6 +201,22 @@ impl Metrics {
             .heartbeats_malformed
             .get_or_create(&ProblemLabels { problem })
             .inc();
+    }
+
+    pub fn socket_backpressure(&self) {
+        self.inner.socket_backpressure.inc();
+    }
+
+    pub fn socket_overflow_disconnect(&self) {
+        self.inner.socket_overflow_disconnects.inc();
+    }
+
+    /// `n` sessions that did not get `event`.
+    pub fn emits_undelivered(&self, event: &'static str, n: u64) {
+        self.inner
+            .emits_undelivered
+            .get_or_create(&EventLabels { event })
+            .inc_by(n);
     }
 
     pub fn command(&self, outcome: &'static str, seconds: Option<f64>) {

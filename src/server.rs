@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::agents::backpressure::{Gated, ReadGate};
 use crate::agents::{Agents, session_guard};
 use crate::api::{self, ApiKeys, AppState, MetricsExposure};
 use crate::clock::Clock;
@@ -277,7 +278,12 @@ impl Gateway {
             );
         }
         let sessions = self.agents.io.sockets().len();
-        self.agents.notify_shutdown("server shutting down").await;
+        self.agents
+            .notify_shutdown(
+                "server shutting down",
+                SHUTDOWN_NOTICE_FLUSH.min(deadline - tokio::time::Instant::now()),
+            )
+            .await;
         // Let the notice reach the agents before their connections are cut.
         tokio::time::sleep(SHUTDOWN_NOTICE_FLUSH.min(deadline - tokio::time::Instant::now())).await;
         kill.cancel();
@@ -378,7 +384,11 @@ impl ConnShared {
                 "no_certificate"
             },
         );
+        // Backpressure of the Socket.IO session this connection may carry (see
+        // `agents::backpressure`): the session pauses reading here when its replies wait.
+        let gate = ReadGate::default();
         let this = self.clone();
+        let request_gate = gate.clone();
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             let headers = req.headers_mut();
             for name in &IDENTITY_HEADERS {
@@ -391,6 +401,7 @@ impl ConnShared {
                 remote_addr: remote,
                 identity,
             });
+            req.extensions_mut().insert(request_gate.clone());
             this.app.clone().oneshot(req)
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -400,7 +411,7 @@ impl ConnShared {
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_headers(api::head_limits::HYPER_MAX_HEADERS)
             .max_buf_size(api::head_limits::HYPER_MAX_BUF);
-        let io = Killable::new(tls, self.kill.clone());
+        let io = Gated::new(Killable::new(tls, self.kill.clone()), gate);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
         let mut cancelled = std::pin::pin!(self.shutdown.cancelled());

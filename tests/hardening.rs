@@ -441,3 +441,291 @@ async fn python_agent_with_a_partial_heartbeat_gets_every_ack() {
     assert_eq!(hb.payload["disk_usage"], Value::Null);
     server.stop().await;
 }
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A new WebSocket session of `agent`, connected to the namespace.
+async fn ws_session(server: &TestServer, agent: &AgentCert) -> Ws {
+    let tls = server.tls(Some(agent)).await.unwrap();
+    let (ws, answer) = agentgate_testkit::sio::open(tls, server.addr.port(), None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, agentgate_testkit::sio::Namespace::Accepted(_)),
+        "{answer:?}"
+    );
+    ws
+}
+
+/// A session of `agent` opened over long-polling, then upgraded to a WebSocket on another
+/// connection (as python-socketio does).
+async fn upgraded_session(server: &TestServer, agent: &AgentCert) -> Ws {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut conn = server.http(Some(agent)).await.unwrap();
+    let polling = Polling::handshake(&mut conn).await;
+    assert_eq!(polling.post(&mut conn, "40").await.status, 200);
+    assert!(polling.get(&mut conn).await.text().contains("40"));
+    let tls = server.tls(Some(agent)).await.unwrap();
+    let url = format!(
+        "wss://localhost:{}/socket.io/?EIO=4&transport=websocket&sid={}",
+        server.addr.port(),
+        polling.sid
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    ws.send(Message::text("2probe")).await.unwrap();
+    let probe = ws.next().await.unwrap().unwrap();
+    assert_eq!(probe.to_text().unwrap(), "3probe");
+    ws.send(Message::text("5")).await.unwrap();
+    ws
+}
+
+/// What came back from a flood.
+#[derive(Debug, PartialEq, Eq)]
+struct Flood {
+    /// `heartbeat_ack` events.
+    acks: usize,
+    /// Acknowledgements of heartbeats emitted with an ack id, which arrived in order.
+    callbacks_in_order: usize,
+    /// The session ended before every reply came.
+    ended: bool,
+}
+
+/// Sends `count` heartbeats back to back on `ws` (with ack ids 0.. if `with_ack`) while
+/// reading, until every reply came or the session ended.
+async fn flood(ws: Ws, count: usize, with_ack: bool) -> Flood {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut sink, mut stream) = ws.split();
+    let (pong_tx, mut pong_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let writer = tokio::spawn(async move {
+        let payload =
+            json!(["heartbeat", {"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}]);
+        for i in 0..count {
+            let frame = if with_ack {
+                format!("42{i}{payload}")
+            } else {
+                format!("42{payload}")
+            };
+            if sink.feed(Message::text(frame)).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.flush().await;
+        while pong_rx.recv().await.is_some() {
+            if sink.send(Message::text("3")).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Flood {
+        acks: 0,
+        callbacks_in_order: 0,
+        ended: false,
+    };
+    let callbacks = if with_ack { count } else { 0 };
+    // A failure bound, not a measurement: the replaced system took 20 s for 30,000.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    while got.acks < count || got.callbacks_in_order < callbacks {
+        let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            panic!("{got:?} of {count} heartbeats, and the session is still open")
+        };
+        match next {
+            Some(Ok(Message::Text(t))) => {
+                let t = t.as_str();
+                if t == "2" {
+                    let _ = pong_tx.send(());
+                } else if t.starts_with(r#"42["heartbeat_ack""#) {
+                    got.acks += 1;
+                } else if let Some(rest) = t.strip_prefix("43") {
+                    let expected = format!("{}[", got.callbacks_in_order);
+                    assert!(rest.starts_with(&expected), "ack out of order: {t}");
+                    got.callbacks_in_order += 1;
+                } else if t == "1" || t.starts_with("41") {
+                    got.ended = true;
+                    break;
+                }
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                got.ended = true;
+                break;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    drop(pong_tx);
+    writer.abort();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_thousand_heartbeats_back_to_back_are_all_acknowledged() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("flood-1");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let ws = ws_session(&server, &agent).await;
+    let got = flood(ws, 30_000, false).await;
+    assert_eq!(
+        got,
+        Flood {
+            acks: 30_000,
+            callbacks_in_order: 0,
+            ended: false
+        }
+    );
+    // The buffer did fill, and the session was paused rather than its replies dropped.
+    assert!(metric(&server, "agentgate_socket_backpressure_total").await >= 1.0);
+    assert_eq!(
+        metric(&server, "agentgate_socket_overflow_disconnects_total").await,
+        0.0
+    );
+    assert_eq!(
+        metric(&server, "agentgate_heartbeats_total").await,
+        30_000.0
+    );
+    server.stop().await;
+}
+
+/// The same after the polling-to-WebSocket upgrade (the session guard records the
+/// WebSocket's connection), with every heartbeat emitted with a callback: the events and
+/// the acknowledgements all arrive, the acknowledgements in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_after_the_upgrade_gets_every_event_and_callback_in_order() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("flood-2");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let ws = upgraded_session(&server, &agent).await;
+    let got = flood(ws, 10_000, true).await;
+    assert_eq!(
+        got,
+        Flood {
+            acks: 10_000,
+            callbacks_in_order: 10_000,
+            ended: false
+        }
+    );
+    assert!(metric(&server, "agentgate_socket_backpressure_total").await >= 1.0);
+    server.stop().await;
+}
+
+/// Long-polling has no connection to stop reading: a client that posts heartbeats by the
+/// thousand and never polls for the answers has its session closed once its replies pass
+/// the per-session limit, with the metric, rather than losing replies without a word.
+#[tokio::test]
+async fn a_polling_client_that_never_polls_is_disconnected_not_silently_shortened() {
+    // A short ping interval: engineioxide ends the session at its next ping, which finds
+    // the buffer full, and only then does the registry see the agent go.
+    let server = TestServer::start_with(|c| {
+        c.socketio.ping_interval_secs = 1;
+        c.socketio.ping_timeout_secs = 1;
+    })
+    .await;
+    let agent = server.pki.agent("flood-poll");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let mut conn = server.http(Some(&agent)).await.unwrap();
+    let polling = Polling::handshake(&mut conn).await;
+    assert_eq!(polling.post(&mut conn, "40").await.status, 200);
+    assert!(polling.get(&mut conn).await.text().contains("40"));
+    let packet = format!(
+        "42{}",
+        json!(["heartbeat", {"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}])
+    );
+    let max = server.config.socketio.max_payload_bytes as usize;
+    let per_post = max / (packet.len() + 1);
+    let batch = vec![packet.as_str(); per_post].join("\u{1e}");
+    let mut posted = 0;
+    let mut refused = None;
+    // Enough posts to pass the limit of queued replies (4096) several times over.
+    for _ in 0..(3 * 4096 / per_post + 3) {
+        let r = polling.post(&mut conn, &batch).await;
+        if r.status != 200 {
+            refused = Some(r);
+            break;
+        }
+        posted += per_post;
+    }
+    let refused = refused.unwrap_or_else(|| panic!("{posted} heartbeats accepted, never polled"));
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert_eq!(
+        metric(&server, "agentgate_socket_overflow_disconnects_total").await,
+        1.0
+    );
+    // Every later request of the session is refused, polls included.
+    let r = polling.get(&mut conn).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("faster than it read"), "{}", r.text());
+    let gone = async {
+        while server.agents.registry.connected_agents() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), gone)
+        .await
+        .expect("the session was never closed");
+    server.stop().await;
+}
+
+/// An agent that floods and never reads: its session's send buffer fills. A command to it
+/// is answered with an error and counted, never lost without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_to_an_agent_whose_buffer_fills_is_answered_with_an_error() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("deaf-1");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    // A small receive window, so the gateway's writes to it block early.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(&server.pki, Some(&agent)))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut ws, _) = agentgate_testkit::sio::open(tls, server.addr.port(), None)
+        .await
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        let frame = format!(
+            "42{}",
+            json!(["heartbeat", {"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}])
+        );
+        // Writes until the gateway stops reading (its backpressure), then blocks there.
+        loop {
+            if ws.send(Message::text(frame.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let paused = async {
+        while metric(&server, "agentgate_socket_backpressure_total").await < 1.0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), paused)
+        .await
+        .expect("the session's send buffer never filled");
+
+    let (status, reply) = server
+        .api(
+            "POST",
+            "/agents/deaf-1/commands",
+            Some(json!({"event": "reboot", "timeout_ms": 1000})),
+        )
+        .await;
+    // 502 when the buffer was full at the emit, 504 when the command got in while the
+    // gateway's writer had just taken a batch and then could not write it: either way the
+    // caller is told, and the metric counts it.
+    assert!(status == 502 || status == 504, "{status} {reply}");
+    assert!(detail(&reply).contains("'reboot'"), "{reply}");
+    let failed = metric(&server, r#"agentgate_commands_total{outcome="failed"}"#).await;
+    let timeout = metric(&server, r#"agentgate_commands_total{outcome="timeout"}"#).await;
+    assert_eq!(failed + timeout, 1.0);
+
+    server.stop().await;
+    writer.abort();
+}

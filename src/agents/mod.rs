@@ -1,6 +1,7 @@
 //! The agent side: Socket.IO handlers (connect, heartbeat, disconnect), the registry of
 //! connected agents, and the guard that binds Engine.IO sessions to TLS identities.
 
+pub(crate) mod backpressure;
 pub mod commands;
 pub mod handlers;
 pub(crate) mod heartbeat;
@@ -50,6 +51,8 @@ pub struct Agents {
 pub struct AgentsState {
     pub registry: AgentRegistry,
     pub bindings: SessionBindings,
+    /// Replies waiting for room in their session's send buffer.
+    pub(crate) outboxes: backpressure::Outboxes,
     pub anonymous: AnonymousAgents,
     pub metrics: Metrics,
 }
@@ -58,10 +61,12 @@ impl Agents {
     /// Builds the Socket.IO layer (to mount on the router) and the handle; the registry
     /// stamps connects and heartbeats with `clock`.
     pub fn build(config: &Config, metrics: Metrics, clock: Clock) -> (SocketIoLayer, Agents) {
+        let bindings = SessionBindings::default();
         let state = AgentsState {
             metrics,
             registry: AgentRegistry::new(clock, config.agents.stale_after),
-            bindings: SessionBindings::default(),
+            bindings: bindings.clone(),
+            outboxes: backpressure::Outboxes::new(bindings),
             anonymous: if config.allow_anonymous_agents {
                 AnonymousAgents::AllowWithWarning
             } else {
@@ -133,10 +138,21 @@ impl Agents {
 
     /// Tells every connected socket that the server is going away. The server then cuts
     /// the connections (see [`crate::killable`]) so that clients reconnect by themselves.
-    pub async fn notify_shutdown(&self, reason: &str) {
+    ///
+    /// A socket whose send buffer is full is tried again for up to `within`; one that
+    /// still has no room is logged and counted (`agentgate_emits_undelivered_total`), not
+    /// skipped silently.
+    pub async fn notify_shutdown(&self, reason: &str, within: Duration) {
         let notice = serde_json::json!({ "reason": reason, "reconnect": true });
-        if let Err(e) = self.io.emit("server_shutdown", &notice).await {
-            tracing::debug!(error = %e, "server_shutdown notice not delivered to every socket");
+        let undelivered =
+            backpressure::emit_each(self.io.sockets(), "server_shutdown", &notice, within).await;
+        if undelivered > 0 {
+            self.metrics
+                .emits_undelivered("server_shutdown", undelivered as u64);
+            tracing::warn!(
+                undelivered,
+                "server_shutdown notice not delivered: those sessions' send buffers stayed full"
+            );
         }
     }
 
