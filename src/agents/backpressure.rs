@@ -52,6 +52,15 @@ pub(crate) const MAX_QUEUED: usize = 4096;
 /// How often a waiting queue looks for room in the session's send buffer.
 const RETRY: Duration = Duration::from_millis(1);
 
+/// Most replies a queue moves into the send buffer per [`RETRY`]: half of engineioxide's
+/// buffer (`max_buffer_size`, 128 packets). engineioxide's Engine.IO ping goes through the
+/// same buffer and ends the session when it finds it full (`heartbeat_job`: `try_send` of
+/// the ping), so a queue that refilled it to the brim whenever the writer took a batch
+/// would keep it full most of the time. The writer takes everything in the buffer each
+/// time it runs, so a client that reads keeps finding room; one that does not read lets
+/// the buffer fill over a few ticks, and the ping then closes it, as it should.
+const BURST: usize = 64;
+
 /// How often the disconnect of an overflowed polling session is tried again (it needs room
 /// in the buffer the client does not poll; engineioxide ends the session itself at its
 /// next ping, which finds the buffer full).
@@ -345,7 +354,12 @@ impl Outboxes {
     /// Moves the session's queue into its send buffer as room appears, then lets the
     /// connection be read again.
     async fn drain<A: Adapter>(self, socket: Arc<Socket<A>>) {
+        let mut burst = 0;
         loop {
+            if burst == BURST {
+                burst = 0;
+                tokio::time::sleep(RETRY).await;
+            }
             let next = {
                 let queues = self.lock();
                 match queues.get(&socket.id) {
@@ -361,10 +375,11 @@ impl Outboxes {
             };
             match attempt {
                 Attempt::Full => {
+                    burst = 0;
                     tokio::time::sleep(RETRY).await;
                     continue;
                 }
-                Attempt::Sent | Attempt::Gone => {}
+                Attempt::Sent | Attempt::Gone => burst += 1,
             }
             let mut queues = self.lock();
             let Some(queue) = queues.get_mut(&socket.id).filter(|q| !q.closing) else {
