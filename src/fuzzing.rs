@@ -98,8 +98,11 @@ pub fn socketio(data: &[u8]) {
         PacketData::Event(mut value, _) | PacketData::BinaryEvent(mut value, _) => {
             let is_heartbeat = parser.read_event(&value).is_ok_and(|e| e == "heartbeat");
             let data = parser.decode_value::<serde_json::Value>(&mut value, true);
-            if is_heartbeat && let Ok(data) = data {
-                let _ = crate::agents::handlers::check_heartbeat(&data);
+            if is_heartbeat {
+                // Every heartbeat is stored: always an object with every known field.
+                let reading = crate::agents::heartbeat::read(data.map_err(|e| e.to_string()));
+                let stored = reading.stored.as_object().expect("stored as an object");
+                assert!(stored.contains_key("cpu_usage") && stored.contains_key("disk_usage"));
             }
         }
         PacketData::EventAck(mut value, _) | PacketData::BinaryAck(mut value, _) => {

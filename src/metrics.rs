@@ -25,6 +25,16 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProblemLabels {
+    pub problem: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub method: String,
     pub route: String,
@@ -41,6 +51,10 @@ struct Inner {
     registry: Registry,
     handshakes: Family<HandshakeLabels, Counter>,
     heartbeats: Counter,
+    heartbeats_malformed: Family<ProblemLabels, Counter>,
+    socket_backpressure: Counter,
+    socket_overflow_disconnects: Counter,
+    emits_undelivered: Family<EventLabels, Counter>,
     commands: Family<OutcomeLabels, Counter>,
     command_seconds: Histogram,
     http_requests: Family<HttpLabels, Counter>,
@@ -79,6 +93,30 @@ impl Metrics {
             "heartbeats",
             "Heartbeats received from agents",
             heartbeats.clone(),
+        );
+        let heartbeats_malformed = Family::<ProblemLabels, Counter>::default();
+        registry.register(
+            "heartbeats_malformed",
+            "Heartbeats acknowledged with an error event: payload not an object, or a known field of the wrong type",
+            heartbeats_malformed.clone(),
+        );
+        let socket_backpressure = Counter::default();
+        registry.register(
+            "socket_backpressure",
+            "Times a Socket.IO session's send buffer was full: its replies queued and its connection no longer read until they were out",
+            socket_backpressure.clone(),
+        );
+        let socket_overflow_disconnects = Counter::default();
+        registry.register(
+            "socket_overflow_disconnects",
+            "Socket.IO sessions closed because replies piled up past the per-session limit",
+            socket_overflow_disconnects.clone(),
+        );
+        let emits_undelivered = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "emits_undelivered",
+            "Server-initiated events that could not be handed to a session (buffer still full at the deadline, or session gone)",
+            emits_undelivered.clone(),
         );
         let commands = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -130,6 +168,10 @@ impl Metrics {
                 registry,
                 handshakes,
                 heartbeats,
+                heartbeats_malformed,
+                socket_backpressure,
+                socket_overflow_disconnects,
+                emits_undelivered,
                 commands,
                 command_seconds,
                 http_requests,
@@ -150,6 +192,31 @@ impl Metrics {
 
     pub fn heartbeat(&self) {
         self.inner.heartbeats.inc();
+    }
+
+    /// A heartbeat that also got an `error` event; `problem` is `not_an_object` or
+    /// `wrong_type`.
+    pub fn heartbeat_malformed(&self, problem: &'static str) {
+        self.inner
+            .heartbeats_malformed
+            .get_or_create(&ProblemLabels { problem })
+            .inc();
+    }
+
+    pub fn socket_backpressure(&self) {
+        self.inner.socket_backpressure.inc();
+    }
+
+    pub fn socket_overflow_disconnect(&self) {
+        self.inner.socket_overflow_disconnects.inc();
+    }
+
+    /// `n` sessions that did not get `event`.
+    pub fn emits_undelivered(&self, event: &'static str, n: u64) {
+        self.inner
+            .emits_undelivered
+            .get_or_create(&EventLabels { event })
+            .inc_by(n);
     }
 
     pub fn command(&self, outcome: &'static str, seconds: Option<f64>) {

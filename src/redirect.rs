@@ -71,10 +71,15 @@ pub fn redirect<B>(req: &Request<B>, https_port: u16) -> Response<Full<Bytes>> {
             resp
         }
         None => {
+            // The one error shape of the gateway, `{"detail": ...}`, on this listener too.
             let mut resp = Response::new(Full::new(Bytes::from_static(
-                b"a Host header naming this server is required\n",
+                br#"{"detail":"a Host header naming this server is required"}"#,
             )));
             *resp.status_mut() = StatusCode::BAD_REQUEST;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             resp
         }
     }

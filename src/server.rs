@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::agents::backpressure::{Gated, ReadGate};
 use crate::agents::{Agents, session_guard};
 use crate::api::{self, ApiKeys, AppState, MetricsExposure};
 use crate::clock::Clock;
@@ -128,16 +129,20 @@ impl Gateway {
         };
         // `.layer` wraps what is already there, so the last layer added runs first. A
         // request meets, in order: `observe` (metrics, access log, in-flight tracking, so
-        // every request is counted, refused ones too), the session guard (a `/socket.io/`
-        // request carrying a `sid` must come from the identity that opened the session),
-        // the Socket.IO layer (which answers `/socket.io/` itself), and then the API router
-        // (see `api::router` for the layers inside it).
+        // every request is counted, refused ones too), `json_errors` (every 4xx and 5xx
+        // below leaves as `{"detail": ...}`), the request head limits (414, 431), the
+        // session guard (a `/socket.io/` request carrying a `sid` must come from the
+        // identity that opened the session), the Socket.IO layer (which answers
+        // `/socket.io/` itself), and then the API router (see `api::router` for the layers
+        // inside it).
         let app = api::router(state.clone(), &config.cors_origins, exposure)
             .layer(sio_layer)
             .layer(axum::middleware::from_fn_with_state(
                 agents.bindings.clone(),
                 session_guard::guard,
             ))
+            .layer(axum::middleware::from_fn(api::head_limits::check_head))
+            .layer(axum::middleware::from_fn(api::json_errors))
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 api::observe,
@@ -271,7 +276,12 @@ impl Gateway {
             );
         }
         let sessions = self.agents.io.sockets().len();
-        self.agents.notify_shutdown("server shutting down").await;
+        self.agents
+            .notify_shutdown(
+                "server shutting down",
+                SHUTDOWN_NOTICE_FLUSH.min(deadline - tokio::time::Instant::now()),
+            )
+            .await;
         // Let the notice reach the agents before their connections are cut.
         tokio::time::sleep(SHUTDOWN_NOTICE_FLUSH.min(deadline - tokio::time::Instant::now())).await;
         kill.cancel();
@@ -372,7 +382,11 @@ impl ConnShared {
                 "no_certificate"
             },
         );
+        // Backpressure of the Socket.IO session this connection may carry (see
+        // `agents::backpressure`): the session pauses reading here when its replies wait.
+        let gate = ReadGate::default();
         let this = self.clone();
+        let request_gate = gate.clone();
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             let headers = req.headers_mut();
             for name in &IDENTITY_HEADERS {
@@ -385,14 +399,17 @@ impl ConnShared {
                 remote_addr: remote,
                 identity,
             });
+            req.extensions_mut().insert(request_gate.clone());
             this.app.clone().oneshot(req)
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        let io = Killable::new(tls, self.kill.clone());
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_headers(api::head_limits::HYPER_MAX_HEADERS)
+            .max_buf_size(api::head_limits::HYPER_MAX_BUF);
+        let io = Gated::new(Killable::new(tls, self.kill.clone()), gate);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
         let mut cancelled = std::pin::pin!(self.shutdown.cancelled());

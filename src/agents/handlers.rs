@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use socketioxide::ParserError;
-use socketioxide::adapter::LocalAdapter;
-use socketioxide::extract::{AckSender, MaybeHttpExtension, SocketRef, State, TryData};
+use socketioxide::adapter::{Adapter, LocalAdapter};
+use socketioxide::extract::{MaybeHttpExtension, SocketRef, State, TryData};
 use socketioxide::handler::{FromMessageParts, MessageHandler, Value as ParserValue};
 use socketioxide::socket::{DisconnectReason, Socket};
 
+use super::backpressure::ReadGate;
+use super::heartbeat;
 use super::registry::{Heartbeat, Session};
 use super::{AgentsState, AnonymousAgents};
 use crate::clock::rfc3339;
@@ -113,35 +115,38 @@ impl MessageHandler<LocalAdapter, Inline> for OnHeartbeat {
                 State::<AgentsState>::from_message_parts(&s, &mut v, &ack_id).ok()?;
             let MaybeHttpExtension(peer) =
                 MaybeHttpExtension::<Peer>::from_message_parts(&s, &mut v, &ack_id).ok()?;
-            let ack = AckSender::from_message_parts(&s, &mut v, &ack_id).ok()?;
             let TryData(data) = TryData::<Value>::from_message_parts(&s, &mut v, &ack_id).ok()?;
-            Some((state, peer, ack, data))
+            Some((state, peer, data))
         })();
-        if let Some((state, peer, ack, data)) = extracted {
-            on_heartbeat(SocketRef::from(s), data, peer, state, ack);
+        if let Some((state, peer, data)) = extracted {
+            on_heartbeat(&s, data, peer, state, ack_id);
         }
     }
 }
 
-fn on_heartbeat(
-    socket: SocketRef,
+/// Every heartbeat is acknowledged and stored (see [`heartbeat`](super::heartbeat)); a
+/// malformed one also gets an `error` event, sent first so the agent reads why before the
+/// acknowledgement, and is counted. Replies that find the session's send buffer full wait
+/// for room while the session is not read ([`backpressure`](super::backpressure)).
+fn on_heartbeat<A: Adapter>(
+    socket: &Arc<Socket<A>>,
     data: Result<Value, ParserError>,
     peer: Option<Peer>,
     state: AgentsState,
-    ack: AckSender,
+    ack_id: Option<i64>,
 ) {
     let identity = peer.and_then(|p| p.identity);
-    let payload = match data
-        .map_err(|e| e.to_string())
-        .and_then(|v| check_heartbeat(&v).map(|()| v))
-    {
-        Ok(v) => v,
-        Err(reason) => {
-            tracing::debug!(sid = %socket.id, %reason, "malformed heartbeat");
-            let _ = socket.emit("error", &json!({ "event": "heartbeat", "message": reason }));
-            return;
-        }
-    };
+    let gate = || session_gate(socket, &state);
+    let reading = heartbeat::read(data.map_err(|e| e.to_string()));
+    if let Some(problem) = &reading.problem {
+        let message = problem.message();
+        tracing::debug!(sid = %socket.id, reason = %message, "malformed heartbeat");
+        state.metrics.heartbeat_malformed(problem.label());
+        let error = json!({ "event": "heartbeat", "message": message });
+        state
+            .outboxes
+            .emit(socket, "error", &error, gate, &state.metrics);
+    }
     let received_at = state.registry.clock().now();
     state.metrics.heartbeat();
     if let Some(id) = &identity {
@@ -149,7 +154,7 @@ fn on_heartbeat(
             &id.agent_id,
             Heartbeat {
                 received_at,
-                payload,
+                payload: reading.stored,
             },
         );
     }
@@ -158,9 +163,30 @@ fn on_heartbeat(
         agent_id: identity.as_ref().map(|i| i.agent_id.as_str()),
         received_at: rfc3339(received_at),
     };
-    let _ = socket.emit("heartbeat_ack", &reply);
+    state
+        .outboxes
+        .emit(socket, "heartbeat_ack", &reply, gate, &state.metrics);
     // Agents that emit with a callback get the same reply as their acknowledgement.
-    let _ = ack.send(&reply);
+    state
+        .outboxes
+        .ack(socket, ack_id, &reply, gate, &state.metrics);
+}
+
+/// The connection a session's WebSocket runs on: recorded by the session guard when the
+/// session upgraded from polling, or the connection that opened it over WebSocket. A
+/// polling session has none.
+fn session_gate<A: Adapter>(socket: &Socket<A>, state: &AgentsState) -> Option<ReadGate> {
+    if let Some(gate) = state.bindings.gate_of(&socket.id.to_string()) {
+        return Some(gate);
+    }
+    let parts = socket.req_parts();
+    let opened_over_websocket = parts
+        .uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "transport=websocket"));
+    opened_over_websocket
+        .then(|| parts.extensions.get::<ReadGate>().cloned())
+        .flatten()
 }
 
 /// `heartbeat_ack`: serialized straight from this struct rather than through a
@@ -170,24 +196,6 @@ struct HeartbeatAck<'a> {
     status: &'static str,
     agent_id: Option<&'a str>,
     received_at: String,
-}
-
-/// `{cpu_usage, memory_usage, disk_usage, timestamp?}`, numbers for the three usages.
-pub(crate) fn check_heartbeat(v: &Value) -> Result<(), String> {
-    let obj = v
-        .as_object()
-        .ok_or("heartbeat payload must be a JSON object")?;
-    for field in ["cpu_usage", "memory_usage", "disk_usage"] {
-        match obj.get(field) {
-            Some(Value::Number(_)) => {}
-            Some(_) => return Err(format!("heartbeat field `{field}` must be a number")),
-            None => return Err(format!("heartbeat field `{field}` is missing")),
-        }
-    }
-    match obj.get("timestamp") {
-        None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
-        Some(_) => Err("heartbeat field `timestamp` must be a string".into()),
-    }
 }
 
 async fn on_disconnect(
@@ -201,40 +209,11 @@ async fn on_disconnect(
         .registry
         .disconnect(identity.as_ref().map(|i| &i.agent_id), socket.id);
     state.bindings.unbind(&socket.id.to_string());
+    state.outboxes.forget(socket.id);
     match identity {
         Some(id) => {
             tracing::info!(agent_id = %id.agent_id, sid = %socket.id, %reason, "agent disconnected")
         }
         None => tracing::info!(sid = %socket.id, %reason, "anonymous client disconnected"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heartbeat_payload_rules() {
-        assert!(
-            check_heartbeat(&json!({"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}))
-                .is_ok()
-        );
-        assert!(
-            check_heartbeat(&json!({"cpu_usage": 0.5, "memory_usage": 1, "disk_usage": 1, "timestamp": "2025-11-13T12:00:00"}))
-                .is_ok()
-        );
-        assert_eq!(
-            check_heartbeat(&json!("x")).unwrap_err(),
-            "heartbeat payload must be a JSON object"
-        );
-        assert_eq!(
-            check_heartbeat(&json!({"cpu_usage": "high", "memory_usage": 1, "disk_usage": 1}))
-                .unwrap_err(),
-            "heartbeat field `cpu_usage` must be a number"
-        );
-        assert_eq!(
-            check_heartbeat(&json!({"cpu_usage": 1, "memory_usage": 1})).unwrap_err(),
-            "heartbeat field `disk_usage` is missing"
-        );
     }
 }

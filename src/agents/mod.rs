@@ -1,8 +1,10 @@
 //! The agent side: Socket.IO handlers (connect, heartbeat, disconnect), the registry of
 //! connected agents, and the guard that binds Engine.IO sessions to TLS identities.
 
+pub(crate) mod backpressure;
 pub(crate) mod commands;
 pub(crate) mod handlers;
+pub(crate) mod heartbeat;
 pub mod registry;
 pub(crate) mod session_guard;
 
@@ -49,6 +51,8 @@ pub struct Agents {
 pub struct AgentsState {
     pub registry: AgentRegistry,
     pub bindings: SessionBindings,
+    /// Replies waiting for room in their session's send buffer.
+    pub(crate) outboxes: backpressure::Outboxes,
     pub anonymous: AnonymousAgents,
     pub metrics: Metrics,
 }
@@ -57,10 +61,12 @@ impl Agents {
     /// Builds the Socket.IO layer (to mount on the router) and the handle; the registry
     /// stamps connects and heartbeats with `clock`.
     pub fn build(config: &Config, metrics: Metrics, clock: Clock) -> (SocketIoLayer, Agents) {
+        let bindings = SessionBindings::default();
         let state = AgentsState {
             metrics,
             registry: AgentRegistry::new(clock, config.agents.stale_after),
-            bindings: SessionBindings::default(),
+            bindings: bindings.clone(),
+            outboxes: backpressure::Outboxes::new(bindings),
             anonymous: if config.allow_anonymous_agents {
                 AnonymousAgents::AllowWithWarning
             } else {
@@ -71,6 +77,11 @@ impl Agents {
             .ping_interval(config.socketio.ping_interval)
             .ping_timeout(config.socketio.ping_timeout)
             .max_payload(config.socketio.max_payload_bytes)
+            // engineioxide's WebSocket limits are 64 MiB a message and 16 MiB a frame,
+            // whatever `max_payload` says (it bounds polling bodies only); one limit for
+            // both transports bounds what a heartbeat can make us store.
+            .ws_max_message_size(ws_limit(config.socketio.max_payload_bytes))
+            .ws_max_frame_size(ws_limit(config.socketio.max_payload_bytes))
             .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(state.clone())
             .build_layer();
@@ -127,10 +138,21 @@ impl Agents {
 
     /// Tells every connected socket that the server is going away. The server then cuts
     /// the connections (see `crate::killable`) so that clients reconnect by themselves.
-    pub async fn notify_shutdown(&self, reason: &str) {
+    ///
+    /// A socket whose send buffer is full is tried again for up to `within`; one that
+    /// still has no room is logged and counted (`agentgate_emits_undelivered_total`), not
+    /// skipped silently.
+    pub async fn notify_shutdown(&self, reason: &str, within: Duration) {
         let notice = serde_json::json!({ "reason": reason, "reconnect": true });
-        if let Err(e) = self.io.emit("server_shutdown", &notice).await {
-            tracing::debug!(error = %e, "server_shutdown notice not delivered to every socket");
+        let undelivered =
+            backpressure::emit_each(self.io.sockets(), "server_shutdown", &notice, within).await;
+        if undelivered > 0 {
+            self.metrics
+                .emits_undelivered("server_shutdown", undelivered as u64);
+            tracing::warn!(
+                undelivered,
+                "server_shutdown notice not delivered: those sessions' send buffers stayed full"
+            );
         }
     }
 
@@ -159,6 +181,12 @@ impl Agents {
             }
         });
     }
+}
+
+/// `max_payload_bytes` as the WebSocket message limit (a `usize`; saturates on targets
+/// where it does not fit, where the limit would be moot anyway).
+fn ws_limit(max_payload: u64) -> usize {
+    usize::try_from(max_payload).unwrap_or(usize::MAX)
 }
 
 use socketioxide::handler::ConnectHandler as _;

@@ -6,6 +6,10 @@
 //! owner of every sid when the polling handshake answers, and refuses a request carrying a
 //! sid from a connection with no identity or another identity. A WebSocket opened without
 //! polling never exposes its sid to a request, so it needs no entry.
+//!
+//! When such a session moves to a WebSocket, the binding also records the connection the
+//! WebSocket runs on ([`ReadGate`]), which is where backpressure stops reading
+//! ([`super::backpressure`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +22,7 @@ use axum::response::Response;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 
+use super::backpressure::ReadGate;
 use crate::identity::{Fingerprint, Peer};
 
 /// The Socket.IO request path, as socketioxide serves it.
@@ -33,10 +38,14 @@ pub struct SessionBindings {
     inner: Arc<Mutex<HashMap<String, Binding>>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Binding {
     owner: Option<Fingerprint>,
     created: Instant,
+    /// The connection of the session's WebSocket, once it upgraded.
+    gate: Option<ReadGate>,
+    /// Closed by the gateway (its replies overflowed); every later request is refused.
+    closed: bool,
 }
 
 impl SessionBindings {
@@ -46,8 +55,33 @@ impl SessionBindings {
             Binding {
                 owner,
                 created: Instant::now(),
+                gate: None,
+                closed: false,
             },
         );
+    }
+
+    /// Records the connection a bound session's WebSocket runs on.
+    pub(crate) fn attach_gate(&self, sid: &str, gate: ReadGate) {
+        if let Some(binding) = self.lock().get_mut(sid) {
+            binding.gate = Some(gate);
+        }
+    }
+
+    /// Marks a bound session closed: the guard refuses its requests from now on.
+    pub(crate) fn close(&self, sid: &str) {
+        if let Some(binding) = self.lock().get_mut(sid) {
+            binding.closed = true;
+        }
+    }
+
+    fn is_closed(&self, sid: &str) -> bool {
+        self.lock().get(sid).is_some_and(|b| b.closed)
+    }
+
+    /// The connection of the session's WebSocket, if it upgraded from polling.
+    pub(crate) fn gate_of(&self, sid: &str) -> Option<ReadGate> {
+        self.lock().get(sid).and_then(|b| b.gate.clone())
     }
 
     pub fn unbind(&self, sid: &str) {
@@ -89,7 +123,18 @@ pub async fn guard(State(bindings): State<SessionBindings>, req: Request, next: 
     // and the engine always look at the same sid.
     if let Some(sid) = query.split('&').find_map(|s| s.strip_prefix("sid=")) {
         return match bindings.owner_of(sid) {
-            Some(bound) if bound == owner => next.run(req).await,
+            Some(bound) if bound == owner && bindings.is_closed(sid) => refuse(
+                StatusCode::BAD_REQUEST,
+                "this Socket.IO session was closed: the client sent events faster than it read the replies",
+            ),
+            Some(bound) if bound == owner => {
+                if query.split('&').any(|s| s == "transport=websocket")
+                    && let Some(gate) = req.extensions().get::<ReadGate>()
+                {
+                    bindings.attach_gate(sid, gate.clone());
+                }
+                next.run(req).await
+            }
             Some(_) => {
                 let remote = req.extensions().get::<Peer>().map(|p| p.remote_addr);
                 tracing::warn!(
@@ -150,8 +195,8 @@ const KEPT_HEADERS: [HeaderName; 5] = [
 /// every extension of the stack, for hours, for each agent. Worse, hyper parses the URI
 /// and header values as slices of its connection read buffer, so one retained value keeps
 /// that whole buffer (16 KiB) alive. Only what the engine and our handlers read goes on:
-/// copies of the URI and of [`KEPT_HEADERS`], the [`Peer`] and hyper's upgrade handle
-/// (measured with valgrind's massif and the fleet simulator, BENCHMARKS.md).
+/// copies of the URI and of [`KEPT_HEADERS`], the [`Peer`], the connection's [`ReadGate`]
+/// and hyper's upgrade handle (measured with valgrind's massif and the fleet simulator, BENCHMARKS.md).
 fn slim(req: Request) -> Request {
     let (mut parts, body) = req.into_parts();
     let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
@@ -172,6 +217,9 @@ fn slim(req: Request) -> Request {
     }
     if let Some(upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
         extensions.insert(upgrade);
+    }
+    if let Some(gate) = parts.extensions.remove::<ReadGate>() {
+        extensions.insert(gate);
     }
     parts.headers = headers;
     parts.extensions = extensions;

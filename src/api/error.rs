@@ -1,9 +1,15 @@
-//! [`ApiError`]: every way an API request can fail, mapped to a status in one place, and
-//! [`detail`], the one way to build a `{"detail": ...}` response.
+//! [`ApiError`]: every way an API request can fail, mapped to a status in one place,
+//! [`detail`], the one way to build a `{"detail": ...}` response, and [`json_errors`], which
+//! puts the error responses of everything else (axum's 405, socketioxide's 400 and 413)
+//! in that shape.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 
 use super::MAX_BODY_BYTES;
 use crate::agents::commands::CommandError;
@@ -82,6 +88,107 @@ impl IntoResponse for ApiError {
 /// of the Socket.IO session guard.
 pub fn detail(status: StatusCode, detail: &str) -> Response {
     (status, Json(serde_json::json!({ "detail": detail }))).into_response()
+}
+
+/// Largest error body [`json_errors`] reads to reuse as the detail or to add a detail to;
+/// a larger or unsized one is replaced by a detail made from the status.
+const MAX_ERROR_BODY: u64 = 4096;
+
+/// axum middleware: every 4xx and 5xx leaves with a `{"detail": ...}` body.
+///
+/// Our handlers and guards already answer that way; what does not is answered by code we
+/// do not own: axum's method router (405 with an empty body, and the `Allow` header, which
+/// is kept), socketioxide (an empty 400 or 413; `{"code", "message"}` JSON for an unknown
+/// session, to which a `detail` is added so Engine.IO clients keep their fields), axum's
+/// own extractor rejections (plain text, which becomes the detail). Other headers are
+/// kept (`Allow`, `Retry-After`).
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let small = hyper::body::Body::size_hint(&body)
+        .upper()
+        .is_some_and(|n| n <= MAX_ERROR_BODY);
+    let bytes = if small {
+        // The body is a complete in-memory error body; collecting it cannot wait on a peer.
+        body.collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default()
+    } else {
+        Default::default()
+    };
+    let is_json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let body = if is_json {
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(o)) if o.contains_key("detail") => {
+                return Response::from_parts(parts, Body::from(bytes));
+            }
+            Ok(serde_json::Value::Object(mut o)) => {
+                let text = o
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| fallback_detail(status, &method, &path, &parts.headers));
+                o.insert("detail".into(), text.into());
+                serde_json::Value::Object(o)
+            }
+            _ => serde_json::json!({
+                "detail": fallback_detail(status, &method, &path, &parts.headers)
+            }),
+        }
+    } else {
+        let text = std::str::from_utf8(&bytes)
+            .ok()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .unwrap_or_else(|| fallback_detail(status, &method, &path, &parts.headers));
+        serde_json::json!({ "detail": text })
+    };
+    let bytes = body.to_string();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// The detail of an error response that came without one.
+fn fallback_detail(
+    status: StatusCode,
+    method: &axum::http::Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> String {
+    let reason = status.canonical_reason().unwrap_or("error");
+    match status {
+        // axum adds `Allow` outside the route's layers, so it is usually not there yet.
+        StatusCode::METHOD_NOT_ALLOWED => {
+            match headers.get(header::ALLOW).and_then(|v| v.to_str().ok()) {
+                Some(allowed) => {
+                    format!("method {method} is not allowed on {path}; allowed: {allowed}")
+                }
+                None => format!(
+                    "method {method} is not allowed on {path}; the Allow header lists the methods it answers"
+                ),
+            }
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("{reason}: the request body of {method} {path} exceeds its limit")
+        }
+        _ => format!("{reason} ({method} {path})"),
+    }
 }
 
 #[cfg(test)]

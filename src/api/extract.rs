@@ -31,8 +31,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-/// A JSON body with this API's errors: 413 over [`MAX_BODY_BYTES`], 422 for malformed JSON
-/// or missing fields (as FastAPI answered), whatever the Content-Type says.
+/// A JSON object body with this API's errors: 413 over [`MAX_BODY_BYTES`], 422 for
+/// malformed JSON, missing fields or a body that is not an object (as FastAPI answered),
+/// whatever the Content-Type says.
+///
+/// serde builds a struct from a JSON array too (fields by position: `["x"]` reads as
+/// `{"name": "x"}`), which no client of this API means; every body here is an object, so
+/// anything else is refused before serde sees it.
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
@@ -51,9 +56,32 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 ))
             }
         })?;
+        if let Some(kind) = not_an_object(&bytes) {
+            return Err(ApiError::InvalidJson(format!(
+                "invalid JSON body: the request body must be a JSON object, got {kind}"
+            )));
+        }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::InvalidJson(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// What the body holds when it is JSON but not an object (`None` for an object, and for
+/// text that is not JSON at all, which serde's own error describes better). JSON text is
+/// an object exactly when its first non-whitespace byte is `{` (RFC 8259 §2, §4).
+fn not_an_object(body: &[u8]) -> Option<&'static str> {
+    let first = body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+    match first {
+        b'{' => None,
+        b'[' => Some("an array"),
+        b'"' => Some("a string"),
+        b'-' | b'0'..=b'9' => Some("a number"),
+        b't' | b'f' => Some("a boolean"),
+        b'n' => Some("null"),
+        _ => None,
     }
 }
 
@@ -187,6 +215,19 @@ mod tests {
             );
         }
         assert!(query("offset=3").unwrap_err().contains("offset"));
+    }
+
+    #[test]
+    fn only_an_object_is_an_object_body() {
+        assert_eq!(not_an_object(br#" {"name": "x"}"#), None);
+        assert_eq!(not_an_object(br#"["x"]"#), Some("an array"));
+        assert_eq!(not_an_object(b"\n\t \"x\""), Some("a string"));
+        assert_eq!(not_an_object(b"-1"), Some("a number"));
+        assert_eq!(not_an_object(b"true"), Some("a boolean"));
+        assert_eq!(not_an_object(b"null"), Some("null"));
+        // Not JSON at all, or empty: left to serde, whose error says where it broke.
+        assert_eq!(not_an_object(b"<xml/>"), None);
+        assert_eq!(not_an_object(b""), None);
     }
 
     #[test]

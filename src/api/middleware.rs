@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
@@ -35,21 +35,39 @@ impl ApiKeys {
 }
 
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    match presented {
-        None => ApiError::Forbidden("Not authenticated: send 'Authorization: Bearer <API key>'")
-            .into_response(),
-        Some(key) if state.api_keys.accepts(key) => next.run(req).await,
-        Some(_) => ApiError::Forbidden("Invalid API key").into_response(),
+    match bearer_token(req.headers()) {
+        Err(refused) => refused.into_response(),
+        Ok(key) if state.api_keys.accepts(key) => next.run(req).await,
+        Ok(_) => ApiError::Forbidden("Invalid API key").into_response(),
     }
+}
+
+/// The token of the one `Authorization: Bearer <token>` field.
+///
+/// Authorization is a singleton field (RFC 9110 §11.6.2 grammar has no list form), so two
+/// of them make the request malformed (§5.3): a 400, whichever of the two is right, as
+/// nginx and FastAPI behind it never settled which one wins. The scheme name is
+/// case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer` and `BEARER` are the same.
+fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let mut fields = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = fields.next() else {
+        return Err(ApiError::Forbidden(
+            "Not authenticated: send 'Authorization: Bearer <API key>'",
+        ));
+    };
+    if fields.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "more than one Authorization header field; send exactly one 'Authorization: Bearer <API key>'"
+                .into(),
+        ));
+    }
+    let token = value.to_str().ok().and_then(|v| {
+        let (scheme, token) = v.trim_start().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    token.ok_or(ApiError::Forbidden(
+        "Not authenticated: send 'Authorization: Bearer <API key>'",
+    ))
 }
 
 /// Counts requests by route and status, and tracks in-flight API requests for shutdown.

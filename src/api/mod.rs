@@ -7,7 +7,9 @@
 //! - [`router`]: which handler answers which path, and which paths need the API key;
 //! - `middleware`: the API key check and the request observer (metrics, access log);
 //! - `extract`: JSON bodies, query strings, agent ids and the paging both lists share;
-//! - `error`: [`ApiError`] and its one mapping to statuses;
+//! - `error`: [`ApiError`] and its one mapping to statuses, and `json_errors`, which
+//!   gives every other error response its `{"detail": ...}`;
+//! - `head_limits`: URI length and header limits, answered with 414 and 431;
 //! - one file per resource: `agents`, `certificate`, `enroll`, `hello`, `ops`.
 
 pub(crate) mod agents;
@@ -15,6 +17,7 @@ pub(crate) mod certificate;
 pub(crate) mod enroll;
 pub(crate) mod error;
 pub(crate) mod extract;
+pub(crate) mod head_limits;
 pub(crate) mod hello;
 pub(crate) mod middleware;
 pub(crate) mod ops;
@@ -28,7 +31,7 @@ use crate::enroll::Enrollment;
 use crate::metrics::Metrics;
 use crate::store::CertStore;
 use crate::tls::ServerCert;
-pub use error::{ApiError, detail};
+pub use error::{ApiError, detail, json_errors};
 pub use extract::{ApiQuery, JsonBody, Page, PageQuery, agent_id};
 pub use middleware::{ApiKeys, observe};
 pub use router::{MetricsExposure, metrics_router, router};

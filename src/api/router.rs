@@ -72,6 +72,7 @@ pub fn metrics_router(state: AppState) -> Router {
         .route("/ready", get(ops::ready))
         .fallback(not_found)
         .with_state(state)
+        .layer(middleware::from_fn(super::json_errors))
 }
 
 /// CORS as the system it replaces had it: listed origins only, preflight cached 24 h.

@@ -85,6 +85,10 @@ pub enum CertError {
     InvalidX509(String),
     #[error("certificate subject has no CN (common name)")]
     NoCommonName,
+    #[error(
+        "certificate subject must hold exactly one CN (common name), found {0}: the agent identity would be ambiguous"
+    )]
+    MultipleCommonNames(usize),
     #[error("Agent ID mismatch: provided '{provided}' but certificate CN is '{cn}'")]
     CnMismatch { provided: String, cn: String },
     #[error(
@@ -191,12 +195,15 @@ fn parse_x509(der: &[u8]) -> Result<X509Certificate<'_>, CertError> {
     }
 }
 
+/// The one CN of the subject. A second CN is refused rather than ignored: software that
+/// reads the last CN (or all of them) would see another agent than the one we stored.
 fn common_name(cert: &X509Certificate<'_>) -> Result<String, CertError> {
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .ok_or(CertError::NoCommonName)?;
+    let mut cns = cert.subject().iter_common_name();
+    let cn = cns.next().ok_or(CertError::NoCommonName)?;
+    let extra = cns.count();
+    if extra > 0 {
+        return Err(CertError::MultipleCommonNames(1 + extra));
+    }
     cn.as_str()
         .map(str::to_owned)
         .map_err(|_| CertError::InvalidX509("the CN is not a text string".into()))

@@ -1,0 +1,744 @@
+//! Hostile and sloppy input (issue 11, "Found, to fix"): an ambiguous certificate subject,
+//! repeated `Authorization` fields, error responses without a `detail`, JSON arrays read
+//! as objects, partial heartbeats, and heartbeat floods.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
+
+mod common;
+
+use common::*;
+use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair};
+use serde_json::{Value, json};
+
+/// A self-signed P-256 certificate whose subject holds two CN attributes: `first`, then
+/// `second`. rcgen keeps one value per attribute type, so the second CN goes in under the
+/// CN's OID (2.5.4.3) as a custom type.
+fn two_cn_agent(first: &str, second: &str) -> AgentCert {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, first);
+    params
+        .distinguished_name
+        .push(DnType::CustomDnType(vec![2, 5, 4, 3]), second);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.self_signed(&key).unwrap();
+    AgentCert::from_pem(first, cert.pem(), key.serialize_pem())
+}
+
+fn detail(v: &Value) -> &str {
+    v["detail"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no detail in {v}"))
+}
+
+#[tokio::test]
+async fn a_subject_with_two_common_names_is_refused_at_upload_and_at_load() {
+    let server = TestServer::start().await;
+    let ambiguous = two_cn_agent("twocn-1", "someone-else");
+    // The fixture really holds both CNs, the first equal to the agent id.
+    let subject = openssl_subject(&ambiguous.cert_pem);
+    assert!(
+        subject.contains("CN=twocn-1") && subject.contains("CN=someone-else"),
+        "{subject}"
+    );
+    let (status, body) = server.upload(&ambiguous).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        detail(&body).contains("subject must hold exactly one CN"),
+        "{body}"
+    );
+    assert!(server.store.is_empty(), "nothing stored");
+
+    // A file copied into the directory by hand is skipped with a reason, not loaded.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("twocn-1.pem"), &ambiguous.cert_pem).unwrap();
+    let good = server.pki.agent("good-1");
+    std::fs::write(dir.path().join("good-1.pem"), &good.cert_pem).unwrap();
+    let (store, skipped) = agentgate::store::CertStore::open(dir.path()).unwrap();
+    assert_eq!(store.len(), 1);
+    assert_eq!(skipped.len(), 1);
+    assert!(
+        skipped[0].reason.contains("exactly one CN"),
+        "{}",
+        skipped[0].reason
+    );
+    server.stop().await;
+}
+
+fn openssl_subject(pem: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-nameopt", "RFC2253"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl is installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pem.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn two_authorization_fields_are_a_bad_request_whichever_comes_first() {
+    let server = TestServer::start().await;
+    let mut conn = server.http(None).await.unwrap();
+    let right = format!("Bearer {API_KEY}");
+    for pair in [
+        [right.as_str(), "Bearer wrong"],
+        ["Bearer wrong", right.as_str()],
+        [right.as_str(), right.as_str()],
+    ] {
+        let r = conn
+            .send(
+                "POST",
+                "/hello-world",
+                &[("authorization", pair[0]), ("authorization", pair[1])],
+                r#"{"name":"x"}"#,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{pair:?}: {}", r.text());
+        assert!(
+            detail(&r.json()).contains("more than one Authorization"),
+            "{}",
+            r.text()
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_name_is_case_insensitive() {
+    let server = TestServer::start().await;
+    let mut conn = server.http(None).await.unwrap();
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let auth = format!("{scheme} {API_KEY}");
+        let r = conn
+            .send(
+                "POST",
+                "/hello-world",
+                &[("authorization", &auth)],
+                r#"{"name":"x"}"#,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.json()),
+            (200, json!({"message": "Hello, x!"})),
+            "{scheme}"
+        );
+    }
+    // Another scheme, or a scheme glued to the key, is still no key at all.
+    for auth in [format!("Basic {API_KEY}"), format!("Bearer{API_KEY}")] {
+        let r = conn
+            .send(
+                "POST",
+                "/hello-world",
+                &[("authorization", &auth)],
+                r#"{"name":"x"}"#,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 403, "{auth}");
+        assert!(detail(&r.json()).contains("Not authenticated"));
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_a_json_object_is_refused_with_422() {
+    let server = TestServer::start().await;
+    for (path, body, what) in [
+        ("/hello-world", json!(["x"]), "an array"),
+        ("/hello-world", json!("x"), "a string"),
+        ("/hello-world", json!(7), "a number"),
+        ("/hello-world", Value::Null, "null"),
+        ("/agent/certificate", json!(["a1", "pem"]), "an array"),
+        ("/install-tokens", json!(["a1", 60]), "an array"),
+        ("/agents/a1/commands", json!(["reboot"]), "an array"),
+    ] {
+        let (status, reply) = server.api("POST", path, Some(body.clone())).await;
+        assert_eq!(status, 422, "{path} {body}: {reply}");
+        assert_eq!(
+            detail(&reply),
+            format!("invalid JSON body: the request body must be a JSON object, got {what}"),
+            "{path}"
+        );
+    }
+    // `/agent/register` needs no key; it reads its body the same way.
+    let mut conn = server.http(None).await.unwrap();
+    let r = conn
+        .send("POST", "/agent/register", &[], r#"["t", "a1", "pem"]"#)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 422, "{}", r.text());
+    let (status, reply) = server
+        .api("POST", "/hello-world", Some(json!({"name": "x"})))
+        .await;
+    assert_eq!((status, reply), (200, json!({"message": "Hello, x!"})));
+    server.stop().await;
+}
+
+/// Every error the gateway writes has a JSON body with a `detail`.
+fn assert_detail(what: &str, r: &HttpResponse, status: u16) {
+    assert_eq!(r.status, status, "{what}: {}", r.text());
+    let ct = r
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        ct.starts_with("application/json"),
+        "{what}: content-type {ct:?}"
+    );
+    let body: Value = serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {:?}", r.text()));
+    let text = body["detail"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no detail in {body}"));
+    assert!(!text.is_empty(), "{what}: empty detail");
+}
+
+#[tokio::test]
+async fn every_error_response_carries_a_json_detail() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("errs-1");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let auth = format!("Bearer {API_KEY}");
+    let key = [("authorization", auth.as_str())];
+    let mut conn = server.http(None).await.unwrap();
+
+    let r = conn.send("GET", "/no/such/path", &key, "").await.unwrap();
+    assert_detail("unknown path", &r, 404);
+
+    // 405 with the methods the path does answer (without the key it is the 403 below).
+    for method in ["GET", "PUT", "PATCH"] {
+        {
+            let r = conn
+                .send(method, "/agent/certificate", &key, "")
+                .await
+                .unwrap();
+            assert_detail(&format!("{method} /agent/certificate"), &r, 405);
+            assert_eq!(r.headers["allow"], "POST", "{method}");
+            assert!(
+                r.json()["detail"].as_str().unwrap().contains(&format!(
+                    "method {method} is not allowed on /agent/certificate"
+                )),
+                "{}",
+                r.text()
+            );
+        }
+    }
+    let r = conn.send("POST", "/health", &[], "").await.unwrap();
+    assert_detail("POST /health", &r, 405);
+    assert_eq!(r.headers["allow"], "GET,HEAD");
+
+    // 413: an API body over its limit.
+    let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(70 * 1024));
+    let r = conn.send("POST", "/hello-world", &key, &big).await.unwrap();
+    assert_detail("API body too large", &r, 413);
+
+    // 414 and 431: the request head limits.
+    let long = format!("/agents?after={}", "a".repeat(9000));
+    let r = conn.send("GET", &long, &key, "").await.unwrap();
+    assert_detail("long URI", &r, 414);
+    let mut conn = server.http(None).await.unwrap();
+    let names: Vec<String> = (0..120).map(|i| format!("x-filler-{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    let r = conn.send("GET", "/health", &many, "").await.unwrap();
+    assert_detail("too many header fields", &r, 431);
+    let mut conn = server.http(None).await.unwrap();
+    let huge = "v".repeat(40 * 1024);
+    let r = conn
+        .send("GET", "/health", &[("x-huge", &huge)], "")
+        .await
+        .unwrap();
+    assert_detail("header fields too large", &r, 431);
+
+    // 403 and 400 of the API key check.
+    let mut conn = server.http(None).await.unwrap();
+    let r = conn.send("GET", "/agents", &[], "").await.unwrap();
+    assert_detail("no key", &r, 403);
+    let r = conn
+        .send(
+            "GET",
+            "/agents",
+            &[key[0], ("authorization", "Bearer x")],
+            "",
+        )
+        .await
+        .unwrap();
+    assert_detail("two keys", &r, 400);
+
+    // Socket.IO: the session guard's refusals, and the engine's own 400 and 413.
+    let r = conn
+        .send(
+            "GET",
+            "/socket.io/?EIO=4&transport=polling&sid=AAAAAAAAAAAAAAAA",
+            &[],
+            "",
+        )
+        .await
+        .unwrap();
+    assert_detail("unknown sid", &r, 400);
+    let mut agent_conn = server.http(Some(&agent)).await.unwrap();
+    let session = Polling::handshake(&mut agent_conn).await;
+    let r = session.get(&mut conn).await;
+    assert_detail("sid of another identity", &r, 403);
+    let r = session.post(&mut agent_conn, "\u{1}garbage").await;
+    assert_detail("bad Engine.IO packet", &r, 400);
+    // The engine closed that session on the bad packet; a new one for the next refusal.
+    let session = Polling::handshake(&mut agent_conn).await;
+    let max = server.config.socketio.max_payload_bytes as usize;
+    let r = session
+        .post(&mut agent_conn, &format!("4{}", "x".repeat(max + 1)))
+        .await;
+    assert_detail("Engine.IO payload too large", &r, 413);
+    let r = conn
+        .send("GET", "/socket.io/?EIO=4&transport=carrier-pigeon", &[], "")
+        .await
+        .unwrap();
+    assert_detail("unknown transport", &r, 400);
+    server.stop().await;
+}
+
+/// The value of one sample line of `GET /metrics` (0 when absent).
+async fn metric(server: &TestServer, sample: &str) -> f64 {
+    let mut conn = server.http(None).await.unwrap();
+    let text = conn.send("GET", "/metrics", &[], "").await.unwrap().text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn every_heartbeat_is_acknowledged_and_a_malformed_one_also_gets_an_error() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("hbp-1");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let mut sio = match SioWs::connect(&server, Some(&agent)).await.unwrap() {
+        SioConnect::Ok(s) => s,
+        SioConnect::Refused(v) => panic!("refused: {v}"),
+    };
+    let id = "hbp-1".parse().unwrap();
+    let stored = |server: &TestServer| {
+        server
+            .agents
+            .registry
+            .get(&id)
+            .unwrap()
+            .last_heartbeat
+            .unwrap()
+            .payload
+    };
+
+    // Fewer fields, and a field this gateway does not know: ack, no error, nulls stored.
+    sio.emit("heartbeat", json!({"cpu_usage": 0.5, "gpu_usage": 0.25}))
+        .await;
+    let (name, data) = sio.next_event_within(10).await.unwrap();
+    assert_eq!(
+        (name.as_str(), &data["agent_id"]),
+        ("heartbeat_ack", &json!("hbp-1"))
+    );
+    assert_eq!(
+        stored(&server),
+        json!({"cpu_usage": 0.5, "memory_usage": null, "disk_usage": null, "timestamp": null, "gpu_usage": 0.25})
+    );
+
+    // A known field of the wrong type: the error event, then the ack; the rest is stored.
+    sio.emit(
+        "heartbeat",
+        json!({"cpu_usage": "high", "memory_usage": 1, "disk_usage": 2}),
+    )
+    .await;
+    let (name, data) = sio.next_event_within(10).await.unwrap();
+    assert_eq!(name, "error", "{data}");
+    assert_eq!(data["event"], "heartbeat");
+    assert!(
+        data["message"]
+            .as_str()
+            .unwrap()
+            .contains("`cpu_usage` must be a number"),
+        "{data}"
+    );
+    assert_eq!(sio.next_event_within(10).await.unwrap().0, "heartbeat_ack");
+    assert_eq!(
+        stored(&server),
+        json!({"cpu_usage": null, "memory_usage": 1, "disk_usage": 2, "timestamp": null})
+    );
+
+    // Not an object at all: the error event, then the ack.
+    for bad in [json!("text"), json!([1, 2])] {
+        sio.emit("heartbeat", bad.clone()).await;
+        let (name, data) = sio.next_event_within(10).await.unwrap();
+        assert_eq!(name, "error", "{bad}");
+        assert!(
+            data["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("heartbeat payload must be a JSON object"),
+            "{data}"
+        );
+        assert_eq!(sio.next_event_within(10).await.unwrap().0, "heartbeat_ack");
+    }
+    assert_eq!(
+        metric(
+            &server,
+            r#"agentgate_heartbeats_malformed_total{problem="wrong_type"}"#
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &server,
+            r#"agentgate_heartbeats_malformed_total{problem="not_an_object"}"#
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(metric(&server, "agentgate_heartbeats_total").await, 4.0);
+    server.stop().await;
+}
+
+/// An agent build that sends fewer fields, driven by python-socketio over polling with the
+/// upgrade, as existing agents connect: every heartbeat gets its `heartbeat_ack`.
+#[tokio::test]
+async fn python_agent_with_a_partial_heartbeat_gets_every_ack() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("hbp-py");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let (code, lines) = python_agent(
+        &server,
+        Some(&agent),
+        &[
+            "--heartbeats",
+            "3",
+            "--payload",
+            r#"{"cpu_usage": 0.5, "uptime_s": 12}"#,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{lines:?}");
+    let acks: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "heartbeat_ack")
+        .collect();
+    assert_eq!(acks.len(), 3, "{lines:?}");
+    assert!(acks.iter().all(|l| l["data"]["agent_id"] == "hbp-py"));
+    let hb = server
+        .agents
+        .registry
+        .get(&"hbp-py".parse().unwrap())
+        .unwrap()
+        .last_heartbeat
+        .unwrap();
+    assert_eq!(hb.payload["uptime_s"], 12);
+    assert_eq!(hb.payload["disk_usage"], Value::Null);
+    server.stop().await;
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A new WebSocket session of `agent`, connected to the namespace.
+async fn ws_session(server: &TestServer, agent: &AgentCert) -> Ws {
+    let tls = server.tls(Some(agent)).await.unwrap();
+    let (ws, answer) = agentgate_testkit::sio::open(tls, server.addr.port(), None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, agentgate_testkit::sio::Namespace::Accepted(_)),
+        "{answer:?}"
+    );
+    ws
+}
+
+/// A session of `agent` opened over long-polling, then upgraded to a WebSocket on another
+/// connection (as python-socketio does).
+async fn upgraded_session(server: &TestServer, agent: &AgentCert) -> Ws {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut conn = server.http(Some(agent)).await.unwrap();
+    let polling = Polling::handshake(&mut conn).await;
+    assert_eq!(polling.post(&mut conn, "40").await.status, 200);
+    assert!(polling.get(&mut conn).await.text().contains("40"));
+    let tls = server.tls(Some(agent)).await.unwrap();
+    let url = format!(
+        "wss://localhost:{}/socket.io/?EIO=4&transport=websocket&sid={}",
+        server.addr.port(),
+        polling.sid
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    ws.send(Message::text("2probe")).await.unwrap();
+    let probe = ws.next().await.unwrap().unwrap();
+    assert_eq!(probe.to_text().unwrap(), "3probe");
+    ws.send(Message::text("5")).await.unwrap();
+    ws
+}
+
+/// What came back from a flood.
+#[derive(Debug, PartialEq, Eq)]
+struct Flood {
+    /// `heartbeat_ack` events.
+    acks: usize,
+    /// Acknowledgements of heartbeats emitted with an ack id, which arrived in order.
+    callbacks_in_order: usize,
+    /// The session ended before every reply came.
+    ended: bool,
+}
+
+/// Sends `count` heartbeats back to back on `ws` (with ack ids 0.. if `with_ack`) while
+/// reading, until every reply came or the session ended.
+async fn flood(ws: Ws, count: usize, with_ack: bool) -> Flood {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut sink, mut stream) = ws.split();
+    let (pong_tx, mut pong_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let writer = tokio::spawn(async move {
+        let payload =
+            json!(["heartbeat", {"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}]);
+        for i in 0..count {
+            // Pongs go out between heartbeats, as a client's write queue would send them.
+            while pong_rx.try_recv().is_ok() {
+                if sink.feed(Message::text("3")).await.is_err() {
+                    return;
+                }
+            }
+            let frame = if with_ack {
+                format!("42{i}{payload}")
+            } else {
+                format!("42{payload}")
+            };
+            if sink.feed(Message::text(frame)).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.flush().await;
+        while pong_rx.recv().await.is_some() {
+            if sink.send(Message::text("3")).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Flood {
+        acks: 0,
+        callbacks_in_order: 0,
+        ended: false,
+    };
+    let callbacks = if with_ack { count } else { 0 };
+    // A failure bound, not a measurement: the replaced system took 20 s for 30,000.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    while got.acks < count || got.callbacks_in_order < callbacks {
+        let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            panic!("{got:?} of {count} heartbeats, and the session is still open")
+        };
+        match next {
+            Some(Ok(Message::Text(t))) => {
+                let t = t.as_str();
+                if t == "2" {
+                    let _ = pong_tx.send(());
+                } else if t.starts_with(r#"42["heartbeat_ack""#) {
+                    got.acks += 1;
+                } else if let Some(rest) = t.strip_prefix("43") {
+                    let expected = format!("{}[", got.callbacks_in_order);
+                    assert!(rest.starts_with(&expected), "ack out of order: {t}");
+                    got.callbacks_in_order += 1;
+                } else if t == "1" || t.starts_with("41") {
+                    got.ended = true;
+                    break;
+                }
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                got.ended = true;
+                break;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    drop(pong_tx);
+    writer.abort();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_thousand_heartbeats_back_to_back_are_all_acknowledged() {
+    // Engine.IO pings every second during the flood: a ping that finds the session's send
+    // buffer full ends the session (engineioxide), so the queue must leave it room.
+    let server = TestServer::start_with(|c| {
+        c.socketio.ping_interval_secs = 1;
+        c.socketio.ping_timeout_secs = 20;
+    })
+    .await;
+    let agent = server.pki.agent("flood-1");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let ws = ws_session(&server, &agent).await;
+    let got = flood(ws, 30_000, false).await;
+    assert_eq!(
+        got,
+        Flood {
+            acks: 30_000,
+            callbacks_in_order: 0,
+            ended: false
+        }
+    );
+    // The buffer did fill, and the session was paused rather than its replies dropped.
+    assert!(metric(&server, "agentgate_socket_backpressure_total").await >= 1.0);
+    assert_eq!(
+        metric(&server, "agentgate_socket_overflow_disconnects_total").await,
+        0.0
+    );
+    assert_eq!(
+        metric(&server, "agentgate_heartbeats_total").await,
+        30_000.0
+    );
+    server.stop().await;
+}
+
+/// The same after the polling-to-WebSocket upgrade (the session guard records the
+/// WebSocket's connection), with every heartbeat emitted with a callback: the events and
+/// the acknowledgements all arrive, the acknowledgements in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_after_the_upgrade_gets_every_event_and_callback_in_order() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("flood-2");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let ws = upgraded_session(&server, &agent).await;
+    let got = flood(ws, 10_000, true).await;
+    assert_eq!(
+        got,
+        Flood {
+            acks: 10_000,
+            callbacks_in_order: 10_000,
+            ended: false
+        }
+    );
+    assert!(metric(&server, "agentgate_socket_backpressure_total").await >= 1.0);
+    server.stop().await;
+}
+
+/// Long-polling has no connection to stop reading: a client that posts heartbeats by the
+/// thousand and never polls for the answers has its session closed once its replies pass
+/// the per-session limit, with the metric, rather than losing replies without a word.
+#[tokio::test]
+async fn a_polling_client_that_never_polls_is_disconnected_not_silently_shortened() {
+    // A short ping interval: engineioxide ends the session at its next ping, which finds
+    // the buffer full, and only then does the registry see the agent go.
+    let server = TestServer::start_with(|c| {
+        c.socketio.ping_interval_secs = 1;
+        c.socketio.ping_timeout_secs = 1;
+    })
+    .await;
+    let agent = server.pki.agent("flood-poll");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let mut conn = server.http(Some(&agent)).await.unwrap();
+    let polling = Polling::handshake(&mut conn).await;
+    assert_eq!(polling.post(&mut conn, "40").await.status, 200);
+    assert!(polling.get(&mut conn).await.text().contains("40"));
+    let packet = format!(
+        "42{}",
+        json!(["heartbeat", {"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}])
+    );
+    let max = server.config.socketio.max_payload_bytes as usize;
+    let per_post = max / (packet.len() + 1);
+    let batch = vec![packet.as_str(); per_post].join("\u{1e}");
+    let mut posted = 0;
+    let mut refused = None;
+    // Enough posts to pass the limit of queued replies (4096) several times over.
+    for _ in 0..(3 * 4096 / per_post + 3) {
+        let r = polling.post(&mut conn, &batch).await;
+        if r.status != 200 {
+            refused = Some(r);
+            break;
+        }
+        posted += per_post;
+    }
+    let refused = refused.unwrap_or_else(|| panic!("{posted} heartbeats accepted, never polled"));
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert_eq!(
+        metric(&server, "agentgate_socket_overflow_disconnects_total").await,
+        1.0
+    );
+    // Every later request of the session is refused, polls included.
+    let r = polling.get(&mut conn).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("faster than it read"), "{}", r.text());
+    let gone = async {
+        while server.agents.registry.connected_agents() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), gone)
+        .await
+        .expect("the session was never closed");
+    server.stop().await;
+}
+
+/// An agent that floods and never reads: its session's send buffer fills. A command to it
+/// is answered with an error and counted, never lost without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_to_an_agent_whose_buffer_fills_is_answered_with_an_error() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("deaf-1");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    // A small receive window, so the gateway's writes to it block early.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(&server.pki, Some(&agent)))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut ws, _) = agentgate_testkit::sio::open(tls, server.addr.port(), None)
+        .await
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        let frame = format!(
+            "42{}",
+            json!(["heartbeat", {"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}])
+        );
+        // Writes until the gateway stops reading (its backpressure), then blocks there.
+        loop {
+            if ws.send(Message::text(frame.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let paused = async {
+        while metric(&server, "agentgate_socket_backpressure_total").await < 1.0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), paused)
+        .await
+        .expect("the session's send buffer never filled");
+
+    let (status, reply) = server
+        .api(
+            "POST",
+            "/agents/deaf-1/commands",
+            Some(json!({"event": "reboot", "timeout_ms": 1000})),
+        )
+        .await;
+    // 502 when the buffer was full at the emit, 504 when the command got in while the
+    // gateway's writer had just taken a batch and then could not write it: either way the
+    // caller is told, and the metric counts it.
+    assert!(status == 502 || status == 504, "{status} {reply}");
+    assert!(detail(&reply).contains("'reboot'"), "{reply}");
+    let failed = metric(&server, r#"agentgate_commands_total{outcome="failed"}"#).await;
+    let timeout = metric(&server, r#"agentgate_commands_total{outcome="timeout"}"#).await;
+    assert_eq!(failed + timeout, 1.0);
+
+    server.stop().await;
+    writer.abort();
+}
