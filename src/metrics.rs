@@ -43,6 +43,14 @@ struct Inner {
     heartbeats: Counter,
     commands: Family<OutcomeLabels, Counter>,
     command_seconds: Histogram,
+    cluster_command_seconds: Histogram,
+    redis_connected: Gauge,
+    redis_reconnects: Counter,
+    redis_errors: Counter,
+    fleet_nodes: Gauge,
+    /// Serializes the catch-up of the Redis counters between concurrent scrapes (a std
+    /// Mutex; nothing awaits while it is held).
+    catching_up: std::sync::Mutex<()>,
     http_requests: Family<HttpLabels, Counter>,
     connected_agents: Gauge,
     socket_sessions: Gauge,
@@ -57,6 +65,18 @@ pub struct Snapshot {
     pub store_certificates: i64,
     /// Unix seconds of the earliest `notAfter` in the store, if it is not empty.
     pub earliest_expiry: Option<i64>,
+    /// With `[cluster]`: the Redis link and the number of live nodes.
+    pub cluster: Option<ClusterSnapshot>,
+}
+
+/// The Redis link's state, read at scrape time.
+pub struct ClusterSnapshot {
+    pub redis_connected: bool,
+    /// Totals since start (the counters catch up to them).
+    pub redis_reconnects: u64,
+    pub redis_errors: u64,
+    /// Live nodes, this one included.
+    pub nodes: i64,
 }
 
 impl Default for Metrics {
@@ -95,6 +115,39 @@ impl Metrics {
             "Command round trip until the agent's ack",
             command_seconds.clone(),
         );
+        let cluster_command_seconds = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0,
+        ]);
+        registry.register(
+            "cluster_command_duration_seconds",
+            "Command round trip until the ack, for agents on another node (through Redis)",
+            cluster_command_seconds.clone(),
+        );
+        let redis_connected = Gauge::default();
+        registry.register(
+            "redis_connected",
+            "1 while the cluster's Redis link is up, 0 during an outage (absent without [cluster])",
+            redis_connected.clone(),
+        );
+        let redis_reconnects = Counter::default();
+        registry.register(
+            "redis_reconnects",
+            "Times the Redis link came back after an outage",
+            redis_reconnects.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Failed Redis commands (pings included)",
+            redis_errors.clone(),
+        );
+        let fleet_nodes = Gauge::default();
+        registry.register(
+            "cluster_nodes",
+            "Live nodes of the cluster as this node sees them (itself included)",
+            fleet_nodes.clone(),
+        );
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -132,6 +185,12 @@ impl Metrics {
                 heartbeats,
                 commands,
                 command_seconds,
+                cluster_command_seconds,
+                redis_connected,
+                redis_reconnects,
+                redis_errors,
+                fleet_nodes,
+                catching_up: std::sync::Mutex::new(()),
                 http_requests,
                 connected_agents,
                 socket_sessions,
@@ -152,13 +211,18 @@ impl Metrics {
         self.inner.heartbeats.inc();
     }
 
-    pub fn command(&self, outcome: &'static str, seconds: Option<f64>) {
+    /// A command's outcome; `remote` when it went through Redis to another node (its
+    /// round trip also goes to the cross-node histogram).
+    pub fn command(&self, outcome: &'static str, remote: bool, seconds: Option<f64>) {
         self.inner
             .commands
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
         if let Some(s) = seconds {
             self.inner.command_seconds.observe(s);
+            if remote {
+                self.inner.cluster_command_seconds.observe(s);
+            }
         }
     }
 
@@ -181,9 +245,25 @@ impl Metrics {
         self.inner
             .earliest_expiry
             .set(snapshot.earliest_expiry.unwrap_or(0));
+        if let Some(c) = snapshot.cluster {
+            self.inner.redis_connected.set(i64::from(c.redis_connected));
+            // Counters only go up: add what happened since the last scrape.
+            let _one_at_a_time = self.inner.catching_up.lock();
+            catch_up(&self.inner.redis_reconnects, c.redis_reconnects);
+            catch_up(&self.inner.redis_errors, c.redis_errors);
+            self.inner.fleet_nodes.set(c.nodes);
+        }
         let mut out = String::new();
         // Encoding into a String only fails if fmt::Write fails, which String never does.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
         out
+    }
+}
+
+/// Brings `counter` up to `total` (scrapes can race; a counter never goes down).
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
     }
 }

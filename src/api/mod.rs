@@ -8,10 +8,12 @@
 //! - [`middleware`]: the API key check and the request observer (metrics, access log);
 //! - [`extract`]: JSON bodies, query strings, agent ids and the paging both lists share;
 //! - [`error`]: [`ApiError`] and its one mapping to statuses;
-//! - one file per resource: [`agents`], [`certificate`], [`enroll`], [`hello`], [`ops`].
+//! - one file per resource: [`agents`], [`certificate`], [`cluster`], [`enroll`], [`hello`],
+//!   [`ops`].
 
 pub mod agents;
 pub mod certificate;
+pub mod cluster;
 pub mod enroll;
 pub mod error;
 pub mod extract;
