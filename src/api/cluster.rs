@@ -25,7 +25,7 @@ pub async fn nodes(State(app): State<AppState>) -> Result<Json<Value>, ApiError>
     }
     let own = link
         .fleet
-        .own_summary(&app.agents.registry, app.clock.now());
+        .own_summary(&app.agents.registry, app.clock.now(), 0);
     let mut nodes = vec![show(&own, true)];
     nodes.extend(link.fleet.nodes().iter().map(|n| show(n, false)));
     Ok(Json(json!({ "node_id": link.node_id, "nodes": nodes })))

@@ -98,6 +98,10 @@ pub struct NodeSummary {
     /// Unix milliseconds of the node's last publication, by its clock.
     pub heard_at_ms: i64,
     pub started_at_ms: i64,
+    /// The node's last batch number: a reader that stays behind it for a whole tick
+    /// lost the announcement (or it never came) and reads the hash.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// One batch of changes, on the changes channel.
@@ -180,6 +184,9 @@ struct NodeView {
     agents: HashSet<AgentId>,
     /// Read the node's hash at the next tick.
     resync: bool,
+    /// The batch number of the node's summary at the previous tick, if this view was
+    /// behind it then.
+    behind: Option<u64>,
 }
 
 impl Fleet {
@@ -256,7 +263,12 @@ impl Fleet {
     }
 
     /// This node's summary from its registry.
-    pub fn own_summary(&self, registry: &AgentRegistry, now: OffsetDateTime) -> NodeSummary {
+    pub fn own_summary(
+        &self,
+        registry: &AgentRegistry,
+        now: OffsetDateTime,
+        seq: u64,
+    ) -> NodeSummary {
         let live = registry.live_entries();
         NodeSummary {
             node_id: self.shared.node_id.clone(),
@@ -264,6 +276,7 @@ impl Fleet {
             sessions: live.iter().map(|(_, s)| s.sessions.len()).sum(),
             heard_at_ms: unix_ms(now),
             started_at_ms: unix_ms(self.shared.started_at),
+            seq,
         }
     }
 
@@ -314,6 +327,7 @@ impl View {
         let entry = self.node_entry(node);
         entry.seq = Some(seq);
         entry.resync = false;
+        entry.behind = None;
         for (id, agent) in agents {
             if let Ok(id) = AgentId::parse(&id) {
                 self.upsert(node, id, agent);
@@ -358,6 +372,7 @@ impl View {
                 seq: None,
                 agents: HashSet::new(),
                 resync: true,
+                behind: None,
             })
     }
 
@@ -506,7 +521,7 @@ impl Publisher {
         }
         let summary = self
             .fleet
-            .own_summary(&self.registry, OffsetDateTime::now_utc());
+            .own_summary(&self.registry, OffsetDateTime::now_utc(), seq);
         pipe.pexpire(&key, ttl as i64)
             .ignore()
             .pset_ex(node_key(&me), json(&summary), ttl)
@@ -542,6 +557,7 @@ impl Publisher {
             .query(redis::cmd("SMEMBERS").arg(NODES_KEY))
             .await?;
         let others: Vec<String> = ids.into_iter().filter(|id| *id != me).collect();
+        tracing::trace!(?others, "fleet: other nodes");
         let mut pipe = redis::pipe();
         for id in &others {
             pipe.get(node_key(id));
@@ -551,6 +567,7 @@ impl Publisher {
         } else {
             self.driver.pipeline(&pipe).await?
         };
+        tracing::trace!(?summaries, "fleet: summaries");
         let mut gone = Vec::new();
         let mut to_read = Vec::new();
         {
@@ -560,6 +577,17 @@ impl Publisher {
                 match summary.and_then(|s| serde_json::from_str::<NodeSummary>(&s).ok()) {
                     Some(summary) => {
                         let entry = view.node_entry(id);
+                        let applied = entry.seq.unwrap_or(0);
+                        if applied >= summary.seq {
+                            entry.behind = None;
+                        } else {
+                            // Still missing a batch that was written a tick ago: its
+                            // announcement is lost.
+                            if entry.behind.is_some_and(|seen| applied < seen) {
+                                entry.resync = true;
+                            }
+                            entry.behind = Some(summary.seq);
+                        }
                         entry.summary = Some(summary);
                         if entry.resync {
                             to_read.push(id.clone());
@@ -590,6 +618,7 @@ impl Publisher {
             self.driver.pipeline::<()>(&pipe).await?;
         }
         for id in to_read {
+            tracing::debug!(node = %id, "fleet: reading a node's agents in full");
             let fields: HashMap<String, String> = self
                 .driver
                 .query(redis::cmd("HGETALL").arg(agents_key(&id)))
