@@ -141,7 +141,10 @@ impl Gateway {
             provider.signature_verification_algorithms,
         ));
         let tls = tls::server_config(server_cert.resolver.clone(), verifier.clone(), provider)?;
-        let metrics = Metrics::new();
+        let metrics = match config.cluster {
+            Some(_) => Metrics::clustered(),
+            None => Metrics::new(),
+        };
         let enrollment = Enrollment::open(&config.data_dir, clock.clone())?;
         let (sio_layer, agents) = match &config.cluster {
             None => Agents::build(&config, metrics.clone(), clock.clone()),

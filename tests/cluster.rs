@@ -249,7 +249,11 @@ async fn get_agents_on_either_node_lists_both_nodes_agents_and_a_killed_nodes_ag
             let (status, body) = server.api("GET", "/agents?status=connected", None).await;
             assert_eq!(status, 200, "{body}");
             let agents = agents_of(&body);
-            if agents.len() == 2 && body["total"] == 2 {
+            // Connected, and each one's heartbeat published too (a later batch).
+            let heartbeats = agents
+                .iter()
+                .all(|(_, a)| a["last_heartbeat"]["received_at"].is_string());
+            if agents.len() == 2 && body["total"] == 2 && heartbeats {
                 break agents;
             }
             patience.again(body).await;
@@ -260,11 +264,7 @@ async fn get_agents_on_either_node_lists_both_nodes_agents_and_a_killed_nodes_ag
         assert_eq!(agents[1].0, "fleet-b1");
         assert_eq!(agents[1].1["node"], "node-b");
         assert_eq!(agents[1].1["status"], "connected");
-        assert!(
-            agents[1].1["last_heartbeat"]["received_at"].is_string(),
-            "{}",
-            agents[1].1
-        );
+        assert_eq!(agents[1].1["last_heartbeat"]["node"], "node-b");
         // One agent per page: paging walks the merged list.
         let (_, first) = server.api("GET", "/agents?limit=1", None).await;
         assert_eq!(agents_of(&first)[0].0, "fleet-a1");
@@ -776,4 +776,23 @@ async fn failover_through_haproxy_moves_a_python_agent_to_the_surviving_node_aft
             .any(|l| l["event"] == "command" && l["data"]["name"] == "after_failover"),
         "{lines:?}"
     );
+}
+
+#[tokio::test]
+async fn without_a_cluster_section_cluster_nodes_is_a_404_that_says_why() {
+    let server = TestServer::start().await;
+    let (status, body) = server.api("GET", "/cluster/nodes", None).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("without [cluster]"),
+        "{body}"
+    );
+    let mut conn = server.http(None).await.unwrap();
+    let ready = conn.send("GET", "/ready", &[], "").await.unwrap().json();
+    assert!(ready["checks"].get("redis").is_none(), "{ready}");
+    let text = metrics_of(&server).await;
+    assert!(!text.contains("agentgate_redis_connected "), "{text}");
 }

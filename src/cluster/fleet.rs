@@ -588,6 +588,14 @@ impl Publisher {
                             }
                             entry.behind = Some(summary.seq);
                         }
+                        // The same node id started again: its batch numbers restarted.
+                        if entry
+                            .summary
+                            .as_ref()
+                            .is_some_and(|old| old.started_at_ms != summary.started_at_ms)
+                        {
+                            entry.resync = true;
+                        }
                         entry.summary = Some(summary);
                         if entry.resync {
                             to_read.push(id.clone());
