@@ -8,8 +8,6 @@
 //! - [`tls`]: rustls server configuration, server certificate sources, the handshake
 //!   ([`tls::Acceptor`]), [`tls::verifier`] (the agent certificate verifier) and
 //!   [`tls::acme`] (certificates over ACME, TLS-ALPN-01 on the same listener).
-//! - [`cluster`]: several nodes sharing one Redis ([`cluster::acme`]: one ACME
-//!   certificate for all of them).
 //! - [`store`]: the certificate store (index + file backend) and the upload rules.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
 //! - `digest`: SHA-256 and hex (fingerprints, API key digests, install token hashes).
@@ -26,7 +24,8 @@
 //! - [`enroll`]: one-time install tokens and registered agent metadata.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cluster`]: several nodes on one Redis: the URL, a reconnecting pub/sub driver for
-//!   socketioxide-redis, emit-with-ack that ends when every answer is in.
+//!   socketioxide-redis, emit-with-ack that ends when every answer is in, the fleet view
+//!   every node publishes and follows, and one ACME certificate for all nodes.
 //! - [`certgen`]: `agentgate cert generate`.
 //! - [`signal`](mod@signal): SIGINT/SIGTERM/SIGHUP.
 

@@ -57,11 +57,25 @@ struct Inner {
     emits_undelivered: Family<EventLabels, Counter>,
     commands: Family<OutcomeLabels, Counter>,
     command_seconds: Histogram,
+    /// Registered only with `[cluster]`: a single node shows no Redis metrics at all.
+    cluster: Option<ClusterMetrics>,
     http_requests: Family<HttpLabels, Counter>,
     connected_agents: Gauge,
     socket_sessions: Gauge,
     store_certificates: Gauge,
     earliest_expiry: Gauge,
+}
+
+/// The metrics of a clustered node.
+struct ClusterMetrics {
+    command_seconds: Histogram,
+    redis_connected: Gauge,
+    redis_reconnects: Counter,
+    redis_errors: Counter,
+    nodes: Gauge,
+    /// Serializes the catch-up of the Redis counters between concurrent scrapes (a std
+    /// Mutex; nothing awaits while it is held).
+    catching_up: std::sync::Mutex<()>,
 }
 
 /// State read at scrape time.
@@ -71,6 +85,18 @@ pub struct Snapshot {
     pub store_certificates: i64,
     /// Unix seconds of the earliest `notAfter` in the store, if it is not empty.
     pub earliest_expiry: Option<i64>,
+    /// With `[cluster]`: the Redis link and the number of live nodes.
+    pub cluster: Option<ClusterSnapshot>,
+}
+
+/// The Redis link's state, read at scrape time.
+pub struct ClusterSnapshot {
+    pub redis_connected: bool,
+    /// Totals since start (the counters catch up to them).
+    pub redis_reconnects: u64,
+    pub redis_errors: u64,
+    /// Live nodes, this one included.
+    pub nodes: i64,
 }
 
 impl Default for Metrics {
@@ -80,7 +106,18 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The metrics of a single node.
     pub fn new() -> Self {
+        Self::build(false)
+    }
+
+    /// The metrics of a node with `[cluster]`: also the Redis link, the live nodes and the
+    /// cross-node command latency.
+    pub fn clustered() -> Self {
+        Self::build(true)
+    }
+
+    fn build(clustered: bool) -> Self {
         let mut registry = Registry::with_prefix("agentgate");
         let handshakes = Family::<HandshakeLabels, Counter>::default();
         registry.register(
@@ -163,6 +200,7 @@ impl Metrics {
             "Unix time of the earliest notAfter among stored agent certificates (0 when the store is empty)",
             earliest_expiry.clone(),
         );
+        let cluster = clustered.then(|| ClusterMetrics::register(&mut registry));
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -174,6 +212,7 @@ impl Metrics {
                 emits_undelivered,
                 commands,
                 command_seconds,
+                cluster,
                 http_requests,
                 connected_agents,
                 socket_sessions,
@@ -219,13 +258,18 @@ impl Metrics {
             .inc_by(n);
     }
 
-    pub fn command(&self, outcome: &'static str, seconds: Option<f64>) {
+    /// A command's outcome; `remote` when it went through Redis to another node (its
+    /// round trip also goes to the cross-node histogram).
+    pub fn command(&self, outcome: &'static str, remote: bool, seconds: Option<f64>) {
         self.inner
             .commands
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
         if let Some(s) = seconds {
             self.inner.command_seconds.observe(s);
+            if let (true, Some(c)) = (remote, &self.inner.cluster) {
+                c.command_seconds.observe(s);
+            }
         }
     }
 
@@ -248,9 +292,71 @@ impl Metrics {
         self.inner
             .earliest_expiry
             .set(snapshot.earliest_expiry.unwrap_or(0));
+        if let (Some(m), Some(c)) = (&self.inner.cluster, snapshot.cluster) {
+            m.redis_connected.set(i64::from(c.redis_connected));
+            // Counters only go up: add what happened since the last scrape.
+            let _one_at_a_time = m.catching_up.lock();
+            catch_up(&m.redis_reconnects, c.redis_reconnects);
+            catch_up(&m.redis_errors, c.redis_errors);
+            m.nodes.set(c.nodes);
+        }
         let mut out = String::new();
         // Encoding into a String only fails if fmt::Write fails, which String never does.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
         out
+    }
+}
+
+impl ClusterMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let command_seconds = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0,
+        ]);
+        registry.register(
+            "cluster_command_duration_seconds",
+            "Command round trip until the ack, for agents on another node (through Redis)",
+            command_seconds.clone(),
+        );
+        let redis_connected = Gauge::default();
+        registry.register(
+            "redis_connected",
+            "1 while the cluster's Redis link is up, 0 during an outage (absent without [cluster])",
+            redis_connected.clone(),
+        );
+        let redis_reconnects = Counter::default();
+        registry.register(
+            "redis_reconnects",
+            "Times the Redis link came back after an outage",
+            redis_reconnects.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Failed Redis commands (pings included)",
+            redis_errors.clone(),
+        );
+        let nodes = Gauge::default();
+        registry.register(
+            "cluster_nodes",
+            "Live nodes of the cluster as this node sees them (itself included)",
+            nodes.clone(),
+        );
+        ClusterMetrics {
+            command_seconds,
+            redis_connected,
+            redis_reconnects,
+            redis_errors,
+            nodes,
+            catching_up: std::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// Brings `counter` up to `total` (scrapes can race; a counter never goes down).
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
     }
 }

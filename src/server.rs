@@ -27,9 +27,10 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::agents::backpressure::{Gated, ReadGate};
-use crate::agents::{Agents, session_guard};
+use crate::agents::{Agents, ClusterStartError, session_guard};
 use crate::api::{self, ApiKeys, AppState, MetricsExposure};
 use crate::clock::Clock;
+use crate::cluster::fleet::FleetTiming;
 use crate::config::Config;
 use crate::enroll::{EnrollError, Enrollment};
 use crate::identity::{AgentIdentity, Peer};
@@ -64,6 +65,8 @@ pub enum StartError {
     Tls(#[from] rustls::Error),
     #[error("enrollment state: {0}")]
     Enrollment(#[from] EnrollError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterStartError),
 }
 
 /// Everything a running gateway needs, built from a validated [`Config`].
@@ -79,6 +82,35 @@ pub struct Gateway {
     app: Router,
     redirect: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
+    /// With `[cluster]`: the task publishing this node's agents and following the others.
+    fleet: Option<FleetTask>,
+}
+
+/// The fleet task; aborted when the gateway is dropped without a graceful stop (as a
+/// killed process would stop publishing), told to leave the fleet on a graceful one.
+struct FleetTask {
+    stop: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl FleetTask {
+    /// Tells the task to remove this node from the fleet and waits (bounded) for it.
+    async fn leave(&mut self, deadline: tokio::time::Instant) {
+        self.stop.cancel();
+        if let Some(handle) = self.handle.take()
+            && tokio::time::timeout_at(deadline, handle).await.is_err()
+        {
+            tracing::warn!("leaving the fleet outlived the grace period; this node expires");
+        }
+    }
+}
+
+impl Drop for FleetTask {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
+    }
 }
 
 impl Gateway {
@@ -110,9 +142,48 @@ impl Gateway {
             provider.signature_verification_algorithms,
         ));
         let tls = tls::server_config(server_cert.resolver.clone(), verifier.clone(), provider)?;
-        let metrics = Metrics::new();
+        let metrics = match config.cluster {
+            Some(_) => Metrics::clustered(),
+            None => Metrics::new(),
+        };
         let enrollment = Enrollment::open(&config.data_dir, clock.clone())?;
-        let (sio_layer, agents) = Agents::build(&config, metrics.clone(), clock.clone());
+        let (sio_layer, agents) = match &config.cluster {
+            None => Agents::build(&config, metrics.clone(), clock.clone()),
+            Some(cluster) => {
+                Agents::build_clustered(&config, cluster, metrics.clone(), clock.clone()).await?
+            }
+        };
+        let fleet = match (&agents.cluster, &config.cluster) {
+            (Some(link), Some(cluster)) => {
+                let stop = CancellationToken::new();
+                let timing = FleetTiming {
+                    publish_interval: cluster.publish_interval,
+                    node_timeout: cluster.node_timeout,
+                };
+                let handle = link
+                    .fleet
+                    .spawn(
+                        link.driver.clone(),
+                        agents.registry.clone(),
+                        timing,
+                        stop.clone(),
+                    )
+                    .await
+                    .map_err(|e| ClusterStartError::Connect {
+                        url: cluster.redis_url.redacted(),
+                        source: e,
+                    })?;
+                tracing::info!(
+                    node_id = %cluster.node_id, redis = %cluster.redis_url.redacted(),
+                    mode = ?cluster.mode, "joined the cluster"
+                );
+                Some(FleetTask {
+                    stop,
+                    handle: Some(handle),
+                })
+            }
+            _ => None,
+        };
         let state = AppState {
             store: store.clone(),
             agents: agents.clone(),
@@ -135,8 +206,8 @@ impl Gateway {
         // identity that opened the session), the Socket.IO layer (which answers
         // `/socket.io/` itself), and then the API router (see `api::router` for the layers
         // inside it).
-        let app = api::router(state.clone(), &config.cors_origins, exposure)
-            .layer(sio_layer)
+        let app = sio_layer
+            .wrap(api::router(state.clone(), &config.cors_origins, exposure))
             .layer(axum::middleware::from_fn_with_state(
                 agents.bindings.clone(),
                 session_guard::guard,
@@ -159,6 +230,7 @@ impl Gateway {
             app,
             redirect: None,
             metrics_listener: None,
+            fleet,
         })
     }
 
@@ -254,7 +326,12 @@ impl Gateway {
     /// Graceful shutdown: no new requests; in-flight API requests finish; then every agent
     /// is told and its transport closed (so it reconnects, to another node if there is
     /// one); then connections drain. All within `shutdown_grace_secs`.
-    async fn drain(&self, token: CancellationToken, kill: CancellationToken, tracker: TaskTracker) {
+    async fn drain(
+        &mut self,
+        token: CancellationToken,
+        kill: CancellationToken,
+        tracker: TaskTracker,
+    ) {
         let grace = self.config.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
         tracing::info!(
@@ -275,7 +352,7 @@ impl Gateway {
                 "in-flight API requests outlived the grace period"
             );
         }
-        let sessions = self.agents.io.sockets().len();
+        let sessions = self.agents.io.local_sessions();
         self.agents
             .notify_shutdown(
                 "server shutting down",
@@ -292,6 +369,9 @@ impl Gateway {
             tracing::warn!("closing agent sessions outlived the grace period");
         }
         tracing::info!(sessions, "agent sessions closed");
+        if let Some(fleet) = self.fleet.as_mut() {
+            fleet.leave(deadline).await;
+        }
         if tokio::time::timeout_at(deadline, tracker.wait())
             .await
             .is_err()

@@ -274,6 +274,7 @@ async fn two_gateways_in_a_cluster_order_once_and_serve_one_certificate() {
             redis_url: Some(redis.url()),
             node_id: Some(name.into()),
             mode: ClusterMode::Standalone,
+            ..RawCluster::default()
         });
         raw.validate("test").unwrap()
     };

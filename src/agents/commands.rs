@@ -1,12 +1,14 @@
 //! Commands from the API to an agent: an event emitted with an acknowledgement and a
-//! timeout, to the agent's newest live session.
+//! timeout, to the agent's newest live session on this node, or, in a cluster, to the
+//! agent's room (`agent:<id>`) on every other node through Redis.
 
 use std::time::Duration;
 
 use serde_json::Value;
 use socketioxide::{AckError, SendError};
 
-use super::Agents;
+use super::{AgentIo, Agents, ClusterLink, agent_room};
+use crate::cluster;
 use crate::identity::AgentId;
 
 /// Socket.IO's own event names plus ours: an agent must never receive one of these as a
@@ -41,6 +43,11 @@ pub enum CommandError {
         event: String,
         timeout_ms: u128,
     },
+    /// The agent is not on this node, and Redis (the way to the others) is unreachable.
+    #[error(
+        "agent '{agent_id}' is not connected to this node, and the other nodes cannot be reached: {reason}"
+    )]
+    ClusterUnavailable { agent_id: AgentId, reason: String },
     #[error("could not deliver '{event}' to agent '{agent_id}': {reason}")]
     Failed {
         agent_id: AgentId,
@@ -77,6 +84,7 @@ impl CommandError {
         match self {
             Self::NotConnected(_) => "not_connected",
             Self::Timeout { .. } => "timeout",
+            Self::ClusterUnavailable { .. } => "cluster_unavailable",
             Self::Failed { .. } => "failed",
         }
     }
@@ -99,41 +107,116 @@ pub fn check_event_name(event: &str) -> Result<(), EventNameError> {
     Ok(())
 }
 
-/// Emits `event` with `data` to the newest live session of `agent_id` and waits up to
-/// `timeout` for its acknowledgement.
+/// Where a command went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// A session on this node.
+    Local,
+    /// Through Redis to another node.
+    Remote,
+}
+
+/// Emits `event` with `data` to `agent_id` and waits up to `timeout` for its
+/// acknowledgement: to its newest session on this node if it has one (no Redis involved,
+/// so this works during a Redis outage), else, in a cluster, to its room on the others.
 pub(super) async fn send(
     agents: &Agents,
     agent_id: &AgentId,
     event: &str,
     data: &Value,
     timeout: Duration,
+) -> (Route, Result<Value, CommandError>) {
+    // The newest session first: an agent that reconnected may briefly have two.
+    for sid in agents
+        .registry
+        .sessions_of(agent_id, None)
+        .into_iter()
+        .rev()
+    {
+        if let Some(sent) = agents.io.emit_with_ack_to(sid, event, data, timeout).await {
+            return (Route::Local, local_result(agent_id, event, timeout, sent));
+        }
+    }
+    match (&agents.io, &agents.cluster) {
+        (AgentIo::Cluster(io), Some(link)) => (
+            Route::Remote,
+            send_remote(io, link, agent_id, event, data, timeout).await,
+        ),
+        _ => (
+            Route::Local,
+            Err(CommandError::NotConnected(agent_id.clone())),
+        ),
+    }
+}
+
+fn local_result(
+    agent_id: &AgentId,
+    event: &str,
+    timeout: Duration,
+    sent: Result<Result<Value, AckError>, SendError>,
 ) -> Result<Value, CommandError> {
     let failed = |reason: DeliveryError| CommandError::Failed {
         agent_id: agent_id.clone(),
         event: event.to_owned(),
         reason,
     };
-    // The newest session: an agent that reconnected may briefly have two.
-    let socket = agents
-        .registry
-        .sessions_of(agent_id, None)
-        .into_iter()
-        .rev()
-        .find_map(|sid| agents.io.get_socket(sid))
-        .ok_or_else(|| CommandError::NotConnected(agent_id.clone()))?;
-    let ack = socket
-        .timeout(timeout)
-        .emit_with_ack::<_, Value>(event, data)
-        .map_err(|e| failed(e.into()))?;
-    match ack.await {
-        Ok(reply) => Ok(reply),
-        Err(AckError::Timeout) => Err(CommandError::Timeout {
+    match sent {
+        Err(e) => Err(failed(e.into())),
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(AckError::Timeout)) => Err(timed_out(agent_id, event, timeout)),
+        Ok(Err(AckError::Socket(_))) => Err(CommandError::NotConnected(agent_id.clone())),
+        Ok(Err(e)) => Err(failed(e.into())),
+    }
+}
+
+fn timed_out(agent_id: &AgentId, event: &str, timeout: Duration) -> CommandError {
+    CommandError::Timeout {
+        agent_id: agent_id.clone(),
+        event: event.to_owned(),
+        timeout_ms: timeout.as_millis(),
+    }
+}
+
+/// The agent's room on every other node. An agent connected nowhere is told apart from
+/// one that did not answer without waiting: every node answers with the number of
+/// sockets it reached, and the collector ends once all have ([`cluster::ack`]).
+async fn send_remote(
+    io: &socketioxide::SocketIo<super::ClusterAdapter>,
+    link: &ClusterLink,
+    agent_id: &AgentId,
+    event: &str,
+    data: &Value,
+    timeout: Duration,
+) -> Result<Value, CommandError> {
+    let unavailable = |reason: String| CommandError::ClusterUnavailable {
+        agent_id: agent_id.clone(),
+        reason,
+    };
+    if !link.status.is_connected() {
+        return Err(unavailable("Redis is unreachable".into()));
+    }
+    let collected =
+        cluster::emit_with_ack::<_, _, Value>(io.to(agent_room(agent_id)), event, data, timeout)
+            .await
+            .map_err(|e| unavailable(format!("Redis request failed: {e}")))?;
+    if collected.is_empty_room() {
+        return Err(CommandError::NotConnected(agent_id.clone()));
+    }
+    let mut last_error = None;
+    for (_, answer) in collected.answers {
+        match answer {
+            Ok(reply) => return Ok(reply),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    match last_error {
+        Some(AckError::Socket(_)) => Err(CommandError::NotConnected(agent_id.clone())),
+        Some(AckError::Timeout) | None => Err(timed_out(agent_id, event, timeout)),
+        Some(e) => Err(CommandError::Failed {
             agent_id: agent_id.clone(),
             event: event.to_owned(),
-            timeout_ms: timeout.as_millis(),
+            reason: e.into(),
         }),
-        Err(AckError::Socket(_)) => Err(CommandError::NotConnected(agent_id.clone())),
-        Err(e) => Err(failed(e.into())),
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use socketioxide::ParserError;
-use socketioxide::adapter::{Adapter, LocalAdapter};
+use socketioxide::adapter::Adapter;
 use socketioxide::extract::{MaybeHttpExtension, SocketRef, State, TryData};
 use socketioxide::handler::{FromMessageParts, MessageHandler, Value as ParserValue};
 use socketioxide::socket::{DisconnectReason, Socket};
@@ -61,8 +61,11 @@ pub async fn authenticate(
     }
 }
 
-pub async fn on_connect(
-    socket: SocketRef,
+/// Registers the session, joins the agent's room (`agent:<id>`, which commands from any
+/// node address) and installs the event handlers. Generic over the adapter: the same
+/// code runs on one node and in a cluster.
+pub async fn on_connect<A: Adapter>(
+    socket: SocketRef<A>,
     MaybeHttpExtension(peer): MaybeHttpExtension<Peer>,
     State(state): State<AgentsState>,
 ) {
@@ -80,6 +83,11 @@ pub async fn on_connect(
             connected_at: state.registry.clock().now(),
         },
     );
+    if let Some(id) = &identity {
+        // A local operation on every adapter: the room lives in this node's memory, and
+        // the other nodes reach it through Redis requests.
+        socket.join(super::agent_room(&id.agent_id));
+    }
     match &identity {
         Some(id) => tracing::info!(
             agent_id = %id.agent_id, sid = %socket.id, remote = %peer.remote_addr,
@@ -90,7 +98,7 @@ pub async fn on_connect(
         }
     }
     socket.on("heartbeat", OnHeartbeat);
-    socket.on_disconnect(on_disconnect);
+    socket.on_disconnect(on_disconnect::<A>);
 }
 
 /// The `heartbeat` handler, run inline where socketioxide would spawn a task.
@@ -106,8 +114,8 @@ struct OnHeartbeat;
 /// Marks our [`MessageHandler`] implementation apart from socketioxide's blanket ones.
 struct Inline;
 
-impl MessageHandler<LocalAdapter, Inline> for OnHeartbeat {
-    fn call(&self, s: Arc<Socket<LocalAdapter>>, mut v: ParserValue, ack_id: Option<i64>) {
+impl<A: Adapter> MessageHandler<A, Inline> for OnHeartbeat {
+    fn call(&self, s: Arc<Socket<A>>, mut v: ParserValue, ack_id: Option<i64>) {
         // None of these extractors fails (the state is always set, `TryData` carries a
         // parse error as a value); should one, the event is dropped, as socketioxide does.
         let extracted = (|| {
@@ -198,8 +206,8 @@ struct HeartbeatAck<'a> {
     received_at: String,
 }
 
-async fn on_disconnect(
-    socket: SocketRef,
+async fn on_disconnect<A: Adapter>(
+    socket: SocketRef<A>,
     reason: DisconnectReason,
     MaybeHttpExtension(peer): MaybeHttpExtension<Peer>,
     State(state): State<AgentsState>,

@@ -5,21 +5,27 @@ pub(crate) mod backpressure;
 pub(crate) mod commands;
 pub(crate) mod handlers;
 pub(crate) mod heartbeat;
+pub(crate) mod io;
 pub mod registry;
 pub(crate) mod session_guard;
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use socketioxide::layer::SocketIoLayer;
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
 use socketioxide::socket::Sid;
-use socketioxide::{SocketIo, TransportType};
+use socketioxide::{SocketIoBuilder, TransportType};
+use socketioxide_redis::{RedisAdapterConfig, RedisAdapterCtr};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::cluster::fleet::Fleet;
+use crate::cluster::{DriverConfig, DriverError, DriverStatus, RedisDriver, Topology};
+use crate::config::{ClusterConfig, ClusterMode, Config};
 use crate::identity::{AgentId, Fingerprint};
 use crate::metrics::Metrics;
+pub use io::{AgentIo, AgentsLayer, ClusterAdapter};
 pub use registry::AgentRegistry;
 pub use session_guard::SessionBindings;
 
@@ -27,6 +33,10 @@ pub use session_guard::SessionBindings;
 /// heartbeats of about 100 bytes, and the buffer grows for a larger message, so a small
 /// one saves memory on every connected agent (BENCHMARKS.md, "Memory per agent").
 const WS_READ_BUFFER: usize = 1024;
+
+/// How long a node waits for the other nodes' answers to a cluster request (socketioxide-
+/// redis' `request_timeout`); the ack collector ends earlier once every answer is in.
+const CLUSTER_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether Socket.IO clients without an agent certificate may connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,10 +50,35 @@ pub enum AnonymousAgents {
 /// Cheap-to-clone handle on everything agent-facing.
 #[derive(Clone)]
 pub struct Agents {
-    pub io: SocketIo,
+    pub io: AgentIo,
     pub registry: AgentRegistry,
     pub bindings: SessionBindings,
     pub metrics: Metrics,
+    /// Set with `[cluster]`: the Redis link and the view of the other nodes.
+    pub cluster: Option<ClusterLink>,
+}
+
+/// What a clustered node knows of the others.
+#[derive(Clone)]
+pub struct ClusterLink {
+    pub node_id: String,
+    pub fleet: Fleet,
+    pub status: DriverStatus,
+    pub driver: RedisDriver,
+}
+
+/// Why a clustered node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterStartError {
+    #[error("cannot reach Redis at {url} (key `cluster.redis_url`): {source}")]
+    Connect { url: String, source: DriverError },
+    #[error("Socket.IO namespace on Redis: {0}")]
+    Namespace(String),
+}
+
+/// The name of the room every session of an agent joins, on whatever node.
+pub fn agent_room(agent_id: &AgentId) -> String {
+    format!("agent:{agent_id}")
 }
 
 /// What the Socket.IO handlers share (socketioxide state).
@@ -57,12 +92,10 @@ pub struct AgentsState {
     pub metrics: Metrics,
 }
 
-impl Agents {
-    /// Builds the Socket.IO layer (to mount on the router) and the handle; the registry
-    /// stamps connects and heartbeats with `clock`.
-    pub fn build(config: &Config, metrics: Metrics, clock: Clock) -> (SocketIoLayer, Agents) {
+impl AgentsState {
+    fn new(config: &Config, metrics: Metrics, clock: Clock) -> Self {
         let bindings = SessionBindings::default();
-        let state = AgentsState {
+        AgentsState {
             metrics,
             registry: AgentRegistry::new(clock, config.agents.stale_after),
             bindings: bindings.clone(),
@@ -72,27 +105,98 @@ impl Agents {
             } else {
                 AnonymousAgents::Deny
             },
-        };
-        let (layer, io) = SocketIo::builder()
-            .ping_interval(config.socketio.ping_interval)
-            .ping_timeout(config.socketio.ping_timeout)
-            .max_payload(config.socketio.max_payload_bytes)
-            // engineioxide's WebSocket limits are 64 MiB a message and 16 MiB a frame,
-            // whatever `max_payload` says (it bounds polling bodies only); one limit for
-            // both transports bounds what a heartbeat can make us store.
-            .ws_max_message_size(ws_limit(config.socketio.max_payload_bytes))
-            .ws_max_frame_size(ws_limit(config.socketio.max_payload_bytes))
-            .ws_read_buffer_size(WS_READ_BUFFER)
+        }
+    }
+
+    fn into_agents(self, io: AgentIo, cluster: Option<ClusterLink>) -> Agents {
+        Agents {
+            io,
+            registry: self.registry,
+            bindings: self.bindings,
+            metrics: self.metrics,
+            cluster,
+        }
+    }
+}
+
+fn builder<A: Adapter>(config: &Config, builder: SocketIoBuilder<A>) -> SocketIoBuilder<A> {
+    builder
+        .ping_interval(config.socketio.ping_interval)
+        .ping_timeout(config.socketio.ping_timeout)
+        .max_payload(config.socketio.max_payload_bytes)
+        // engineioxide's WebSocket limits are 64 MiB a message and 16 MiB a frame,
+        // whatever `max_payload` says (it bounds polling bodies only); one limit for
+        // both transports bounds what a heartbeat can make us store.
+        .ws_max_message_size(ws_limit(config.socketio.max_payload_bytes))
+        .ws_max_frame_size(ws_limit(config.socketio.max_payload_bytes))
+        .ws_read_buffer_size(WS_READ_BUFFER)
+}
+
+impl Agents {
+    /// Builds the Socket.IO layer (to mount on the router) and the handle for one node;
+    /// the registry stamps connects and heartbeats with `clock`.
+    pub fn build(config: &Config, metrics: Metrics, clock: Clock) -> (AgentsLayer, Agents) {
+        let state = AgentsState::new(config, metrics, clock);
+        let (layer, io) = builder(config, SocketIo::builder())
             .with_state(state.clone())
             .build_layer();
-        io.ns("/", handlers::on_connect.with(handlers::authenticate));
-        let agents = Agents {
-            io,
-            registry: state.registry,
-            bindings: state.bindings,
-            metrics: state.metrics,
+        // With the local adapter, initialising a namespace cannot fail or wait.
+        io.ns(
+            "/",
+            handlers::on_connect::<socketioxide::adapter::LocalAdapter>
+                .with(handlers::authenticate),
+        );
+        (
+            AgentsLayer::Local(layer),
+            state.into_agents(AgentIo::Local(io), None),
+        )
+    }
+
+    /// [`Agents::build`] for a node of a cluster: connects to Redis (failing at once when
+    /// it is unreachable, so a node never starts half-clustered) and puts Socket.IO on
+    /// socketioxide-redis.
+    pub async fn build_clustered(
+        config: &Config,
+        cluster: &ClusterConfig,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> Result<(AgentsLayer, Agents), ClusterStartError> {
+        let topology = match cluster.mode {
+            ClusterMode::Standalone => Topology::Standalone(cluster.redis_url.clone()),
+            ClusterMode::Cluster => Topology::Cluster(vec![cluster.redis_url.clone()]),
         };
-        (layer, agents)
+        let driver = RedisDriver::connect(&topology, &DriverConfig::default())
+            .await
+            .map_err(|source| ClusterStartError::Connect {
+                url: cluster.redis_url.redacted(),
+                source,
+            })?;
+        let state = AgentsState::new(config, metrics, clock);
+        let adapter = RedisAdapterCtr::new_with_driver(
+            driver.clone(),
+            RedisAdapterConfig::new().with_request_timeout(CLUSTER_REQUEST_TIMEOUT),
+        );
+        let (layer, io) = builder(config, SocketIo::builder())
+            .with_adapter::<ClusterAdapter>(adapter)
+            .with_state(state.clone())
+            .build_layer();
+        // With a remote adapter the namespace exists only once this resolves (DESIGN.md).
+        io.ns(
+            "/",
+            handlers::on_connect::<ClusterAdapter>.with(handlers::authenticate),
+        )
+        .await
+        .map_err(|e| ClusterStartError::Namespace(e.to_string()))?;
+        let link = ClusterLink {
+            node_id: cluster.node_id.clone(),
+            fleet: Fleet::new(cluster.node_id.clone(), state.registry.clock().now()),
+            status: driver.status(),
+            driver,
+        };
+        Ok((
+            AgentsLayer::Cluster(layer),
+            state.into_agents(AgentIo::Cluster(io), Some(link)),
+        ))
     }
 
     /// Disconnects the live sessions of `agent_id` that authenticated with `fingerprint`
@@ -104,9 +208,7 @@ impl Agents {
     ) -> usize {
         let mut closed = 0;
         for sid in self.registry.sessions_of(agent_id, fingerprint) {
-            if let Some(socket) = self.io.get_socket(sid)
-                && socket.disconnect().is_ok()
-            {
+            if self.io.disconnect(sid) {
                 closed += 1;
             }
             // The disconnect handler removes the session; do it here too in case the
@@ -117,7 +219,8 @@ impl Agents {
         closed
     }
 
-    /// Emits `event` with `data` to `agent_id` and waits for its acknowledgement.
+    /// Emits `event` with `data` to `agent_id` (on this node or, in a cluster, any node)
+    /// and waits for its acknowledgement.
     pub async fn command(
         &self,
         agent_id: &AgentId,
@@ -126,13 +229,14 @@ impl Agents {
         timeout: Duration,
     ) -> Result<serde_json::Value, commands::CommandError> {
         let started = std::time::Instant::now();
-        let result = commands::send(self, agent_id, event, data, timeout).await;
+        let (route, result) = commands::send(self, agent_id, event, data, timeout).await;
         let seconds = result.is_ok().then(|| started.elapsed().as_secs_f64());
         let outcome = result
             .as_ref()
             .map(|_| "ok")
             .unwrap_or_else(|e| e.outcome());
-        self.metrics.command(outcome, seconds);
+        self.metrics
+            .command(outcome, route == commands::Route::Remote, seconds);
         result
     }
 
@@ -144,8 +248,10 @@ impl Agents {
     /// skipped silently.
     pub async fn notify_shutdown(&self, reason: &str, within: Duration) {
         let notice = serde_json::json!({ "reason": reason, "reconnect": true });
-        let undelivered =
-            backpressure::emit_each(self.io.sockets(), "server_shutdown", &notice, within).await;
+        let undelivered = self
+            .io
+            .emit_each_local("server_shutdown", &notice, within)
+            .await;
         if undelivered > 0 {
             self.metrics
                 .emits_undelivered("server_shutdown", undelivered as u64);
@@ -158,7 +264,7 @@ impl Agents {
 
     /// The transport a live session uses now (it changes on upgrade).
     pub fn transport_of(&self, sid: Sid) -> Option<TransportType> {
-        self.io.get_socket(sid).map(|s| s.transport_type())
+        self.io.transport_of(sid)
     }
 
     /// Periodically forgets session bindings of Engine.IO sessions that are gone.
@@ -172,8 +278,7 @@ impl Agents {
                     _ = shutdown.cancelled() => return,
                 }
                 let io = agents.io.clone();
-                let alive =
-                    |sid: &str| Sid::from_str(sid).is_ok_and(|sid| io.get_socket(sid).is_some());
+                let alive = |sid: &str| Sid::from_str(sid).is_ok_and(|sid| io.is_alive(sid));
                 let pruned = agents.bindings.prune(max_age, alive);
                 if pruned > 0 {
                     tracing::debug!(pruned, "pruned bindings of ended Socket.IO sessions");

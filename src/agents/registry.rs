@@ -9,7 +9,7 @@
 //! whose sign of life has fallen out of the `stale_after` window to the stale set: each
 //! agent moves once per silence, in O(log n).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,6 +65,9 @@ struct Inner {
     stale: BTreeSet<AgentId>,
     /// Entries without a live session.
     idle: BTreeSet<AgentId>,
+    /// Agents changed since the last [`AgentRegistry::take_changed`], when the cluster
+    /// publishes them (`None` on a single node: nothing to track).
+    changed: Option<HashSet<AgentId>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -113,6 +116,35 @@ impl AgentRegistry {
             clock,
             stale_after,
         }
+    }
+
+    /// Starts recording which agents change, for [`AgentRegistry::take_changed`] (the
+    /// cluster's fleet publication batches them instead of a Redis write per heartbeat).
+    pub fn track_changes(&self) {
+        self.lock().changed.get_or_insert_with(HashSet::new);
+    }
+
+    /// The agents changed since the last call (connect, heartbeat, disconnect, forget).
+    pub fn take_changed(&self) -> Vec<AgentId> {
+        match self.lock().changed.as_mut() {
+            Some(set) => set.drain().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Every agent with at least one live session, with its entry (a full publication).
+    pub fn live_entries(&self) -> Vec<(AgentId, AgentState)> {
+        self.lock()
+            .agents
+            .iter()
+            .filter(|(_, s)| !s.sessions.is_empty())
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect()
+    }
+
+    /// How long a connected agent may stay silent before it counts as stale.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
     }
 
     /// The clock the registry stamps connects, heartbeats and disconnects with.
@@ -184,6 +216,7 @@ impl AgentRegistry {
     /// Forgets an agent entirely (its certificate was deleted).
     pub fn forget(&self, agent_id: &AgentId) {
         let mut inner = self.lock();
+        inner.mark_changed(agent_id);
         inner.unplace(agent_id);
         inner.agents.remove(agent_id);
     }
@@ -283,9 +316,18 @@ impl AgentRegistry {
 impl Inner {
     /// Changes an agent's entry (created if missing) and re-indexes it.
     fn update(&mut self, id: &AgentId, change: impl FnOnce(&mut AgentState)) {
+        self.mark_changed(id);
         self.unplace(id);
         change(self.agents.entry(id.clone()).or_default());
         self.place(id);
+    }
+
+    fn mark_changed(&mut self, id: &AgentId) {
+        if let Some(set) = self.changed.as_mut()
+            && !set.contains(id)
+        {
+            set.insert(id.clone());
+        }
     }
 
     /// Takes `id` out of the status index (before its entry changes).

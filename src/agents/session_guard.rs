@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 
@@ -147,7 +147,11 @@ pub async fn guard(State(bindings): State<SessionBindings>, req: Request, next: 
                     "this Socket.IO session was opened by another client identity",
                 )
             }
-            None => refuse(StatusCode::BAD_REQUEST, "unknown Socket.IO session id"),
+            // Not bound here: the session ended, or it lives on another node (a load
+            // balancer without source affinity). Answered at once, in Engine.IO's own
+            // shape (`code` 1, "Session ID unknown", as the reference server sends), so
+            // the client drops the session and reconnects instead of polling on.
+            None => unknown_session(),
         };
     }
     let is_polling_handshake =
@@ -239,6 +243,20 @@ fn handshake_sid(body: &[u8]) -> Option<String> {
     }
     let json = body.strip_prefix(b"0")?;
     serde_json::from_slice::<Open>(json).ok().map(|o| o.sid)
+}
+
+/// The detail of [`unknown_session`].
+pub const UNKNOWN_SESSION: &str = "unknown Socket.IO session id: the session has ended or was opened on another node (with several nodes, the load balancer must keep each client on one node by source address; README, \"Running several nodes\")";
+
+/// Engine.IO's "Session ID unknown" error (HTTP 400, `{"code": 1, "message": ...}`) with
+/// our `detail` beside it.
+fn unknown_session() -> Response {
+    let body = serde_json::json!({
+        "code": 1,
+        "message": "Session ID unknown",
+        "detail": UNKNOWN_SESSION,
+    });
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
 fn refuse(status: StatusCode, detail: &str) -> Response {

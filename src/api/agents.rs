@@ -1,5 +1,9 @@
 //! Who is connected (`GET /agents`, `GET /agents/{agent_id}`) and commands to agents
 //! (`POST /agents/{agent_id}/commands`, fan-out `POST /agents/commands`).
+//!
+//! With `[cluster]`, the lists show the whole fleet: this node's registry merged with the
+//! other nodes' agents as published through Redis ([`crate::cluster::fleet`]); each agent
+//! and each session names its `node`. An agent's status is the best of its nodes'.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -12,9 +16,11 @@ use serde_json::{Value, json};
 
 use super::extract::StatusFilter;
 use super::{ApiError, ApiQuery, AppState, JsonBody, Page, PageQuery, agent_id};
+use crate::agents::ClusterLink;
 use crate::agents::commands::{self, CommandError};
 use crate::agents::registry::{AgentState, AgentStatus};
 use crate::clock::rfc3339;
+use crate::cluster::fleet::{RemoteAgent, from_unix_ms};
 use crate::identity::AgentId;
 
 /// Largest fan-out in one request.
@@ -72,6 +78,9 @@ pub async fn list(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    if let Some(link) = &app.agents.cluster {
+        return cluster_list(&app, link, &q);
+    }
     let limit = q.limit();
     let after = q.after.as_ref();
     let registry = &app.agents.registry;
@@ -165,6 +174,11 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = agent_id(&id)?;
+    if let Some(link) = &app.agents.cluster {
+        let mut v = cluster_one(&app, link, &id)?;
+        v["metadata"] = app.enrollment.metadata(&id).await.unwrap_or(Value::Null);
+        return Ok(Json(v));
+    }
     let (state, status) = app
         .agents
         .registry
@@ -256,6 +270,7 @@ pub async fn fan_out(
                 Err(
                     e @ (CommandError::NotConnected(_)
                     | CommandError::Timeout { .. }
+                    | CommandError::ClusterUnavailable { .. }
                     | CommandError::Failed { .. }),
                 ) => {
                     json!({ "agent_id": id, "status": e.outcome(), "detail": e.to_string() })
@@ -265,6 +280,261 @@ pub async fn fan_out(
     }))
     .await;
     Ok(Json(json!({ "results": results })))
+}
+
+/// The detail of a fleet listing during a Redis outage.
+const FLEET_UNAVAILABLE: &str = "Redis is unreachable: the agents of the other cluster nodes cannot be listed now (agents connected to this node keep working; retry in a few seconds)";
+
+/// Status of an agent on other nodes, from its newest sign of life there.
+fn remote_status(last: Option<time::OffsetDateTime>, cutoff: time::OffsetDateTime) -> AgentStatus {
+    match last {
+        None => AgentStatus::Disconnected,
+        Some(t) if t >= cutoff => AgentStatus::Connected,
+        Some(_) => AgentStatus::Stale,
+    }
+}
+
+/// The better of two statuses: connected anywhere beats stale beats disconnected.
+fn best(a: AgentStatus, b: AgentStatus) -> AgentStatus {
+    let rank = |s| match s {
+        AgentStatus::Connected => 2,
+        AgentStatus::Stale => 1,
+        AgentStatus::Disconnected => 0,
+    };
+    if rank(a) >= rank(b) { a } else { b }
+}
+
+fn stale_cutoff(app: &AppState) -> time::OffsetDateTime {
+    app.clock.now() - app.agents.registry.stale_after()
+}
+
+/// The fleet-wide status of each of `ids`.
+fn fleet_statuses(app: &AppState, link: &ClusterLink, ids: &[AgentId]) -> Vec<AgentStatus> {
+    let cutoff = stale_cutoff(app);
+    let local = app.agents.registry.statuses(ids);
+    let remote = link.fleet.signs_of_life(ids);
+    local
+        .into_iter()
+        .zip(remote)
+        .map(|((_, l), r)| best(l, remote_status(r, cutoff)))
+        .collect()
+}
+
+/// `GET /agents` in a cluster. Pages are cut from ordered sources as on one node; a
+/// status filter reads candidates in chunks and keeps those whose fleet-wide status
+/// matches. `total` for `connected`/`stale` walks the other nodes' agents once
+/// (O(agents on other nodes)).
+fn cluster_list(
+    app: &AppState,
+    link: &ClusterLink,
+    q: &PageQuery,
+) -> Result<Json<Value>, ApiError> {
+    if !link.status.is_connected() {
+        return Err(ApiError::ClusterUnavailable(FLEET_UNAVAILABLE.into()));
+    }
+    let limit = q.limit();
+    let after = q.after.as_ref();
+    let registry = &app.agents.registry;
+    let cutoff = stale_cutoff(app);
+    let wanted = q.status.unwrap_or(StatusFilter::All).status();
+    let ids = match wanted {
+        None => merge(
+            merge(
+                app.store.ids_after(after, limit + 1),
+                registry.ids_after(None, after, limit + 1),
+                limit + 1,
+            ),
+            link.fleet.ids_after(after, limit + 1, |_| true),
+            limit + 1,
+        ),
+        Some(status) => {
+            let chunk = (limit + 1).max(DISCONNECTED_CHUNK);
+            let mut out = Vec::with_capacity(limit + 1);
+            let mut cursor = after.cloned();
+            loop {
+                let c = cursor.as_ref();
+                let candidates = match status {
+                    AgentStatus::Connected | AgentStatus::Stale => merge(
+                        registry.ids_after(Some(status), c, chunk),
+                        link.fleet
+                            .ids_after(c, chunk, |t| remote_status(t, cutoff) == status),
+                        chunk,
+                    ),
+                    AgentStatus::Disconnected => merge(
+                        registry.ids_after(Some(AgentStatus::Disconnected), c, chunk),
+                        app.store.ids_after(c, chunk),
+                        chunk,
+                    ),
+                };
+                let statuses = fleet_statuses(app, link, &candidates);
+                out.extend(
+                    candidates
+                        .iter()
+                        .zip(statuses)
+                        .filter(|(_, s)| *s == status)
+                        .map(|(id, _)| id.clone()),
+                );
+                // Fewer than a chunk: both sources are exhausted.
+                if out.len() > limit || candidates.len() < chunk {
+                    break;
+                }
+                cursor = candidates.last().cloned();
+            }
+            out.truncate(limit + 1);
+            out
+        }
+    };
+    let total = fleet_total(app, link, wanted, cutoff);
+    let page = Page::cut(ids, limit, |id| id);
+    let entries = registry.entries(&page.items);
+    let statuses = fleet_statuses(app, link, &page.items);
+    let agents: Vec<Value> = page
+        .items
+        .iter()
+        .zip(entries)
+        .zip(statuses)
+        .map(|((id, (state, _)), status)| {
+            cluster_view(app, link, id, state.as_ref(), status, link.fleet.remote(id))
+        })
+        .collect();
+    Ok(Json(
+        json!({ "agents": agents, "total": total, "next_after": page.next_after }),
+    ))
+}
+
+/// `total` of a fleet listing: as on one node, with each agent counted once under its
+/// fleet-wide status.
+fn fleet_total(
+    app: &AppState,
+    link: &ClusterLink,
+    wanted: Option<AgentStatus>,
+    cutoff: time::OffsetDateTime,
+) -> usize {
+    let registry = &app.agents.registry;
+    let remote: Vec<(AgentId, AgentStatus)> = link
+        .fleet
+        .signs_of_life_all()
+        .into_iter()
+        .map(|(id, t)| (id, remote_status(t, cutoff)))
+        .collect();
+    let ids: Vec<AgentId> = remote.iter().map(|(id, _)| id.clone()).collect();
+    let local = registry.statuses(&ids);
+    let (mut connected, mut stale) = (
+        registry.count(AgentStatus::Connected),
+        registry.count(AgentStatus::Stale),
+    );
+    for ((_, r), (_, l)) in remote.iter().zip(local) {
+        let fleet = best(*r, l);
+        if fleet == l {
+            continue;
+        }
+        match l {
+            AgentStatus::Connected => connected -= 1,
+            AgentStatus::Stale => stale -= 1,
+            AgentStatus::Disconnected => {}
+        }
+        match fleet {
+            AgentStatus::Connected => connected += 1,
+            AgentStatus::Stale => stale += 1,
+            AgentStatus::Disconnected => {}
+        }
+    }
+    match wanted {
+        None => app.store.len(),
+        Some(AgentStatus::Connected) => connected,
+        Some(AgentStatus::Stale) => stale,
+        Some(AgentStatus::Disconnected) => app.store.len().saturating_sub(connected + stale),
+    }
+}
+
+/// `GET /agents/{id}` in a cluster. Served from this node's registry alone when the
+/// agent is connected here (so it works during a Redis outage); otherwise the fleet view
+/// is needed, and a Redis outage answers 503.
+fn cluster_one(app: &AppState, link: &ClusterLink, id: &AgentId) -> Result<Value, ApiError> {
+    let (state, _) = app
+        .agents
+        .registry
+        .entries(std::slice::from_ref(id))
+        .pop()
+        .unwrap_or((None, AgentStatus::Disconnected));
+    let local_live = state.as_ref().is_some_and(|s| !s.sessions.is_empty());
+    if !local_live && !link.status.is_connected() {
+        return Err(ApiError::ClusterUnavailable(format!(
+            "agent '{id}' is not connected to this node, and Redis is unreachable: the other cluster nodes cannot be asked now"
+        )));
+    }
+    let remote = link.fleet.remote(id);
+    if state.is_none() && remote.is_empty() && app.store.by_agent(id).is_none() {
+        return Err(ApiError::NotFound(format!("unknown agent '{id}'")));
+    }
+    let status = fleet_statuses(app, link, std::slice::from_ref(id))
+        .pop()
+        .unwrap_or(AgentStatus::Disconnected);
+    Ok(cluster_view(app, link, id, state.as_ref(), status, remote))
+}
+
+/// [`view`] with the sessions of every node, each naming its node, and the agent's `node`
+/// (that of its newest session).
+fn cluster_view(
+    app: &AppState,
+    link: &ClusterLink,
+    id: &AgentId,
+    state: Option<&AgentState>,
+    status: AgentStatus,
+    remote: Vec<(String, RemoteAgent)>,
+) -> Value {
+    let mut v = view(app, id, state, status);
+    let mut sessions: Vec<(i64, Value)> = Vec::new();
+    if let Some(Value::Array(local)) = v.get_mut("sessions").map(Value::take) {
+        let times = state.map(|s| s.sessions.as_slice()).unwrap_or_default();
+        for (mut sess, t) in local.into_iter().zip(times) {
+            sess["node"] = json!(link.node_id);
+            sessions.push((crate::cluster::fleet::unix_ms(t.connected_at), sess));
+        }
+    }
+    let mut heartbeat = state.and_then(|s| s.last_heartbeat.as_ref()).map(|h| {
+        let mut shown = v["last_heartbeat"].take();
+        shown["node"] = json!(link.node_id);
+        (crate::cluster::fleet::unix_ms(h.received_at), shown)
+    });
+    for (node, agent) in remote {
+        for sess in agent.sessions {
+            sessions.push((
+                sess.connected_at_ms,
+                json!({
+                    "sid": sess.sid,
+                    "transport": Value::Null,
+                    "remote_addr": sess.remote_addr,
+                    "connected_since": rfc3339(from_unix_ms(sess.connected_at_ms)),
+                    "fingerprint": sess.fingerprint,
+                    "node": node,
+                }),
+            ));
+        }
+        if let Some(h) = agent.last_heartbeat
+            && heartbeat
+                .as_ref()
+                .is_none_or(|(t, _)| h.received_at_ms > *t)
+        {
+            heartbeat = Some((
+                h.received_at_ms,
+                json!({
+                    "received_at": rfc3339(from_unix_ms(h.received_at_ms)),
+                    "payload": h.payload,
+                    "node": node,
+                }),
+            ));
+        }
+    }
+    sessions.sort_by_key(|(t, _)| *t);
+    let node = sessions.last().map(|(_, s)| s["node"].clone());
+    v["node"] = node.unwrap_or(Value::Null);
+    v["sessions"] = Value::Array(sessions.into_iter().map(|(_, s)| s).collect());
+    v["last_heartbeat"] = heartbeat.map_or(Value::Null, |(_, h)| h);
+    if status != AgentStatus::Disconnected {
+        v["disconnected_at"] = Value::Null;
+    }
+    v
 }
 
 #[cfg(test)]

@@ -39,6 +39,9 @@ pub enum ApiError {
     Command(#[from] CommandError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A cluster-wide operation while Redis is unreachable.
+    #[error("{0}")]
+    ClusterUnavailable(String),
     #[error("{context}: {source}")]
     Io {
         context: &'static str,
@@ -59,6 +62,9 @@ impl ApiError {
             Self::Certificate(_) => StatusCode::BAD_REQUEST,
             Self::Command(CommandError::NotConnected(_)) => StatusCode::NOT_FOUND,
             Self::Command(CommandError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            // Redis, the way to the other nodes, is down: retry later (or on another node).
+            Self::Command(CommandError::ClusterUnavailable { .. })
+            | Self::ClusterUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             // The agent's socket failed mid-command: the upstream failed, not the request.
             Self::Command(CommandError::Failed { .. }) => StatusCode::BAD_GATEWAY,
             Self::Store(_) | Self::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -235,6 +241,18 @@ mod tests {
                 }
                 .into(),
                 StatusCode::GATEWAY_TIMEOUT,
+            ),
+            (
+                CommandError::ClusterUnavailable {
+                    agent_id: agent.clone(),
+                    reason: "Redis is unreachable".into(),
+                }
+                .into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                ApiError::ClusterUnavailable("x".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
             ),
             (
                 CommandError::Failed {

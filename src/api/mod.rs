@@ -10,10 +10,11 @@
 //! - `error`: [`ApiError`] and its one mapping to statuses, and `json_errors`, which
 //!   gives every other error response its `{"detail": ...}`;
 //! - `head_limits`: URI length and header limits, answered with 414 and 431;
-//! - one file per resource: `agents`, `certificate`, `enroll`, `hello`, `ops`.
+//! - one file per resource: `agents`, `certificate`, `cluster`, `enroll`, `hello`, `ops`.
 
 pub(crate) mod agents;
 pub(crate) mod certificate;
+pub(crate) mod cluster;
 pub(crate) mod enroll;
 pub(crate) mod error;
 pub(crate) mod extract;

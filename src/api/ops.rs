@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
-use crate::metrics::Snapshot;
+use crate::metrics::{ClusterSnapshot, Snapshot};
 
 pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
@@ -17,11 +17,23 @@ pub async fn health() -> Json<Value> {
 /// Ready once the server certificate and the store are loaded. The store is loaded before
 /// the listener serves; the server certificate may still be missing (ACME before its first
 /// order completes), and a load balancer should not send agents here until it is present.
+///
+/// With `[cluster]`, the body also reports the Redis link, but a Redis outage never makes
+/// this 503: every node would leave the load balancer at once, while each can still serve
+/// its own agents (README, "Running several nodes").
 pub async fn ready(State(state): State<AppState>) -> Response {
-    let checks = json!({
+    let mut checks = json!({
         "server_certificate": state.server_cert.is_ready(),
         "certificate_store": true,
     });
+    if let Some(link) = &state.agents.cluster {
+        checks["redis"] = json!({
+            "connected": link.status.is_connected(),
+            "reconnects": link.status.reconnects(),
+            "node_id": link.node_id,
+            "affects_readiness": false,
+        });
+    }
     if state.server_cert.is_ready() {
         (
             StatusCode::OK,
@@ -41,9 +53,15 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let snapshot = Snapshot {
         connected_agents: state.agents.registry.connected_agents() as i64,
-        socket_sessions: state.agents.io.sockets().len() as i64,
+        socket_sessions: state.agents.io.local_sessions() as i64,
         store_certificates: state.store.len() as i64,
         earliest_expiry: state.store.earliest_not_after(),
+        cluster: state.agents.cluster.as_ref().map(|link| ClusterSnapshot {
+            redis_connected: link.status.is_connected(),
+            redis_reconnects: link.status.reconnects(),
+            redis_errors: link.status.errors(),
+            nodes: link.fleet.nodes().len() as i64 + 1,
+        }),
     };
     let body = state.metrics.render(snapshot);
     (

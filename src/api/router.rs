@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::middleware::require_api_key;
-use super::{ApiError, AppState, agents, certificate, enroll, hello, ops};
+use super::{ApiError, AppState, agents, certificate, cluster, enroll, hello, ops};
 
 /// Where `GET /metrics` is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,7 @@ pub fn router(state: AppState, cors_origins: &[String], metrics: MetricsExposure
         .route("/agents/{agent_id}", get(agents::get_one))
         .route("/agents/{agent_id}/commands", post(agents::command))
         .route("/install-tokens", post(enroll::issue))
+        .route("/cluster/nodes", get(cluster::nodes))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

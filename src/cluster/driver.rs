@@ -173,6 +173,26 @@ impl RedisDriver {
         }
     }
 
+    /// Runs one command (with the driver's retry and status bookkeeping).
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, DriverError> {
+        self.run(|conn| query::<T>(conn, cmd)).await
+    }
+
+    /// Runs a pipeline; in a Redis Cluster every key of it must hash to one slot (use
+    /// one `{hash tag}`).
+    pub async fn pipeline<T: FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, DriverError> {
+        self.run(|conn| async move {
+            match conn {
+                Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
     /// Runs `op` on the connection; once more if the first failure was the connection's
     /// (the manager has swapped in a fresh connection by then). Every failure counts.
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, DriverError>

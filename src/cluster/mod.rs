@@ -7,12 +7,15 @@
 //! - [`acme`]: one server certificate for the whole cluster over ACME: one node orders
 //!   under a Redis lock, every node serves the certificate from Redis, and whichever node
 //!   the CA reaches answers the TLS-ALPN-01 challenge.
+//! - [`fleet`]: one fleet view: each node publishes its agents' state in batches and
+//!   follows the other nodes' (`GET /agents`, `GET /cluster/nodes` on any node).
 //! - [`ack`]: emit-with-ack to a room that ends as soon as every answer is in (works
 //!   around the ack-stream stall) and tells an empty room at once.
 
 pub mod ack;
 pub mod acme;
 pub mod driver;
+pub mod fleet;
 pub mod redis_url;
 
 pub use ack::{AckCollection, emit_with_ack};

@@ -74,6 +74,10 @@ pub struct ClusterConfig {
     /// Matches `^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$`.
     pub node_id: String,
     pub mode: ClusterMode,
+    /// Period of the fleet publication (at least 50 ms).
+    pub publish_interval: Duration,
+    /// Silence after which a node counts as dead (at least 3 publish intervals).
+    pub node_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -351,6 +355,8 @@ impl Config {
                 redis_url: Some(c.redis_url.as_secret_str().to_owned()),
                 node_id: Some(c.node_id.clone()),
                 mode: c.mode,
+                publish_interval_ms: Some(c.publish_interval.as_millis() as u64),
+                node_timeout_ms: Some(c.node_timeout.as_millis() as u64),
             }),
         }
     }
@@ -458,10 +464,28 @@ fn validate_cluster(
             ),
         ));
     }
+    let publish_interval = Duration::from_millis(raw.publish_interval_ms.unwrap_or(1000));
+    if publish_interval < Duration::from_millis(50) {
+        return Err(invalid(
+            "cluster.publish_interval_ms",
+            origin,
+            "must be at least 50",
+        ));
+    }
+    let node_timeout = Duration::from_millis(raw.node_timeout_ms.unwrap_or(10_000));
+    if node_timeout < publish_interval * 3 {
+        return Err(invalid(
+            "cluster.node_timeout_ms",
+            origin,
+            "must be at least 3 times cluster.publish_interval_ms (a node must miss several publications before it counts as dead)",
+        ));
+    }
     Ok(ClusterConfig {
         redis_url,
         node_id,
         mode: raw.mode,
+        publish_interval,
+        node_timeout,
     })
 }
 

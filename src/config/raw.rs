@@ -56,6 +56,14 @@ pub struct RawCluster {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     pub mode: ClusterMode,
+    /// How often this node publishes its agents' state to Redis (the fleet view of the
+    /// other nodes is at most about this much behind). Default 1000.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish_interval_ms: Option<u64>,
+    /// A node not heard from for this long is dead: it leaves `GET /cluster/nodes` and
+    /// its agents stop being listed as connected. Default 10000.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_timeout_ms: Option<u64>,
 }
 
 /// How Redis is deployed.

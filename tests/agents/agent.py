@@ -91,6 +91,13 @@ def parse_args(argv=None):
         help="answer every other event (a command from the API) with the ack "
         '{"ok": true, "event": <name>, "data": <data>} and report it as a "command" line',
     )
+    p.add_argument(
+        "--commands-after-reconnect",
+        type=int,
+        default=0,
+        help="with --reconnect and --commands: after the heartbeat that follows the "
+        "reconnection, stay until this many commands were answered",
+    )
     p.add_argument("--ack-delay", type=float, default=0.0, help="seconds to wait before acking a command")
     p.add_argument(
         "--print-sid",
@@ -171,12 +178,30 @@ async def after_reconnect(args, sio, events):
             emit_line({"event": "reconnected", "transport": sio.transport()})
             break
     await sio.emit("heartbeat", args.payload)
+    answered = 0
     while True:
         event, data = await events.get()
-        if event in ("heartbeat_ack", "error"):
+        if event == "command":
+            # A command may overtake the heartbeat's ack.
             emit_line({"event": event, "data": data})
-            await sio.disconnect()
-            return EXIT_OK
+            answered += 1
+        elif event in ("heartbeat_ack", "error"):
+            emit_line({"event": event, "data": data})
+            break
+    while answered < args.commands_after_reconnect:
+        event, data = await events.get()
+        emit_line({"event": event, "data": data})
+        if event == "command":
+            answered += 1
+    if args.commands_after_reconnect:
+        # The last acknowledgement is queued behind the handler's return; one more
+        # heartbeat round trip on the same ordered transport makes sure it went out
+        # before the disconnect.
+        await sio.emit("heartbeat", args.payload)
+        while (await events.get())[0] != "heartbeat_ack":
+            pass
+    await sio.disconnect()
+    return EXIT_OK
 
 
 async def amain(args):
