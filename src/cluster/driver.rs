@@ -173,6 +173,14 @@ impl RedisDriver {
         }
     }
 
+    /// Runs one command (a read, a Lua script) on the driver's connection, with the retry
+    /// and the status bookkeeping of the pub/sub commands. A command that may run twice
+    /// because of the retry must be idempotent (the state scripts are: see
+    /// `store::redis`).
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, DriverError> {
+        self.run(|conn| query(conn, cmd)).await
+    }
+
     /// Runs `op` on the connection; once more if the first failure was the connection's
     /// (the manager has swapped in a fresh connection by then). Every failure counts.
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, DriverError>
