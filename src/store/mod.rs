@@ -1,9 +1,13 @@
 //! The certificate store: which agent certificates are allowed in, indexed for the
-//! handshake (by fingerprint) and for the API (by agent id), persisted by a backend.
+//! handshake (by fingerprint) and for the API (by agent id), persisted by a backend:
+//! [`file`] for one node, [`redis`] for a cluster (`[cluster]`), where [`sync`] keeps the
+//! index in step with Redis.
 //!
 //! Reads are lock-light and synchronous because the verifier runs inside rustls, which
 //! cannot await; writes go to the backend first and reach the index only once durable, so
-//! a failed write never leaves an agent half-stored.
+//! a failed write never leaves an agent half-stored. On Redis, changes made by other
+//! nodes reach the index through pub/sub, and the gateway is told of each
+//! ([`CertStore::on_remote_change`]) to close the sessions of revoked certificates.
 
 pub mod cert;
 pub mod file;
