@@ -416,6 +416,43 @@ async fn store_import_loads_a_directory_once_and_running_nodes_see_it() {
 }
 
 #[tokio::test]
+async fn redis_back_without_its_data_keeps_the_known_agents_and_refuses_changes_with_503() {
+    // No persistence: a restart empties Redis, as a careless deployment would.
+    let mut redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis.url(), ClusterMode::Standalone).await;
+    let agent = a.pki.agent("known-1");
+    assert_eq!(a.upload(&agent).await.0, 200);
+    let id = "known-1".parse().unwrap();
+    wait_for("node B to learn the upload", || {
+        b.store.by_agent(&id).is_some()
+    })
+    .await;
+
+    redis.restart();
+    let later = a.pki.agent("later-1");
+    let deadline = std::time::Instant::now() + common::cluster::PROPAGATION_BOUND;
+    let detail = loop {
+        let (status, body) = a.upload(&later).await;
+        assert_eq!(status, 503, "{body}");
+        let detail = body["detail"].as_str().unwrap().to_owned();
+        // Until the connection is repaired the answer is "unreachable"; then Redis
+        // answers, without state.
+        if detail.contains("holds no agentgate state") {
+            break detail;
+        }
+        assert!(std::time::Instant::now() < deadline, "{detail}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(detail.contains("store import"), "{detail}");
+    // The empty Redis did not revoke anyone: both nodes still let the agent in.
+    assert!(a.store.by_agent(&id).is_some() && b.store.by_agent(&id).is_some());
+    connected(SioWs::connect(&b, Some(&agent)).await.unwrap());
+    assert!(redis.cli(&["HLEN", CERTS_KEY]).ends_with('0'));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_node_does_not_start_when_redis_is_unreachable() {
     let mut redis = RedisServer::start();
     let url = redis.url();

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cert::{self, StoredCert};
 use super::redis::{ChangeMessage, Head, RedisError, RedisState};
-use super::{CertStore, Change, Shared, StoreError};
+use super::{CertStore, Change, Index, Shared, StoreError};
 use crate::metrics::Metrics;
 
 /// How often a resync that failed (Redis down, or without state) is tried again.
@@ -165,7 +165,9 @@ async fn follow(
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 {
+                    if failures == 1 && matches!(e, StoreError::Redis(RedisError::NoState)) {
+                        tracing::error!(error = %e, "this node keeps the certificates it knows and refuses changes until Redis has agentgate state again");
+                    } else if failures == 1 {
                         tracing::warn!(error = %e, "shared state resync failed; retrying every second");
                     } else {
                         tracing::debug!(error = %e, failures, "shared state resync failed again");
@@ -242,12 +244,11 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
     let Some(sync) = store.redis() else {
         return Ok(());
     };
-    let head: Head = sync.redis.head().await.inspect_err(|e| {
-        sync.metrics.state_redis_error();
-        if matches!(e, RedisError::NoState) {
-            tracing::error!("{e}; this node keeps the certificates it knows and refuses changes");
-        }
-    })?;
+    let head: Head = sync
+        .redis
+        .head()
+        .await
+        .inspect_err(|_| sync.metrics.state_redis_error())?;
     let entries = sync
         .redis
         .scan_certs()
@@ -318,7 +319,7 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
             }
         }
     }
-    {
+    let watermark = {
         let mut position = sync.position();
         position.watermark = if same_epoch {
             position.watermark.max(head.seq)
@@ -326,6 +327,14 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
             head.seq
         };
         position.epoch = Some(head.epoch);
+        position.watermark
+    };
+    {
+        // A deleted agent's sequence number only matters against changes newer than the
+        // watermark (older messages are skipped anyway), so tombstones below it go.
+        let mut index = store.write();
+        let Index { by_agent, seqs, .. } = &mut *index;
+        seqs.retain(|id, seq| *seq > watermark || by_agent.contains_key(id));
     }
     sync.metrics.state_resync();
     tracing::info!(
