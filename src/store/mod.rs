@@ -414,6 +414,34 @@ impl Index {
 mod tests {
     use super::*;
 
+    fn stored(id: &str) -> Arc<StoredCert> {
+        let id = AgentId::parse(id).unwrap();
+        let generated = crate::certgen::generate(&id, 30).unwrap();
+        let der = cert::single_certificate_der(&generated.cert_pem).unwrap();
+        Arc::new(cert::parse_for(id, der).unwrap())
+    }
+
+    #[test]
+    fn a_change_older_than_the_applied_one_is_refused_deletions_included() {
+        let mut index = Index::default();
+        let id = AgentId::parse("seq-1").unwrap();
+        let (first, second) = (stored("seq-1"), stored("seq-1"));
+        assert_eq!(index.apply(&id, Some(first.clone()), 5), Some(None));
+        // Change 7 (this node's own write) lands before change 6 (another node's).
+        assert_eq!(
+            index.apply(&id, Some(second.clone()), 7),
+            Some(Some(first.clone()))
+        );
+        assert_eq!(index.apply(&id, None, 6), None, "older deletion applied");
+        assert_eq!(index.apply(&id, Some(first.clone()), 7), None, "replayed");
+        assert_eq!(index.by_fingerprint.get(&second.fingerprint), Some(&second));
+        assert!(!index.by_fingerprint.contains_key(&first.fingerprint));
+        // A deletion leaves its number behind, so an older upload cannot resurrect it.
+        assert_eq!(index.apply(&id, None, 8), Some(Some(second)));
+        assert_eq!(index.apply(&id, Some(first), 7), None);
+        assert!(index.by_agent.is_empty() && index.by_fingerprint.is_empty());
+    }
+
     #[test]
     fn open_with_indexed_fills_the_index_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
