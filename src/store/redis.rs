@@ -141,6 +141,9 @@ impl From<redis::RedisError> for RedisError {
     }
 }
 
+/// One certificate entry of a scan: `(agent id, seq, DER)`, or why it is unusable.
+pub(crate) type ScanEntry = Result<(AgentId, u64, Vec<u8>), String>;
+
 /// The connection and key layout of one node's shared state. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct RedisState {
@@ -255,9 +258,7 @@ impl RedisState {
     /// Every stored certificate as `(agent id, seq, DER)`, read `SCAN_COUNT` at a time.
     /// Entries Redis holds in a shape this version does not know are returned as errors
     /// with the agent id, so one bad entry does not hide the others.
-    pub(crate) async fn scan_certs(
-        &self,
-    ) -> Result<Vec<Result<(AgentId, u64, Vec<u8>), String>>, RedisError> {
+    pub(crate) async fn scan_certs(&self) -> Result<Vec<ScanEntry>, RedisError> {
         let mut out = Vec::new();
         let mut cursor: u64 = 0;
         loop {

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::cert::{self, StoredCert};
-use super::redis::{ChangeMessage, Head, RedisError, RedisState};
+use super::redis::{ChangeMessage, Head, RedisError, RedisState, ScanEntry};
 use super::{CertStore, Change, Index, Shared, StoreError};
 use crate::metrics::Metrics;
 
@@ -254,25 +254,9 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
         .scan_certs()
         .await
         .inspect_err(|_| sync.metrics.state_redis_error())?;
-    let parsed = tokio::task::spawn_blocking(move || {
-        entries
-            .into_iter()
-            .filter_map(|entry| {
-                let parsed = entry.and_then(|(id, seq, der)| {
-                    cert::parse_for(id.clone(), der)
-                        .map(|c| (seq, c))
-                        .map_err(|e| format!("{id}: {e}"))
-                });
-                parsed
-                    .inspect_err(
-                        |e| tracing::warn!(error = %e, "unusable certificate in Redis; skipped"),
-                    )
-                    .ok()
-            })
-            .collect::<Vec<(u64, StoredCert)>>()
-    })
-    .await
-    .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+    let parsed = tokio::task::spawn_blocking(move || parse_all(entries))
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
     let same_epoch = sync.position().epoch.as_deref() == Some(head.epoch.as_str());
     let mut changes = Vec::new();
     let total = parsed.len();
@@ -346,6 +330,50 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
         store.notify(change);
     }
     Ok(())
+}
+
+/// Fewest entries per parsing thread: below this a thread costs more than it saves.
+const PARSE_CHUNK_MIN: usize = 256;
+
+/// Parses what a scan returned on every core (a node serves nothing before its first
+/// resync, as with the file backend's load); unusable entries are logged and left out.
+fn parse_all(entries: Vec<ScanEntry>) -> Vec<(u64, StoredCert)> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(entries.len().div_ceil(PARSE_CHUNK_MIN))
+        .max(1);
+    let chunk = entries.len().div_ceil(threads).max(1);
+    let mut entries = entries;
+    let mut parts = Vec::with_capacity(threads);
+    while entries.len() > chunk {
+        let rest = entries.split_off(chunk);
+        parts.push(entries);
+        entries = rest;
+    }
+    parts.push(entries);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = parts
+            .into_iter()
+            .map(|part| s.spawn(move || part.into_iter().filter_map(parse_one).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            // A worker only panics if parsing does, which would do the same on this
+            // thread; re-raise it here rather than lose the certificates.
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+fn parse_one(entry: ScanEntry) -> Option<(u64, StoredCert)> {
+    let parsed = entry.and_then(|(id, seq, der)| {
+        cert::parse_for(id.clone(), der)
+            .map(|c| (seq, c))
+            .map_err(|e| format!("{id}: {e}"))
+    });
+    parsed
+        .inspect_err(|e| tracing::warn!(error = %e, "unusable certificate in Redis; skipped"))
+        .ok()
 }
 
 /// Wall-clock milliseconds, carried in change messages for the propagation metric.
