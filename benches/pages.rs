@@ -112,12 +112,14 @@ fn router(rt: &tokio::runtime::Runtime, certs: usize, agents: usize) -> Router {
             },
         );
     }
+    let enrollment = Enrollment::open(&config.data_dir, Clock::system(), store.clone())
+        .expect("enrollment file");
     let state = AppState {
         store,
         agents: handle,
         api_keys: ApiKeys::new(&[KEY]),
         metrics,
-        enrollment: Enrollment::open(&config.data_dir, Clock::system()).expect("enrollment file"),
+        enrollment,
         server_cert: ServerCert::from_config(&config, agentgate::tls::provider())
             .expect("self-signed server certificate"),
         clock: Clock::system(),

@@ -8,7 +8,12 @@
 //! - [`tls`]: rustls server configuration, server certificate sources, the handshake
 //!   ([`tls::Acceptor`]), [`tls::verifier`] (the agent certificate verifier) and
 //!   [`tls::acme`] (certificates over ACME, TLS-ALPN-01 on the same listener).
-//! - [`store`]: the certificate store (index + file backend) and the upload rules.
+//! - [`cluster`]: several nodes sharing one Redis ([`cluster::acme`]: one ACME
+//!   certificate for all of them).
+//! - [`store`]: the certificate store: the in-memory index the handshake reads, fed by
+//!   one of two backends (files for one node, Redis for a cluster, followed through
+//!   pub/sub), the upload rules, and `store import`. Install tokens ([`enroll`]) live in
+//!   the same backend.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
 //! - `digest`: SHA-256 and hex (fingerprints, API key digests, install token hashes).
 //! - [`clock`]: where "now" comes from (system, or manual in tests) and the one RFC 3339

@@ -33,8 +33,28 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// The shared state of a cluster (`[cluster]` in the configuration).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Validate a configuration and print the effective settings (secrets masked).
     CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Load a one-node certificate directory (CERT_STORAGE_DIR) into Redis, once: agents
+    /// Redis already has are left as they are, so running it again imports nothing.
+    Import {
+        /// The directory of `<agent_id>.pem` files.
+        #[arg(long)]
+        from: PathBuf,
+        /// TOML configuration file with the `[cluster]` section (environment variables
+        /// override it, as for `serve`).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -71,6 +91,9 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        Command::Store {
+            command: StoreCommand::Import { from, config },
+        } => store_import(config, from),
         Command::Cert {
             command:
                 CertCommand::Generate {
@@ -123,6 +146,44 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
             tracing::error!("{e:#}");
             fail(&format!("{e:#}"))
         }
+    }
+}
+
+fn store_import(config_path: Option<PathBuf>, from: PathBuf) -> ExitCode {
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let Some(cluster) = config.cluster else {
+        return fail(
+            &"store import needs a [cluster] section (cluster.redis_url) in the configuration",
+        );
+    };
+    if let Err(e) = init_logging(config.log_format) {
+        return fail(&e);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the tokio runtime: {e}")),
+    };
+    match runtime.block_on(agentgate::store::import::import(&cluster, &from)) {
+        Ok(report) => {
+            for s in &report.unreadable {
+                eprintln!("skipped {}: {}", s.path.display(), s.reason);
+            }
+            println!(
+                "imported {} certificates into {}; skipped {} already there and {} unreadable files",
+                report.imported,
+                cluster.redis_url,
+                report.already_present,
+                report.unreadable.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("store import from {}: {e}", from.display())),
     }
 }
 

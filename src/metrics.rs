@@ -64,6 +64,14 @@ struct Inner {
     socket_sessions: Gauge,
     store_certificates: Gauge,
     earliest_expiry: Gauge,
+    state: StateMetrics,
+}
+
+/// The shared state on Redis (`[cluster]`); registered on every node, zero without it.
+struct StateMetrics {
+    propagation_seconds: Histogram,
+    redis_errors: Counter,
+    resyncs: Counter,
 }
 
 /// The metrics of a clustered node.
@@ -102,6 +110,37 @@ pub struct ClusterSnapshot {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl StateMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        // 0.1 ms .. 5 s: loopback pub/sub to a node that was busy resyncing.
+        let propagation_seconds = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+        ]);
+        registry.register(
+            "state_propagation_seconds",
+            "Time from a shared state change on one node until this node received it (wall clocks of both nodes)",
+            propagation_seconds.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "state_redis_errors",
+            "Shared state operations that failed on Redis (unreachable, or Redis without agentgate state)",
+            redis_errors.clone(),
+        );
+        let resyncs = Counter::default();
+        registry.register(
+            "state_resyncs",
+            "Full reloads of the certificate index from Redis",
+            resyncs.clone(),
+        );
+        Self {
+            propagation_seconds,
+            redis_errors,
+            resyncs,
+        }
     }
 }
 
@@ -201,6 +240,7 @@ impl Metrics {
             earliest_expiry.clone(),
         );
         let cluster = clustered.then(|| ClusterMetrics::register(&mut registry));
+        let state = StateMetrics::register(&mut registry);
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -218,6 +258,7 @@ impl Metrics {
                 socket_sessions,
                 store_certificates,
                 earliest_expiry,
+                state,
             }),
         }
     }
@@ -271,6 +312,21 @@ impl Metrics {
                 c.command_seconds.observe(s);
             }
         }
+    }
+
+    /// A change of the shared state reached this node `seconds` after a node sent it.
+    pub fn state_propagation(&self, seconds: f64) {
+        self.inner.state.propagation_seconds.observe(seconds);
+    }
+
+    /// A shared state operation failed on Redis (unreachable, no state).
+    pub fn state_redis_error(&self) {
+        self.inner.state.redis_errors.inc();
+    }
+
+    /// The index was reloaded from Redis (start, reconnection, gap, new epoch).
+    pub fn state_resync(&self) {
+        self.inner.state.resyncs.inc();
     }
 
     pub fn http_request(&self, method: &str, route: &str, status: u16) {

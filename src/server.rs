@@ -59,6 +59,11 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum StartError {
     #[error("certificate store {dir}: {source}")]
     Store { dir: String, source: StoreError },
+    /// `[cluster]`: a node does not start without its cluster's certificates.
+    #[error(
+        "shared state on Redis {url} (key `cluster.redis_url`): {source}; a node of a cluster does not start without Redis"
+    )]
+    SharedStore { url: String, source: StoreError },
     #[error("server certificate: {0}")]
     ServerCert(#[from] ServerCertError),
     #[error("TLS configuration: {0}")]
@@ -123,18 +128,11 @@ impl Gateway {
     /// [`Gateway::start`] with the clock the API, the agent registry and the enrollment
     /// store read "now" from (a manual one in tests of expiry and staleness).
     pub async fn start_with_clock(config: Config, clock: Clock) -> Result<Self, StartError> {
-        let (store, skipped) =
-            CertStore::open(&config.store.dir).map_err(|source| StartError::Store {
-                dir: config.store.dir.display().to_string(),
-                source,
-            })?;
-        for s in &skipped {
-            tracing::warn!(path = %s.path.display(), reason = %s.reason, "skipped file in certificate store");
-        }
-        tracing::info!(
-            dir = %config.store.dir.display(), certificates = store.len(), skipped = skipped.len(),
-            "certificate store loaded"
-        );
+        let metrics = match config.cluster {
+            Some(_) => Metrics::clustered(),
+            None => Metrics::new(),
+        };
+        let store = open_store(&config, &metrics).await?;
         let provider = tls::provider();
         let server_cert = ServerCert::from_config(&config, provider.clone())?;
         let verifier = Arc::new(AgentCertVerifier::new(
@@ -142,11 +140,7 @@ impl Gateway {
             provider.signature_verification_algorithms,
         ));
         let tls = tls::server_config(server_cert.resolver.clone(), verifier.clone(), provider)?;
-        let metrics = match config.cluster {
-            Some(_) => Metrics::clustered(),
-            None => Metrics::new(),
-        };
-        let enrollment = Enrollment::open(&config.data_dir, clock.clone())?;
+        let enrollment = Enrollment::open(&config.data_dir, clock.clone(), store.clone())?;
         let (sio_layer, agents) = match &config.cluster {
             None => Agents::build(&config, metrics.clone(), clock.clone()),
             Some(cluster) => {
@@ -184,6 +178,7 @@ impl Gateway {
             }
             _ => None,
         };
+        close_revoked_sessions(&store, &agents);
         let state = AppState {
             store: store.clone(),
             agents: agents.clone(),
@@ -386,6 +381,53 @@ impl Gateway {
     fn agents_anonymous(&self) -> bool {
         self.config.allow_anonymous_agents
     }
+}
+
+/// The embedded store (files in `store.dir`), or the shared one on Redis with `[cluster]`.
+async fn open_store(config: &Config, metrics: &Metrics) -> Result<CertStore, StartError> {
+    if let Some(cluster) = &config.cluster {
+        let store = CertStore::open_shared(cluster, metrics.clone())
+            .await
+            .map_err(|source| StartError::SharedStore {
+                url: cluster.redis_url.to_string(),
+                source,
+            })?;
+        tracing::info!(
+            redis = %cluster.redis_url, node_id = %cluster.node_id, certificates = store.len(),
+            "certificate store loaded from Redis (shared state)"
+        );
+        return Ok(store);
+    }
+    let (store, skipped) =
+        CertStore::open(&config.store.dir).map_err(|source| StartError::Store {
+            dir: config.store.dir.display().to_string(),
+            source,
+        })?;
+    for s in &skipped {
+        tracing::warn!(path = %s.path.display(), reason = %s.reason, "skipped file in certificate store");
+    }
+    tracing::info!(
+        dir = %config.store.dir.display(), certificates = store.len(), skipped = skipped.len(),
+        "certificate store loaded"
+    );
+    Ok(store)
+}
+
+/// A certificate replaced or deleted elsewhere (another node, or found by a resync)
+/// closes this node's sessions that authenticated with it, as a local change does.
+fn close_revoked_sessions(store: &CertStore, agents: &Agents) {
+    let agents = agents.clone();
+    store.on_remote_change(move |change| {
+        let closed = agents.disconnect_sessions(&change.agent_id, Some(change.old));
+        if change.new.is_none() {
+            agents.registry.forget(&change.agent_id);
+        }
+        tracing::info!(
+            agent_id = %change.agent_id, old_fingerprint = %change.old,
+            deleted = change.new.is_none(), closed_sessions = closed,
+            "agent certificate changed on another node"
+        );
+    });
 }
 
 /// What each connection task needs.

@@ -684,3 +684,21 @@ async fn text_logs_to_a_pipe_have_no_colour_codes_and_a_bad_rust_log_is_refused(
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("RUST_LOG"));
 }
+
+#[test]
+fn store_import_needs_a_cluster_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentgate.toml");
+    std::fs::write(&config, "api_keys = [\"k\"]\n").unwrap();
+    let out = agentgate()
+        .args(["store", "import", "--from"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("[cluster]"), "{stderr}");
+    assert!(stderr.contains("cluster.redis_url"), "{stderr}");
+}

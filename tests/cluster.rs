@@ -511,8 +511,9 @@ impl Drop for ProcNode {
 }
 
 impl ProcNode {
-    /// `agentgate serve` on a free port with `[cluster]`, `agent` already in its store.
-    fn start(pki: &TestPki, redis_url: &str, node_id: &str, agent: &AgentCert) -> ProcNode {
+    /// `agentgate serve` on a free port with `[cluster]` (its store is the shared one in
+    /// Redis).
+    fn start(pki: &TestPki, redis_url: &str, node_id: &str) -> ProcNode {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let section = cluster_section(redis_url, node_id, ClusterMode::Standalone);
@@ -520,12 +521,6 @@ impl ProcNode {
             raw.listen = format!("127.0.0.1:{port}").parse().unwrap();
             raw.cluster = Some(section);
         });
-        std::fs::create_dir_all(&config.store.dir).unwrap();
-        std::fs::write(
-            config.store.dir.join(format!("{}.pem", agent.agent_id)),
-            &agent.cert_pem,
-        )
-        .unwrap();
         let file = dir.path().join("agentgate.toml");
         std::fs::write(&file, toml::to_string(&config.to_raw()).unwrap()).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentgate"));
@@ -657,8 +652,8 @@ async fn failover_through_haproxy_moves_a_python_agent_to_the_surviving_node_aft
     let pki = Arc::new(TestPki::new());
     let agent = pki.agent("failover-1");
     let mut nodes = [
-        ProcNode::start(&pki, &redis.url(), "node-1", &agent),
-        ProcNode::start(&pki, &redis.url(), "node-2", &agent),
+        ProcNode::start(&pki, &redis.url(), "node-1"),
+        ProcNode::start(&pki, &redis.url(), "node-2"),
     ];
     for n in &nodes {
         let patience = Patience::new(format!("node on port {} serves and sees the other", n.port));
@@ -673,6 +668,21 @@ async fn failover_through_haproxy_moves_a_python_agent_to_the_surviving_node_aft
             patience.again(seen).await;
         }
     }
+    // One upload, on either node: the certificate store is the cluster's.
+    let body = json!({"agent_id": agent.agent_id, "certificate": agent.cert_pem});
+    let uploaded = api_at(
+        &pki,
+        nodes[0].addr(),
+        "POST",
+        "/agent/certificate",
+        Some(body),
+    )
+    .await;
+    assert_eq!(
+        uploaded.as_ref().map(|(s, _)| *s),
+        Some(200),
+        "{uploaded:?}"
+    );
     let haproxy = Haproxy::start([nodes[0].addr(), nodes[1].addr()]);
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use super::{ApiError, ApiQuery, AppState, JsonBody, Page, PageQuery, agent_id};
 use crate::clock::rfc3339_unix;
-use crate::store::StoredCert;
 use crate::store::cert::validate_upload;
+use crate::store::{PutOutcome, StoredCert};
 
 #[derive(Deserialize)]
 pub struct UploadBody {
@@ -46,6 +46,12 @@ pub async fn store(
     via: &'static str,
 ) -> Result<Arc<StoredCert>, ApiError> {
     let outcome = state.store.put(cert).await?;
+    Ok(stored(state, outcome, via))
+}
+
+/// After a certificate was stored: closes this node's sessions of the certificate it
+/// replaced (other nodes close theirs when the change reaches them) and logs it.
+pub fn stored(state: &AppState, outcome: PutOutcome, via: &'static str) -> Arc<StoredCert> {
     let stored = outcome.stored;
     match &outcome.replaced {
         Some(old) => {
@@ -63,7 +69,7 @@ pub async fn store(
             key = %stored.key_type, via, "agent certificate stored"
         ),
     }
-    Ok(stored)
+    stored
 }
 
 /// The API's view of a stored certificate.
@@ -127,14 +133,7 @@ pub async fn delete(
         .ok_or_else(|| ApiError::NotFound(format!("no certificate stored for agent '{id}'")))?;
     let closed = state.agents.disconnect_sessions(&id, None);
     state.agents.registry.forget(&id);
-    state
-        .enrollment
-        .forget(&id)
-        .await
-        .map_err(|source| ApiError::Io {
-            context: "could not update the enrollment file",
-            source,
-        })?;
+    state.enrollment.forget(&id).await?;
     tracing::info!(agent_id = %id, fingerprint = %removed.fingerprint, closed_sessions = closed, "agent certificate deleted");
     Ok(Json(json!({
         "message": "Certificate deleted",

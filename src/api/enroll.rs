@@ -37,14 +37,7 @@ pub async fn issue(
             "ttl_s must be between 1 and {MAX_TTL_SECS}, got {ttl}"
         )));
     }
-    let (token, expires_at) = state
-        .enrollment
-        .issue(id.clone(), ttl)
-        .await
-        .map_err(|source| ApiError::Io {
-            context: "could not record the install token",
-            source,
-        })?;
+    let (token, expires_at) = state.enrollment.issue(id.clone(), ttl).await?;
     tracing::info!(agent_id = %id, expires_at = %rfc3339_unix(expires_at), "install token issued");
     Ok(Json(
         json!({ "install_token": token, "agent_id": id, "expires_at": rfc3339_unix(expires_at) }),
@@ -80,21 +73,17 @@ pub async fn register(
             "metadata exceeds {MAX_METADATA_BYTES} bytes"
         )));
     }
-    let registration = state.enrollment.begin().await;
-    registration
-        .check(&body.install_token, &id)
+    let now = state.clock.unix();
+    let outcome = state
+        .enrollment
+        .register(&body.install_token, &id, metadata, || {
+            validate_upload(id.as_str(), &body.certificate, now)
+        })
+        .await
         .inspect_err(|e| {
             tracing::info!(agent_id = %id, reason = %e, "agent registration refused");
         })?;
-    let cert = validate_upload(id.as_str(), &body.certificate, state.clock.unix())?;
-    let stored = super::certificate::store(&state, cert, "register").await?;
-    registration
-        .redeem(&body.install_token, &id, metadata)
-        .await
-        .map_err(|source| ApiError::Io {
-            context: "could not record the redeemed install token",
-            source,
-        })?;
+    let stored = super::certificate::stored(&state, outcome, "register");
     Ok(Json(json!({
         "agent_id": stored.agent_id,
         "fingerprint": stored.fingerprint,

@@ -13,8 +13,8 @@ use http_body_util::BodyExt;
 
 use super::MAX_BODY_BYTES;
 use crate::agents::commands::CommandError;
-use crate::enroll::TokenError;
-use crate::store::{CertError, StoreError};
+use crate::enroll::{RegisterError, TokenError};
+use crate::store::{CertError, RedisError, StoreError};
 
 /// Every way an API request can fail, mapped to a status in one place.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +67,23 @@ impl ApiError {
             | Self::ClusterUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             // The agent's socket failed mid-command: the upstream failed, not the request.
             Self::Command(CommandError::Failed { .. }) => StatusCode::BAD_GATEWAY,
-            Self::Store(_) | Self::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            // Redis down or without state: the cluster cannot take changes now; nothing
+            // was changed, and the same request can be sent again later.
+            Self::Store(StoreError::Redis(RedisError::Unavailable(_) | RedisError::NoState)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Store(StoreError::Io(_) | StoreError::Redis(RedisError::Protocol(_)))
+            | Self::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<RegisterError> for ApiError {
+    fn from(e: RegisterError) -> Self {
+        match e {
+            RegisterError::Token(e) => e.into(),
+            RegisterError::Certificate(e) => e.into(),
+            RegisterError::Store(e) => e.into(),
         }
     }
 }
@@ -76,6 +92,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let text = match &self {
+            Self::Store(StoreError::Redis(
+                e @ (RedisError::Unavailable(_) | RedisError::NoState),
+            )) => {
+                tracing::warn!(error = %e, "shared state change refused");
+                format!("{e}; nothing was changed, try again when Redis is back")
+            }
             Self::Store(e) => {
                 tracing::error!(error = %e, "certificate store failure");
                 "certificate store failure; see the gateway log".to_owned()
@@ -267,6 +289,21 @@ mod tests {
             ),
             (
                 StoreError::Io(io()).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                StoreError::Redis(RedisError::Unavailable(
+                    redis::RedisError::from(io()).into(),
+                ))
+                .into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                StoreError::Redis(RedisError::NoState).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                StoreError::Redis(RedisError::Protocol("x".into())).into(),
                 StatusCode::INTERNAL_SERVER_ERROR,
             ),
             (

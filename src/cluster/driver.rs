@@ -173,7 +173,10 @@ impl RedisDriver {
         }
     }
 
-    /// Runs one command (with the driver's retry and status bookkeeping).
+    /// Runs one command (a read, a Lua script) on the driver's connection, with the retry
+    /// and the status bookkeeping of the pub/sub commands. A command that may run twice
+    /// because of the retry must be idempotent (the state scripts are: see
+    /// `store::redis`).
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, DriverError> {
         self.run(|conn| query::<T>(conn, cmd)).await
     }

@@ -1,23 +1,38 @@
 //! The certificate store: which agent certificates are allowed in, indexed for the
-//! handshake (by fingerprint) and for the API (by agent id), persisted by a backend.
+//! handshake (by fingerprint) and for the API (by agent id), persisted by a backend:
+//! [`file`] for one node, [`redis`] for a cluster (`[cluster]`), where [`sync`] keeps the
+//! index in step with Redis.
 //!
 //! Reads are lock-light and synchronous because the verifier runs inside rustls, which
 //! cannot await; writes go to the backend first and reach the index only once durable, so
-//! a failed write never leaves an agent half-stored.
+//! a failed write never leaves an agent half-stored. On Redis, changes made by other
+//! nodes reach the index through pub/sub, and the gateway is told of each
+//! ([`CertStore::on_remote_change`]) to close the sessions of revoked certificates.
 
 pub mod cert;
 pub(crate) mod file;
+pub mod import;
+pub(crate) mod redis;
+pub(crate) mod sync;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 pub use cert::{CertError, StoredCert};
 use file::{FileBackend, Skipped};
+pub use redis::RedisError;
+use redis::{RedisState, Written};
+pub(crate) use sync::unix_ms;
 
+use crate::config::ClusterConfig;
 use crate::identity::{AgentId, AgentIdentity, Fingerprint};
+use crate::metrics::Metrics;
+
+/// What the gateway runs for each change made elsewhere.
+type ChangeHook = Box<dyn Fn(&Change) + Send + Sync>;
 
 /// Cheap-to-clone handle on the shared store.
 #[derive(Clone, Debug)]
@@ -25,13 +40,34 @@ pub struct CertStore {
     shared: Arc<Shared>,
 }
 
-#[derive(Debug)]
 struct Shared {
-    backend: FileBackend,
+    backend: Backend,
     /// Held (no `.await` inside) only for map operations, never across I/O.
     index: RwLock<Index>,
-    /// Serialises writers so that backend order and index order agree.
+    /// Serialises this node's writers so that backend order and index order agree.
     write_lock: tokio::sync::Mutex<()>,
+    /// Told of every change this node did not make itself (pub/sub, resync); the gateway
+    /// closes the sessions of revoked certificates there.
+    on_remote_change: OnceLock<ChangeHook>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the certificates are durable. Both feed the same index; a later kind of state
+/// (API tokens, routes) adds its keys and scripts to [`redis`] and its file to the
+/// embedded side, not a second store.
+#[derive(Debug)]
+pub(crate) enum Backend {
+    /// One node: `<dir>/<agent_id>.pem`.
+    Files(FileBackend),
+    /// `[cluster]`: Redis is the source of truth; the index follows it through pub/sub.
+    Redis(sync::RedisSync),
 }
 
 /// The in-memory index every backend feeds: the handshake reads it by fingerprint, the
@@ -40,12 +76,17 @@ struct Shared {
 struct Index {
     by_fingerprint: HashMap<Fingerprint, Arc<StoredCert>>,
     by_agent: BTreeMap<AgentId, Arc<StoredCert>>,
+    /// Redis backend only: the sequence number of the last change applied per agent,
+    /// deletions included, so that a change that arrives late never undoes a newer one.
+    seqs: HashMap<AgentId, u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("certificate store I/O error: {0}")]
     Io(#[from] io::Error),
+    #[error("shared state: {0}")]
+    Redis(#[from] RedisError),
 }
 
 /// What `put` changed.
@@ -56,12 +97,43 @@ pub struct PutOutcome {
     pub replaced: Option<Arc<StoredCert>>,
 }
 
+/// A change of an agent's certificate that another node made (or that a resync found).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub agent_id: AgentId,
+    /// The fingerprint that no longer holds for the agent.
+    pub old: Fingerprint,
+    /// The agent's certificate now, `None` if it was deleted.
+    pub new: Option<Fingerprint>,
+}
+
 impl CertStore {
     /// Opens the file store at `dir`, loading every certificate in it.
     pub fn open(dir: &Path) -> Result<(Self, Vec<Skipped>), StoreError> {
         let backend = FileBackend::open(dir)?;
         let (certs, skipped) = backend.load_all()?;
-        Ok((Self::from_parts(backend, certs), skipped))
+        Ok((Self::from_parts(Backend::Files(backend), certs), skipped))
+    }
+
+    /// Opens the shared store of `[cluster]`: connects to Redis (an error if it is
+    /// unreachable: a node does not start without the certificates of its cluster),
+    /// subscribes to changes, loads every certificate, and keeps following Redis (a full
+    /// resync after every reconnection) until the last handle is dropped.
+    pub async fn open_shared(
+        cluster: &ClusterConfig,
+        metrics: Metrics,
+    ) -> Result<Self, StoreError> {
+        let redis = RedisState::connect(cluster).await?;
+        if redis.ensure_epoch().await? {
+            tracing::info!("new shared state created in Redis (first node of this cluster)");
+        }
+        let changes = redis.subscribe().await?;
+        let store = Self::from_parts(
+            Backend::Redis(sync::RedisSync::new(redis, metrics)),
+            Vec::new(),
+        );
+        sync::start(&store, changes).await?;
+        Ok(store)
     }
 
     /// A store on `dir` whose index holds `certs`, which exist only in memory: they are
@@ -70,10 +142,13 @@ impl CertStore {
     /// store of a million certificates without writing a million files; a server never
     /// opens its store this way. Later `put`/`remove` calls behave as usual.
     pub fn open_with_indexed(dir: &Path, certs: Vec<StoredCert>) -> Result<Self, StoreError> {
-        Ok(Self::from_parts(FileBackend::open(dir)?, certs))
+        Ok(Self::from_parts(
+            Backend::Files(FileBackend::open(dir)?),
+            certs,
+        ))
     }
 
-    fn from_parts(backend: FileBackend, certs: Vec<StoredCert>) -> Self {
+    fn from_parts(backend: Backend, certs: Vec<StoredCert>) -> Self {
         let mut index = Index::with_capacity(certs.len());
         for cert in certs {
             index.insert(Arc::new(cert));
@@ -82,10 +157,22 @@ impl CertStore {
             backend,
             index: RwLock::new(index),
             write_lock: tokio::sync::Mutex::new(()),
+            on_remote_change: OnceLock::new(),
         };
         Self {
             shared: Arc::new(shared),
         }
+    }
+
+    /// Whether the store is the shared one on Redis.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.shared.backend, Backend::Redis(_))
+    }
+
+    /// Calls `f` for every change made elsewhere (another node, or found by a resync),
+    /// after the index has it. Set once, by the gateway; later calls are ignored.
+    pub fn on_remote_change(&self, f: impl Fn(&Change) + Send + Sync + 'static) {
+        let _ = self.shared.on_remote_change.set(Box::new(f));
     }
 
     /// The handshake lookup: O(1), no I/O.
@@ -145,35 +232,96 @@ impl CertStore {
             .collect()
     }
 
-    /// Stores `cert` for its agent, replacing any previous one; durable before it is visible.
+    /// Stores `cert` for its agent, replacing any previous one; durable before it is
+    /// visible. On Redis, a failure (unreachable, no state) changes nothing anywhere.
     pub async fn put(&self, cert: StoredCert) -> Result<PutOutcome, StoreError> {
         let _writer = self.shared.write_lock.lock().await;
         let cert = Arc::new(cert);
-        let shared = self.shared.clone();
-        let to_write = cert.clone();
-        tokio::task::spawn_blocking(move || shared.backend.write(&to_write))
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))??;
-        let replaced = self.write().insert(cert.clone());
-        let replaced = replaced.filter(|old| old.fingerprint != cert.fingerprint);
-        Ok(PutOutcome {
-            stored: cert,
-            replaced,
-        })
+        match &self.shared.backend {
+            Backend::Files(_) => {
+                let shared = self.shared.clone();
+                let to_write = cert.clone();
+                tokio::task::spawn_blocking(move || match &shared.backend {
+                    Backend::Files(files) => files.write(&to_write),
+                    Backend::Redis(_) => unreachable_backend(),
+                })
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))??;
+                let replaced = self.write().insert(cert.clone());
+                Ok(outcome(cert, replaced))
+            }
+            Backend::Redis(sync) => {
+                let written = sync
+                    .redis
+                    .put(&cert.agent_id, &cert.der, sync::unix_ms())
+                    .await
+                    .inspect_err(|_| sync.metrics.state_redis_error())?;
+                Ok(self.applied_put(sync, cert, &written))
+            }
+        }
     }
 
     /// Removes the agent's certificate; returns it, or `None` if there was none.
     pub async fn remove(&self, agent_id: &AgentId) -> Result<Option<Arc<StoredCert>>, StoreError> {
         let _writer = self.shared.write_lock.lock().await;
-        if self.by_agent(agent_id).is_none() {
-            return Ok(None);
+        match &self.shared.backend {
+            Backend::Files(_) => {
+                if self.by_agent(agent_id).is_none() {
+                    return Ok(None);
+                }
+                let shared = self.shared.clone();
+                let id = agent_id.clone();
+                tokio::task::spawn_blocking(move || match &shared.backend {
+                    Backend::Files(files) => files.remove(&id),
+                    Backend::Redis(_) => unreachable_backend(),
+                })
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))??;
+                Ok(self.write().remove(agent_id))
+            }
+            Backend::Redis(sync) => {
+                let written = sync
+                    .redis
+                    .delete(agent_id, sync::unix_ms())
+                    .await
+                    .inspect_err(|_| sync.metrics.state_redis_error())?;
+                // Redis, the source of truth, had none: if this node still holds one, the
+                // deletion has not reached it yet and will.
+                let Some((written, der)) = written else {
+                    return Ok(None);
+                };
+                sync.note_epoch(&written.epoch);
+                let local = self.write().apply(agent_id, None, written.seq).flatten();
+                // What Redis deleted, even if this node had not heard of it yet.
+                Ok(match local {
+                    Some(old) => Some(old),
+                    None => cert::parse_for(agent_id.clone(), der).ok().map(Arc::new),
+                })
+            }
         }
-        let shared = self.shared.clone();
-        let id = agent_id.clone();
-        tokio::task::spawn_blocking(move || shared.backend.remove(&id))
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))??;
-        Ok(self.write().remove(agent_id))
+    }
+
+    /// The Redis side of the shared state, when clustered.
+    pub(crate) fn redis(&self) -> Option<&sync::RedisSync> {
+        match &self.shared.backend {
+            Backend::Files(_) => None,
+            Backend::Redis(sync) => Some(sync),
+        }
+    }
+
+    /// Puts into the index a certificate that Redis accepted with `written`.
+    pub(crate) fn applied_put(
+        &self,
+        sync: &sync::RedisSync,
+        cert: Arc<StoredCert>,
+        written: &Written,
+    ) -> PutOutcome {
+        sync.note_epoch(&written.epoch);
+        let replaced = self
+            .write()
+            .apply(&cert.agent_id, Some(cert.clone()), written.seq)
+            .flatten();
+        outcome(cert, replaced)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
@@ -184,6 +332,26 @@ impl CertStore {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
         self.shared.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self, change: &Change) {
+        if let Some(f) = self.shared.on_remote_change.get() {
+            f(change);
+        }
+    }
+}
+
+/// The closures above run on the backend they matched; the other arm cannot be reached
+/// because a store's backend never changes after it is opened.
+fn unreachable_backend() -> io::Result<()> {
+    Err(io::Error::other("store backend changed while writing"))
+}
+
+fn outcome(cert: Arc<StoredCert>, replaced: Option<Arc<StoredCert>>) -> PutOutcome {
+    let replaced = replaced.filter(|old| old.fingerprint != cert.fingerprint);
+    PutOutcome {
+        stored: cert,
+        replaced,
     }
 }
 
@@ -196,6 +364,7 @@ impl Index {
         Self {
             by_fingerprint: HashMap::with_capacity(n),
             by_agent: BTreeMap::new(),
+            seqs: HashMap::new(),
         }
     }
 
@@ -213,11 +382,57 @@ impl Index {
         self.by_fingerprint.remove(&old.fingerprint);
         Some(old)
     }
+
+    /// Applies change `seq` of the agent unless a newer one is already applied: `None`
+    /// when it was stale, else what the agent had before.
+    fn apply(
+        &mut self,
+        agent_id: &AgentId,
+        cert: Option<Arc<StoredCert>>,
+        seq: u64,
+    ) -> Option<Option<Arc<StoredCert>>> {
+        if self.seqs.get(agent_id).is_some_and(|&done| done >= seq) {
+            return None;
+        }
+        self.seqs.insert(agent_id.clone(), seq);
+        Some(match cert {
+            Some(cert) => self.insert(cert),
+            None => self.remove(agent_id),
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored(id: &str) -> Arc<StoredCert> {
+        let id = AgentId::parse(id).unwrap();
+        let generated = crate::certgen::generate(&id, 30).unwrap();
+        let der = cert::single_certificate_der(&generated.cert_pem).unwrap();
+        Arc::new(cert::parse_for(id, der).unwrap())
+    }
+
+    #[test]
+    fn a_change_older_than_the_applied_one_is_refused_deletions_included() {
+        let mut index = Index::default();
+        let id = AgentId::parse("seq-1").unwrap();
+        let (first, second) = (stored("seq-1"), stored("seq-1"));
+        assert_eq!(index.apply(&id, Some(first.clone()), 5), Some(None));
+        // Change 7 (this node's own write) lands before change 6 (another node's).
+        assert_eq!(
+            index.apply(&id, Some(second.clone()), 7),
+            Some(Some(first.clone()))
+        );
+        assert_eq!(index.apply(&id, None, 6), None, "older deletion applied");
+        assert_eq!(index.apply(&id, Some(first.clone()), 7), None, "replayed");
+        assert_eq!(index.by_fingerprint.get(&second.fingerprint), Some(&second));
+        assert!(!index.by_fingerprint.contains_key(&first.fingerprint));
+        // A deletion leaves its number behind, so an older upload cannot resurrect it.
+        assert_eq!(index.apply(&id, None, 8), Some(Some(second)));
+        assert_eq!(index.apply(&id, Some(first), 7), None);
+        assert!(index.by_agent.is_empty() && index.by_fingerprint.is_empty());
+    }
 
     #[test]
     fn open_with_indexed_fills_the_index_and_writes_nothing() {

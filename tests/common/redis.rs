@@ -59,6 +59,27 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// While this server is down, changes its data: a second redis-server on
+    /// another port loads the same directory, runs them, and shuts down (saving), so the
+    /// next [`RedisServer::restart`] serves the changed data. Clients connected to this
+    /// server hear of nothing: the change is one they missed while cut off. Needs
+    /// persistence (`--appendonly yes`).
+    /// `edit` gets the second server's port (see [`cli_at`]).
+    pub fn edit_offline(&mut self, edit: impl FnOnce(u16)) {
+        assert!(
+            self.child.is_none(),
+            "edit_offline needs the server stopped"
+        );
+        let port = free_port();
+        let mut cmd = redis_server(port, self.dir.path());
+        cmd.args(&self.extra);
+        let mut child = cmd.spawn().expect("redis-server");
+        wait_for_pong(port, self.dir.path());
+        edit(port);
+        redis_cli(port, &["SHUTDOWN", "SAVE"]);
+        let _ = child.wait();
+    }
+
     /// A command through redis-cli, its stdout trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli(self.port, args)
@@ -189,6 +210,11 @@ fn ping(port: u16) -> bool {
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let mut buf = [0u8; 7];
     s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// A command through redis-cli to the server on `port`, its stdout trimmed.
+pub fn cli_at(port: u16, args: &[&str]) -> String {
+    redis_cli(port, args)
 }
 
 fn redis_cli(port: u16, args: &[&str]) -> String {

@@ -70,6 +70,21 @@ impl ApiConn {
         Ok((status, body))
     }
 
+    /// A request without a body (GET, DELETE); returns the status.
+    pub async fn status_of(&mut self, method: http::Method, path: &str) -> anyhow::Result<u16> {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, SERVER_NAME)
+            .header(http::header::AUTHORIZATION, &*self.auth)
+            .body(Full::new(Bytes::new()))?;
+        self.sender.ready().await?;
+        let res = self.sender.send_request(req).await?;
+        let status = res.status().as_u16();
+        res.into_body().collect().await?;
+        Ok(status)
+    }
+
     /// `POST /agent/certificate`.
     pub async fn upload(&mut self, agent_id: &str, cert_pem: &str) -> anyhow::Result<()> {
         let (status, body) = self

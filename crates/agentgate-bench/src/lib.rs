@@ -15,6 +15,8 @@
 //!   gateway.
 //! - [`handshakes`]: `agentgate-bench handshakes`, full mTLS handshakes per second against
 //!   any TLS server (the gateway, or nginx as the reference).
+//! - [`propagation`]: `agentgate-bench propagation`, how long an upload or a deletion on
+//!   one node of a cluster takes to reach another node's index.
 //! - [`api`]: the HTTP API client (certificate uploads, commands).
 //! - [`report`]: latency samples, percentiles, the printed table and the JSON.
 //! - [`sys`]: the file-descriptor limit, source addresses in 127.0.0.0/8, and the
@@ -28,6 +30,7 @@ pub mod agent;
 pub mod api;
 pub mod fleet;
 pub mod handshakes;
+pub mod propagation;
 pub mod report;
 pub mod sys;
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use agentgate_bench::{fleet, handshakes, report};
+use agentgate_bench::{fleet, handshakes, propagation, report};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +24,8 @@ enum Command {
     Fleet(fleet::FleetArgs),
     /// Full mTLS handshakes per second against a TLS server (the gateway or nginx).
     Handshakes(handshakes::HandshakeArgs),
+    /// Upload-to-other-node propagation between two nodes of a cluster.
+    Propagation(propagation::PropagationArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
                     report::write_json(&path, &report)?;
                 }
             }
+            Command::Propagation(args) => propagation::run(args).await?.print(),
         }
         anyhow::Ok(())
     });
