@@ -80,7 +80,7 @@ install_base_tools() {
 # Tests start their own instances on 127.0.0.1 and find them on PATH.
 install_services() {
     need_cmd pebble                    # ACME test server for tests/acme.rs (Debian package `pebble`)
-    need_cmd redis-server              # scale-out tests, tests/cluster_*.rs, tests/acme_cluster.rs (Debian package `redis-server`)
+    need_cmd redis-server              # scale-out tests, tests/cluster*.rs, tests/acme_cluster.rs (Debian package `redis-server`)
     need_cmd redis-cli redis-tools     # redis-cli --cluster create for the Redis Cluster test
     need_cmd haproxy                   # L4 load balancer in front of several nodes (deploy/haproxy.cfg)
 }

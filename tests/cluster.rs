@@ -210,6 +210,7 @@ async fn an_agent_connected_nowhere_gets_404_from_every_node() {
     assert_eq!(a.upload(&known).await.0, 200);
     for server in [&a, &b] {
         for id in ["idle-1", "ghost-1"] {
+            let asked = Instant::now();
             let (status, body) = server
                 .api(
                     "POST",
@@ -218,6 +219,8 @@ async fn an_agent_connected_nowhere_gets_404_from_every_node() {
                     Some(json!({"event": "ping", "timeout_ms": 60000})),
                 )
                 .await;
+            // Measured (TLS connect included), not asserted; `--nocapture` shows it.
+            println!("404 for {id} in {:?}", asked.elapsed());
             assert_eq!(status, 404, "{id}: {body}");
             assert_eq!(
                 body["detail"],
@@ -243,6 +246,7 @@ async fn get_agents_on_either_node_lists_both_nodes_agents_and_a_killed_nodes_ag
     }
     let _sio_a = ws_agent(&a, &on_a).await;
     let _sio_b = ws_agent(&b, &on_b).await;
+    let connected_at = Instant::now();
 
     for (server, name) in [(&a, "A"), (&b, "B")] {
         let patience = Patience::new(format!("node {name} lists both agents as connected"));
@@ -255,6 +259,10 @@ async fn get_agents_on_either_node_lists_both_nodes_agents_and_a_killed_nodes_ag
                 .iter()
                 .all(|(_, a)| a["last_heartbeat"]["received_at"].is_string());
             if agents.len() == 2 && body["total"] == 2 && heartbeats {
+                println!(
+                    "node {name} lists both {:?} after the last connect",
+                    connected_at.elapsed()
+                );
                 break agents;
             }
             patience.again(body).await;

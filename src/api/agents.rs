@@ -542,6 +542,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fleet_status_is_the_best_of_the_nodes() {
+        use AgentStatus::*;
+        let now = time::OffsetDateTime::now_utc();
+        let cutoff = now - Duration::from_secs(90);
+        assert_eq!(remote_status(None, cutoff), Disconnected);
+        assert_eq!(remote_status(Some(now), cutoff), Connected);
+        assert_eq!(remote_status(Some(cutoff), cutoff), Connected);
+        assert_eq!(
+            remote_status(Some(cutoff - Duration::from_secs(1)), cutoff),
+            Stale
+        );
+        for (a, b, want) in [
+            (Disconnected, Connected, Connected),
+            (Stale, Connected, Connected),
+            (Stale, Disconnected, Stale),
+            (Disconnected, Disconnected, Disconnected),
+        ] {
+            assert_eq!(best(a, b), want);
+            assert_eq!(best(b, a), want);
+        }
+    }
+
+    #[test]
     fn merge_keeps_order_drops_duplicates_and_stops_at_n() {
         let ids = |v: &[&str]| {
             v.iter()

@@ -68,6 +68,11 @@ pub struct FleetArgs {
     /// Commands per second through `POST /agents/{id}/commands` during the steady phase.
     #[arg(long, default_value_t = 0.0)]
     pub command_rate: f64,
+    /// Send the commands through this node's API instead of `--target`'s (a loopback
+    /// address): with two clustered nodes, a command then crosses Redis to the node the
+    /// agent is connected to (BENCHMARKS.md, "Several nodes").
+    #[arg(long)]
+    pub command_target: Option<SocketAddr>,
     /// HTTP connections the commands are sent on.
     #[arg(long, default_value_t = 64)]
     pub command_connections: usize,
@@ -101,6 +106,9 @@ pub struct FleetArgs {
 /// Runs `agentgate-bench fleet`: the coordinator, or one shard when `--shard-index` is set.
 pub async fn run(args: FleetArgs) -> anyhow::Result<Option<FleetReport>> {
     crate::check_loopback(args.target)?;
+    if let Some(t) = args.command_target {
+        crate::check_loopback(t)?;
+    }
     anyhow::ensure!(args.agents > 0, "--agents must be at least 1");
     anyhow::ensure!(
         args.heartbeat_secs > 0.0,
@@ -163,7 +171,8 @@ async fn coordinate(
     release(&mut links).await?;
     let commands = if args.command_rate > 0.0 {
         let ids: Vec<String> = (0..args.agents).map(|i| agent_id(args, i)).collect();
-        let api = Api::new(args.target, &args.api_key, crate::client_config(None)?);
+        let via = args.command_target.unwrap_or(args.target);
+        let api = Api::new(via, &args.api_key, crate::client_config(None)?);
         Some(tokio::spawn(commands::send_commands(
             api,
             ids,
