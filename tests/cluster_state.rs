@@ -148,6 +148,46 @@ async fn a_replacement_on_one_node_closes_only_the_old_certificates_session_on_t
 }
 
 #[tokio::test]
+async fn two_nodes_replacing_one_agents_certificate_at_once_end_on_the_same_one() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis.url(), ClusterMode::Standalone).await;
+    let id = "race-1".parse().unwrap();
+    for round in 0..10 {
+        let (on_a, on_b) = (a.pki.agent("race-1"), a.pki.agent("race-1"));
+        let ((sa, ba), (sb, bb)) = tokio::join!(a.upload(&on_a), b.upload(&on_b));
+        assert_eq!((sa, sb), (200, 200), "round {round}: {ba} {bb}");
+        // Redis ordered the two writes; the later one is what it holds.
+        let winner = redis_fingerprint(&redis, "race-1");
+        let fingerprint = |s: &TestServer| s.store.by_agent(&id).map(|c| c.fingerprint.to_hex());
+        wait_for("both nodes to hold the certificate Redis holds", || {
+            fingerprint(&a).as_ref() == Some(&winner) && fingerprint(&b).as_ref() == Some(&winner)
+        })
+        .await;
+        assert!(
+            winner == on_a.fingerprint_hex() || winner == on_b.fingerprint_hex(),
+            "round {round}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The fingerprint of the certificate Redis holds for `agent` (`<seq>:<DER>`).
+fn redis_fingerprint(redis: &RedisServer, agent: &str) -> String {
+    let mut conn = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let value: Vec<u8> = ::redis::cmd("HGET")
+        .arg(CERTS_KEY)
+        .arg(agent)
+        .query(&mut conn)
+        .unwrap();
+    let colon = value.iter().position(|&b| b == b':').unwrap();
+    agentgate::identity::Fingerprint::of_der(&value[colon + 1..]).to_hex()
+}
+
+#[tokio::test]
 async fn one_install_token_redeemed_on_both_nodes_at_once_succeeds_exactly_once() {
     let redis = RedisServer::start();
     let (a, b) = two_nodes(&redis.url(), ClusterMode::Standalone).await;
