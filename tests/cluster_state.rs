@@ -383,6 +383,47 @@ async fn a_deletion_a_node_missed_while_cut_off_is_found_by_its_resync_and_cuts_
 }
 
 #[tokio::test]
+async fn redis_restored_from_an_older_backup_is_followed_again_by_every_node() {
+    let mut redis = persistent_redis();
+    let (a, b) = two_nodes(&redis.url(), ClusterMode::Standalone).await;
+    let agents: Vec<AgentCert> = (1..=3).map(|i| a.pki.agent(&format!("bk-{i}"))).collect();
+    for agent in &agents {
+        assert_eq!(a.upload(agent).await.0, 200);
+    }
+    let id = |n: usize| format!("bk-{n}").parse().unwrap();
+    wait_for("node B to learn the three uploads", || {
+        (1..=3).all(|n| b.store.by_agent(&id(n)).is_some())
+    })
+    .await;
+
+    // The backup was taken after the first upload: the sequence goes back to 1.
+    redis.kill();
+    redis.edit_offline(|port| {
+        common::redis::cli_at(port, &["HDEL", CERTS_KEY, "bk-2", "bk-3"]);
+        common::redis::cli_at(port, &["SET", SEQ_KEY, "1"]);
+    });
+    redis.restart();
+    for node in [&a, &b] {
+        wait_for("the nodes to follow the restored state", || {
+            node.store.by_agent(&id(1)).is_some()
+                && node.store.by_agent(&id(2)).is_none()
+                && node.store.by_agent(&id(3)).is_none()
+        })
+        .await;
+    }
+    // Changes after the restore take numbers the nodes had already passed; they still
+    // reach the other node.
+    let after = a.pki.agent("bk-4");
+    wait_for_upload(&a, &after).await;
+    wait_for("node B to learn an upload made after the restore", || {
+        b.store.by_agent(&id(4)).is_some()
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn store_import_loads_a_directory_once_and_running_nodes_see_it() {
     let redis = RedisServer::start();
     let pki = Arc::new(TestPki::new());

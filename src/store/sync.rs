@@ -268,7 +268,21 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
     let parsed = tokio::task::spawn_blocking(move || parse_all(entries))
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-    let same_epoch = sync.position().epoch.as_deref() == Some(head.epoch.as_str());
+    // Redis restored from an older backup keeps the epoch but goes back in sequence:
+    // numbers this node holds would then refuse the changes written after the restore,
+    // so it is handled as another epoch.
+    let same_epoch = {
+        let position = sync.position();
+        let same = position.epoch.as_deref() == Some(head.epoch.as_str());
+        if same && head.seq < position.watermark {
+            tracing::warn!(
+                redis_seq = head.seq,
+                followed_seq = position.watermark,
+                "Redis went back in its change sequence (restored from a backup?); reloading everything"
+            );
+        }
+        same && head.seq >= position.watermark
+    };
     let mut changes = Vec::new();
     let total = parsed.len();
     {
