@@ -149,6 +149,46 @@ async fn a_replacement_on_one_node_closes_only_the_old_certificates_session_on_t
 }
 
 #[tokio::test]
+async fn two_nodes_replacing_one_agents_certificate_at_once_end_on_the_same_one() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis.url(), ClusterMode::Standalone).await;
+    let id = "race-1".parse().unwrap();
+    for round in 0..10 {
+        let (on_a, on_b) = (a.pki.agent("race-1"), a.pki.agent("race-1"));
+        let ((sa, ba), (sb, bb)) = tokio::join!(a.upload(&on_a), b.upload(&on_b));
+        assert_eq!((sa, sb), (200, 200), "round {round}: {ba} {bb}");
+        // Redis ordered the two writes; the later one is what it holds.
+        let winner = redis_fingerprint(&redis, "race-1");
+        let fingerprint = |s: &TestServer| s.store.by_agent(&id).map(|c| c.fingerprint.to_hex());
+        wait_for("both nodes to hold the certificate Redis holds", || {
+            fingerprint(&a).as_ref() == Some(&winner) && fingerprint(&b).as_ref() == Some(&winner)
+        })
+        .await;
+        assert!(
+            winner == on_a.fingerprint_hex() || winner == on_b.fingerprint_hex(),
+            "round {round}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The fingerprint of the certificate Redis holds for `agent` (`<seq>:<DER>`).
+fn redis_fingerprint(redis: &RedisServer, agent: &str) -> String {
+    let mut conn = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let value: Vec<u8> = ::redis::cmd("HGET")
+        .arg(CERTS_KEY)
+        .arg(agent)
+        .query(&mut conn)
+        .unwrap();
+    let colon = value.iter().position(|&b| b == b':').unwrap();
+    agentgate::identity::Fingerprint::of_der(&value[colon + 1..]).to_hex()
+}
+
+#[tokio::test]
 async fn one_install_token_redeemed_on_both_nodes_at_once_succeeds_exactly_once() {
     let redis = RedisServer::start();
     let (a, b) = two_nodes(&redis.url(), ClusterMode::Standalone).await;
@@ -341,6 +381,47 @@ async fn a_deletion_a_node_missed_while_cut_off_is_found_by_its_resync_and_cuts_
     let later = pki.agent("missed-3");
     wait_for_upload(&a, &later).await;
     a.stop().await;
+}
+
+#[tokio::test]
+async fn redis_restored_from_an_older_backup_is_followed_again_by_every_node() {
+    let mut redis = persistent_redis();
+    let (a, b) = two_nodes(&redis.url(), ClusterMode::Standalone).await;
+    let agents: Vec<AgentCert> = (1..=3).map(|i| a.pki.agent(&format!("bk-{i}"))).collect();
+    for agent in &agents {
+        assert_eq!(a.upload(agent).await.0, 200);
+    }
+    let id = |n: usize| format!("bk-{n}").parse().unwrap();
+    wait_for("node B to learn the three uploads", || {
+        (1..=3).all(|n| b.store.by_agent(&id(n)).is_some())
+    })
+    .await;
+
+    // The backup was taken after the first upload: the sequence goes back to 1.
+    redis.kill();
+    redis.edit_offline(|port| {
+        common::redis::cli_at(port, &["HDEL", CERTS_KEY, "bk-2", "bk-3"]);
+        common::redis::cli_at(port, &["SET", SEQ_KEY, "1"]);
+    });
+    redis.restart();
+    for node in [&a, &b] {
+        wait_for("the nodes to follow the restored state", || {
+            node.store.by_agent(&id(1)).is_some()
+                && node.store.by_agent(&id(2)).is_none()
+                && node.store.by_agent(&id(3)).is_none()
+        })
+        .await;
+    }
+    // Changes after the restore take numbers the nodes had already passed; they still
+    // reach the other node.
+    let after = a.pki.agent("bk-4");
+    wait_for_upload(&a, &after).await;
+    wait_for("node B to learn an upload made after the restore", || {
+        b.store.by_agent(&id(4)).is_some()
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]

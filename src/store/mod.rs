@@ -44,7 +44,9 @@ struct Shared {
     backend: Backend,
     /// Held (no `.await` inside) only for map operations, never across I/O.
     index: RwLock<Index>,
-    /// Serialises this node's writers so that backend order and index order agree.
+    /// Serialises the file backend's writers so that file order and index order agree.
+    /// Redis writes need no lock: Redis orders them, and the index applies them by
+    /// sequence number (a hung Redis then holds up each request, not every upload).
     write_lock: tokio::sync::Mutex<()>,
     /// Told of every change this node did not make itself (pub/sub, resync); the gateway
     /// closes the sessions of revoked certificates there.
@@ -235,10 +237,10 @@ impl CertStore {
     /// Stores `cert` for its agent, replacing any previous one; durable before it is
     /// visible. On Redis, a failure (unreachable, no state) changes nothing anywhere.
     pub async fn put(&self, cert: StoredCert) -> Result<PutOutcome, StoreError> {
-        let _writer = self.shared.write_lock.lock().await;
         let cert = Arc::new(cert);
         match &self.shared.backend {
             Backend::Files(_) => {
+                let _writer = self.shared.write_lock.lock().await;
                 let shared = self.shared.clone();
                 let to_write = cert.clone();
                 tokio::task::spawn_blocking(move || match &shared.backend {
@@ -263,9 +265,9 @@ impl CertStore {
 
     /// Removes the agent's certificate; returns it, or `None` if there was none.
     pub async fn remove(&self, agent_id: &AgentId) -> Result<Option<Arc<StoredCert>>, StoreError> {
-        let _writer = self.shared.write_lock.lock().await;
         match &self.shared.backend {
             Backend::Files(_) => {
+                let _writer = self.shared.write_lock.lock().await;
                 if self.by_agent(agent_id).is_none() {
                     return Ok(None);
                 }

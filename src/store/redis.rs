@@ -19,7 +19,10 @@
 //! | `agentgate:{state}:token:<sha256 hex>` | hash | `agent_id`, `created_at`, `expires_at`, `used_at`, `used_by`; expires 7 days after use or expiry |
 //!
 //! Changes are announced on `agentgate:{state}:changes` (`SPUBLISH` on a Redis Cluster) as
-//! `<epoch> <seq> put|del <agent_id> <sent unix ms>\n<DER>`. The epoch tells a node that
+//! `<epoch> <seq> <sent unix ms> <kind> <op> <key>\n<body>`; certificates are kind `cert`
+//! (`cert put <agent_id>` with the DER as body, `cert del <agent_id>`). A later kind of
+//! shared state (API token revocations, routes) adds its own kind to the same channel and
+//! sequence, and a node that does not know a kind steps over it. The epoch tells a node that
 //! Redis holds another state than the one it followed (restored from an older backup,
 //! emptied by a restart without persistence); the sequence number orders changes and shows
 //! a lost message as a gap.
@@ -59,7 +62,7 @@ local epoch = redis.call('get', KEYS[1])
 if not epoch then return redis.error_reply('AGENTGATE_NOSTATE') end
 local seq = redis.call('incr', KEYS[2])
 redis.call('hset', KEYS[3], ARGV[1], seq .. ':' .. ARGV[2])
-redis.call(ARGV[4], ARGV[5], epoch .. ' ' .. seq .. ' put ' .. ARGV[1] .. ' ' .. ARGV[3] .. '\n' .. ARGV[2])
+redis.call(ARGV[4], ARGV[5], epoch .. ' ' .. seq .. ' ' .. ARGV[3] .. ' cert put ' .. ARGV[1] .. '\n' .. ARGV[2])
 return {epoch, seq}
 ";
 
@@ -70,7 +73,7 @@ if not epoch then return redis.error_reply('AGENTGATE_NOSTATE') end
 if redis.call('hexists', KEYS[3], ARGV[1]) == 1 then return {epoch, 0} end
 local seq = redis.call('incr', KEYS[2])
 redis.call('hset', KEYS[3], ARGV[1], seq .. ':' .. ARGV[2])
-redis.call(ARGV[4], ARGV[5], epoch .. ' ' .. seq .. ' put ' .. ARGV[1] .. ' ' .. ARGV[3] .. '\n' .. ARGV[2])
+redis.call(ARGV[4], ARGV[5], epoch .. ' ' .. seq .. ' ' .. ARGV[3] .. ' cert put ' .. ARGV[1] .. '\n' .. ARGV[2])
 return {epoch, seq}
 ";
 
@@ -82,7 +85,7 @@ if not old then return {epoch, 0} end
 local seq = redis.call('incr', KEYS[2])
 redis.call('hdel', KEYS[3], ARGV[1])
 redis.call('hdel', KEYS[4], ARGV[1])
-redis.call(ARGV[3], ARGV[4], epoch .. ' ' .. seq .. ' del ' .. ARGV[1] .. ' ' .. ARGV[2] .. '\n')
+redis.call(ARGV[3], ARGV[4], epoch .. ' ' .. seq .. ' ' .. ARGV[2] .. ' cert del ' .. ARGV[1] .. '\n')
 return {epoch, seq, old}
 ";
 
@@ -105,7 +108,7 @@ redis.call('hset', KEYS[5], 'used_at', ARGV[6], 'used_by', ARGV[7], 'seq', seq)
 redis.call('expireat', KEYS[5], tonumber(ARGV[6]) + tonumber(ARGV[9]))
 redis.call('hset', KEYS[3], ARGV[1], seq .. ':' .. ARGV[2])
 redis.call('hset', KEYS[4], ARGV[1], ARGV[8])
-redis.call(ARGV[4], ARGV[5], epoch .. ' ' .. seq .. ' put ' .. ARGV[1] .. ' ' .. ARGV[3] .. '\n' .. ARGV[2])
+redis.call(ARGV[4], ARGV[5], epoch .. ' ' .. seq .. ' ' .. ARGV[3] .. ' cert put ' .. ARGV[1] .. '\n' .. ARGV[2])
 return {'ok', epoch, seq}
 ";
 
@@ -192,10 +195,20 @@ pub(crate) struct Written {
 pub(crate) struct ChangeMessage {
     pub epoch: String,
     pub seq: u64,
-    pub agent_id: AgentId,
-    /// `None` for a deletion.
-    pub der: Option<Vec<u8>>,
     pub sent_ms: i64,
+    pub change: Changed,
+}
+
+/// What a change message changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Changed {
+    Cert {
+        agent_id: AgentId,
+        /// `None` for a deletion.
+        der: Option<Vec<u8>>,
+    },
+    /// A kind of state this version does not keep (written by a newer node).
+    Unknown(String),
 }
 
 /// The position of the state at one instant: changes up to `seq` are visible to a scan
@@ -455,7 +468,7 @@ impl RedisState {
 }
 
 impl ChangeMessage {
-    /// Parses `<epoch> <seq> put|del <agent_id> <sent ms>\n<DER>`.
+    /// Parses `<epoch> <seq> <sent ms> <kind> <op> <key>\n<body>`.
     pub(crate) fn parse(payload: &[u8]) -> Result<Self, String> {
         let split = payload
             .iter()
@@ -464,25 +477,31 @@ impl ChangeMessage {
         let (header, body) = (&payload[..split], &payload[split + 1..]);
         let header = std::str::from_utf8(header).map_err(|_| "header is not UTF-8")?;
         let fields: Vec<&str> = header.split(' ').collect();
-        let [epoch, seq, op, agent_id, sent_ms] = fields[..] else {
-            return Err(format!("header {header:?} does not have 5 fields"));
+        let [epoch, seq, sent_ms, kind, rest @ ..] = &fields[..] else {
+            return Err(format!("header {header:?} has fewer than 4 fields"));
         };
         let seq = seq.parse().map_err(|_| format!("bad sequence {seq:?}"))?;
-        let agent_id = AgentId::parse(agent_id).map_err(|e| e.to_string())?;
         let sent_ms = sent_ms
             .parse()
             .map_err(|_| format!("bad time {sent_ms:?}"))?;
-        let der = match op {
-            "put" => Some(body.to_vec()),
-            "del" => None,
-            other => return Err(format!("unknown operation {other:?}")),
+        let change = match (*kind, rest) {
+            ("cert", [op, agent_id]) => {
+                let agent_id = AgentId::parse(agent_id).map_err(|e| e.to_string())?;
+                let der = match *op {
+                    "put" => Some(body.to_vec()),
+                    "del" => None,
+                    other => return Err(format!("unknown certificate operation {other:?}")),
+                };
+                Changed::Cert { agent_id, der }
+            }
+            ("cert", _) => return Err(format!("header {header:?}: bad certificate change")),
+            (other, _) => Changed::Unknown(other.to_owned()),
         };
         Ok(Self {
-            epoch: epoch.to_owned(),
+            epoch: (*epoch).to_owned(),
             seq,
-            agent_id,
-            der,
             sent_ms,
+            change,
         })
     }
 }
@@ -550,19 +569,28 @@ mod tests {
 
     #[test]
     fn change_messages_parse_and_bad_ones_say_why() {
-        let mut put = b"e1 7 put a-1 1700000000000\n".to_vec();
+        let mut put = b"e1 7 1700000000000 cert put a-1\n".to_vec();
         put.extend_from_slice(&[0x30, 0x0a, 0x00]);
         let m = ChangeMessage::parse(&put).unwrap();
-        assert_eq!(m.epoch, "e1");
-        assert_eq!(m.seq, 7);
-        assert_eq!(m.agent_id.as_str(), "a-1");
-        assert_eq!(m.der.as_deref(), Some(&[0x30, 0x0a, 0x00][..]));
-        let del = ChangeMessage::parse(b"e1 8 del a-1 5\n").unwrap();
-        assert_eq!(del.der, None);
-        assert!(ChangeMessage::parse(b"e1 8 del a-1 5").is_err());
-        assert!(ChangeMessage::parse(b"e1 x del a-1 5\n").is_err());
-        assert!(ChangeMessage::parse(b"e1 8 zap a-1 5\n").is_err());
-        assert!(ChangeMessage::parse(b"e1 8 del ../x 5\n").is_err());
+        assert_eq!(
+            (m.epoch.as_str(), m.seq, m.sent_ms),
+            ("e1", 7, 1_700_000_000_000)
+        );
+        let Changed::Cert { agent_id, der } = m.change else {
+            panic!("not a certificate change");
+        };
+        assert_eq!(agent_id.as_str(), "a-1");
+        assert_eq!(der.as_deref(), Some(&[0x30, 0x0a, 0x00][..]));
+        let del = ChangeMessage::parse(b"e1 8 5 cert del a-1\n").unwrap();
+        assert!(matches!(del.change, Changed::Cert { der: None, .. }));
+        // A kind a newer node writes is stepped over, not an error.
+        let later = ChangeMessage::parse(b"e1 9 5 route put /api\n").unwrap();
+        assert_eq!(later.change, Changed::Unknown("route".into()));
+        assert!(ChangeMessage::parse(b"e1 8 5 cert del a-1").is_err());
+        assert!(ChangeMessage::parse(b"e1 x 5 cert del a-1\n").is_err());
+        assert!(ChangeMessage::parse(b"e1 8 5 cert zap a-1\n").is_err());
+        assert!(ChangeMessage::parse(b"e1 8 5 cert del ../x\n").is_err());
+        assert!(ChangeMessage::parse(b"e1 8 5 cert del\n").is_err());
     }
 
     #[test]

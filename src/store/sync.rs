@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::cert::{self, StoredCert};
-use super::redis::{ChangeMessage, Head, RedisError, RedisState, ScanEntry};
+use super::redis::{ChangeMessage, Changed, Head, RedisError, RedisState, ScanEntry};
 use super::{CertStore, Change, Index, Shared, StoreError};
 use crate::metrics::Metrics;
 
@@ -212,25 +212,36 @@ fn apply_message(store: &CertStore, payload: &[u8]) -> bool {
         }
         position.watermark = msg.seq;
     }
-    let cert = match msg.der {
+    let (agent_id, der) = match msg.change {
+        Changed::Cert { agent_id, der } => (agent_id, der),
+        Changed::Unknown(kind) => {
+            tracing::debug!(
+                kind,
+                seq = msg.seq,
+                "shared state change of a kind this version does not keep"
+            );
+            return true;
+        }
+    };
+    let cert = match der {
         None => None,
-        Some(der) => match cert::parse_for(msg.agent_id.clone(), der) {
+        Some(der) => match cert::parse_for(agent_id.clone(), der) {
             Ok(c) => Some(Arc::new(c)),
             Err(e) => {
                 // Only a node of another version could have written it; the agent
                 // cannot be served from it either way.
-                tracing::warn!(agent_id = %msg.agent_id, error = %e, "unusable certificate in a shared state change; treating it as a deletion");
+                tracing::warn!(%agent_id, error = %e, "unusable certificate in a shared state change; treating it as a deletion");
                 None
             }
         },
     };
     let new = cert.as_ref().map(|c| c.fingerprint);
-    let old = store.write().apply(&msg.agent_id, cert, msg.seq).flatten();
+    let old = store.write().apply(&agent_id, cert, msg.seq).flatten();
     if let Some(old) = old
         && Some(old.fingerprint) != new
     {
         store.notify(&Change {
-            agent_id: msg.agent_id,
+            agent_id,
             old: old.fingerprint,
             new,
         });
@@ -257,7 +268,21 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
     let parsed = tokio::task::spawn_blocking(move || parse_all(entries))
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-    let same_epoch = sync.position().epoch.as_deref() == Some(head.epoch.as_str());
+    // Redis restored from an older backup keeps the epoch but goes back in sequence:
+    // numbers this node holds would then refuse the changes written after the restore,
+    // so it is handled as another epoch.
+    let same_epoch = {
+        let position = sync.position();
+        let same = position.epoch.as_deref() == Some(head.epoch.as_str());
+        if same && head.seq < position.watermark {
+            tracing::warn!(
+                redis_seq = head.seq,
+                followed_seq = position.watermark,
+                "Redis went back in its change sequence (restored from a backup?); reloading everything"
+            );
+        }
+        same && head.seq >= position.watermark
+    };
     let mut changes = Vec::new();
     let total = parsed.len();
     {
