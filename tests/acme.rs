@@ -443,12 +443,7 @@ fn write_config(dir: &Path, port: u16, pebble: &Pebble) -> PathBuf {
 }
 
 fn agentgate() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentgate"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("AGENTGATE_") || k == "API_KEY" || k == "CERT_STORAGE_DIR" {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = common::agentgate_command();
     cmd.env("RUST_LOG", "info");
     cmd
 }

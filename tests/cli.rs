@@ -10,14 +10,7 @@ use std::time::Duration;
 use common::*;
 
 fn agentgate() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentgate"));
-    // The tests' own environment must not leak into the child's configuration.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("AGENTGATE_") || k == "API_KEY" || k == "CERT_STORAGE_DIR" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
+    common::agentgate_command()
 }
 
 /// A gateway process; killed when dropped.

@@ -531,13 +531,7 @@ impl ProcNode {
         });
         let file = dir.path().join("agentgate.toml");
         std::fs::write(&file, toml::to_string(&config.to_raw()).unwrap()).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentgate"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("AGENTGATE_") || k == "API_KEY" || k == "CERT_STORAGE_DIR" {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
+        let child = common::agentgate_command()
             .args(["serve", "--config"])
             .arg(&file)
             .stdout(Stdio::null())

@@ -453,13 +453,11 @@ async fn store_import_loads_a_directory_once_and_running_nodes_see_it() {
     )
     .unwrap();
     let run = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_agentgate"))
+        let out = common::agentgate_command()
             .args(["store", "import", "--from"])
             .arg(from.path())
             .arg("--config")
             .arg(&config)
-            .env_remove("API_KEY")
-            .env_remove("CERT_STORAGE_DIR")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
