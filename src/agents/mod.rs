@@ -105,7 +105,7 @@ impl Agents {
         let mut closed = 0;
         for sid in self.registry.sessions_of(agent_id, fingerprint) {
             if let Some(socket) = self.io.get_socket(sid)
-                && socket.disconnect().is_ok()
+                && backpressure::disconnect(socket)
             {
                 closed += 1;
             }
