@@ -102,7 +102,7 @@ const MAX_ERROR_BODY: u64 = 4096;
 /// session, to which a `detail` is added so Engine.IO clients keep their fields), axum's
 /// own extractor rejections (plain text, which becomes the detail). Other headers are
 /// kept (`Allow`, `Retry-After`).
-pub async fn json_errors(req: Request, next: Next) -> Response {
+pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let response = next.run(req).await;
