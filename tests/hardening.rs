@@ -738,3 +738,26 @@ async fn a_command_to_an_agent_whose_buffer_fills_is_answered_with_an_error() {
     server.stop().await;
     writer.abort();
 }
+
+/// The scenario with the existing agents' client: python-socketio (polling, then
+/// the upgrade) emits 30,000 heartbeats back to back and gets all 30,000 acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_agent_bursting_thirty_thousand_heartbeats_gets_every_ack() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("flood-py");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let (code, lines) = python_agent(
+        &server,
+        Some(&agent),
+        &["--burst", "30000", "--timeout", "55"],
+    )
+    .await;
+    let last = lines.last().cloned().unwrap_or_default();
+    assert_eq!(code, 0, "{last}");
+    assert_eq!(last, json!({"event": "burst", "acks": 30000}));
+    assert_eq!(
+        metric(&server, "agentgate_heartbeats_total").await,
+        30_000.0
+    );
+    server.stop().await;
+}
