@@ -55,10 +55,11 @@ const RETRY: Duration = Duration::from_millis(1);
 /// Most replies a queue moves into the send buffer per [`RETRY`]: half of engineioxide's
 /// buffer (`max_buffer_size`, 128 packets). engineioxide's Engine.IO ping goes through the
 /// same buffer and ends the session when it finds it full (`heartbeat_job`: `try_send` of
-/// the ping), so a queue that refilled it to the brim whenever the writer took a batch
-/// would keep it full most of the time. The writer takes everything in the buffer each
-/// time it runs, so a client that reads keeps finding room; one that does not read lets
-/// the buffer fill over a few ticks, and the ping then closes it, as it should.
+/// the ping), so a queue that refilled it to the brim whenever the writer took a packet
+/// would keep it full while it drains. This lowers the odds, it cannot rule them out:
+/// socketioxide shows no buffer level, and the handler fills the buffer before it knows
+/// it is full. A ping due at such a moment ends the session (logged as a disconnect
+/// with reason "client did not send a PONG packet in time"); see the README.
 const BURST: usize = 64;
 
 /// How often the disconnect of an overflowed polling session is tried again (it needs room
@@ -317,12 +318,7 @@ impl Outboxes {
             // Cutting the connection ends the session whatever the state of its buffer.
             Some(gate) => gate.cut(),
             None => {
-                let socket = socket.clone();
-                tokio::spawn(async move {
-                    while let Err(SocketError::InternalChannelFull) = socket.clone().disconnect() {
-                        tokio::time::sleep(DISCONNECT_RETRY).await;
-                    }
-                });
+                disconnect(SocketRef::from(socket.clone()));
             }
         }
     }
@@ -400,6 +396,27 @@ impl Outboxes {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Sid, Queue>> {
         self.0.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Disconnects `socket`; false if it was already gone. socketioxide's disconnect needs room
+/// for its packet in the session's send buffer and does nothing when it is full, so then
+/// it is tried again until it goes or the session ends (engineioxide's next ping, which
+/// finds the buffer full, ends it at the latest): a revoked agent that floods is not left
+/// connected.
+pub(crate) fn disconnect<A: Adapter>(socket: SocketRef<A>) -> bool {
+    match socket.clone().disconnect() {
+        Ok(()) => true,
+        Err(SocketError::Closed) => false,
+        Err(SocketError::InternalChannelFull) => {
+            tracing::debug!(sid = %socket.id, "send buffer full; the disconnect is retried");
+            tokio::spawn(async move {
+                while let Err(SocketError::InternalChannelFull) = socket.clone().disconnect() {
+                    tokio::time::sleep(DISCONNECT_RETRY).await;
+                }
+            });
+            true
+        }
     }
 }
 

@@ -67,11 +67,16 @@ impl AgentIo {
         }
     }
 
-    /// Disconnects one session of this node; false if it was not live.
+    /// Disconnects one session of this node, retried while its send buffer is full (see
+    /// `backpressure::disconnect`); false if it was not live.
     pub fn disconnect(&self, sid: Sid) -> bool {
         match self {
-            Self::Local(io) => io.get_socket(sid).is_some_and(|s| s.disconnect().is_ok()),
-            Self::Cluster(io) => io.get_socket(sid).is_some_and(|s| s.disconnect().is_ok()),
+            Self::Local(io) => io
+                .get_socket(sid)
+                .is_some_and(super::backpressure::disconnect),
+            Self::Cluster(io) => io
+                .get_socket(sid)
+                .is_some_and(super::backpressure::disconnect),
         }
     }
 

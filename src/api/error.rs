@@ -130,7 +130,7 @@ const MAX_ERROR_BODY: u64 = 4096;
 /// session, to which a `detail` is added so Engine.IO clients keep their fields), axum's
 /// own extractor rejections (plain text, which becomes the detail). Other headers are
 /// kept (`Allow`, `Retry-After`).
-pub async fn json_errors(req: Request, next: Next) -> Response {
+pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let response = next.run(req).await;
@@ -319,6 +319,87 @@ mod tests {
             assert_eq!(error.status(), status, "{shown}");
             assert_eq!(error.into_response().status(), status, "{shown}");
         }
+    }
+
+    /// What `json_errors` makes of error responses written by code we do not own.
+    #[tokio::test]
+    async fn error_responses_from_elsewhere_get_a_detail() {
+        use axum::Router;
+        use axum::routing::{get, post};
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        let app = Router::new()
+            .route("/post-only", post(|| async { "ok" }))
+            .route(
+                "/plain",
+                get(|| async { (StatusCode::BAD_REQUEST, "Invalid URL: bad segment") }),
+            )
+            .route(
+                "/engine",
+                get(|| async {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        r#"{"code":"1","message":"Session ID unknown"}"#,
+                    )
+                }),
+            )
+            .route("/empty", get(|| async { StatusCode::PAYLOAD_TOO_LARGE }))
+            .route("/fine", get(|| async { "fine" }))
+            .layer(axum::middleware::from_fn(json_errors));
+        let call = |method: &str, path: &str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::empty())
+                .unwrap();
+            let app = app.clone();
+            async move {
+                let r = app.oneshot(req).await.unwrap();
+                let status = r.status();
+                let ct = r.headers().get(header::CONTENT_TYPE).cloned();
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                (status, ct, body)
+            }
+        };
+        let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+
+        let (status, ct, body) = call("GET", "/post-only").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(ct.unwrap(), "application/json");
+        let detail = json(&body)["detail"].as_str().unwrap().to_owned();
+        assert!(
+            detail.starts_with("method GET is not allowed on /post-only"),
+            "{detail}"
+        );
+
+        let (status, _, body) = call("GET", "/plain").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            json(&body),
+            serde_json::json!({"detail": "Invalid URL: bad segment"})
+        );
+
+        let (_, _, body) = call("GET", "/engine").await;
+        assert_eq!(
+            json(&body),
+            serde_json::json!({"code": "1", "message": "Session ID unknown", "detail": "Session ID unknown"})
+        );
+
+        let (status, _, body) = call("GET", "/empty").await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(
+            json(&body)["detail"]
+                .as_str()
+                .unwrap()
+                .contains("exceeds its limit"),
+            "{body:?}"
+        );
+
+        // A success passes untouched.
+        let (status, _, body) = call("GET", "/fine").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"fine"[..]));
     }
 
     #[tokio::test]

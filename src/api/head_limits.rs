@@ -16,21 +16,21 @@ use super::detail;
 
 /// Longest request target, in bytes: nginx's `large_client_header_buffers` (8 KiB per
 /// line), which the system agentgate replaces sat behind.
-pub const MAX_URI_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
 /// Most header fields in one request: hyper's and httparse's default.
-pub const MAX_HEADER_FIELDS: usize = 100;
+pub(crate) const MAX_HEADER_FIELDS: usize = 100;
 /// Largest sum of header field names and values, in bytes: nginx's default total (4
 /// buffers of 8 KiB).
-pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 /// hyper's field limit: above ours, so that ours answers first with a detail.
-pub const HYPER_MAX_HEADERS: usize = 2 * MAX_HEADER_FIELDS;
+pub(crate) const HYPER_MAX_HEADERS: usize = 2 * MAX_HEADER_FIELDS;
 /// hyper's read buffer limit (its default is about 400 KiB per connection): room for a
 /// head at our limits, not more.
-pub const HYPER_MAX_BUF: usize = 64 * 1024;
+pub(crate) const HYPER_MAX_BUF: usize = 64 * 1024;
 
 /// axum middleware: 414 for a long URI, 431 for too many or too large header fields.
-pub async fn check_head(req: Request, next: Next) -> Response {
+pub(crate) async fn check_head(req: Request, next: Next) -> Response {
     match refusal(&req) {
         Some((status, text)) => {
             tracing::debug!(%status, detail = %text, "request head refused");

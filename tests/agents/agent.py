@@ -69,6 +69,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--heartbeats", type=int, default=1, help="heartbeats to send (default 1)")
     p.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        help="instead of --heartbeats: emit this many heartbeats back to back without waiting, "
+        'then count the heartbeat_acks; reports {"event": "burst", "acks": n} and exits 0 '
+        "once all came, 5 if the session ended first",
+    )
+    p.add_argument(
         "--payload",
         default=json.dumps(DEFAULT_PAYLOAD),
         help="JSON payload of each heartbeat (default %(default)s)",
@@ -109,6 +117,8 @@ def parse_args(argv=None):
         p.error("--cert and --key go together")
     if args.heartbeats < 0:
         p.error("--heartbeats must be >= 0")
+    if args.burst < 0:
+        p.error("--burst must be >= 0")
     try:
         args.payload = json.loads(args.payload)
     except json.JSONDecodeError as exc:
@@ -146,6 +156,9 @@ async def run(args, sio, events, state):
         line["eio_sid"] = sio.eio.sid
     emit_line(line)
 
+    if args.burst:
+        return await burst(args, sio, events)
+
     for _ in range(args.heartbeats):
         await sio.emit("heartbeat", args.payload)
         event, data = await events.get()
@@ -165,6 +178,24 @@ async def run(args, sio, events, state):
             # a late ack or error: report it, keep waiting
             emit_line({"event": event, "data": data})
 
+    await sio.disconnect()
+    return EXIT_OK
+
+
+async def burst(args, sio, events):
+    """--burst: every heartbeat emitted at once (python-socketio queues them and its write
+    loop sends them back to back), then every heartbeat_ack counted."""
+    for _ in range(args.burst):
+        await sio.emit("heartbeat", args.payload)
+    acks = 0
+    while acks < args.burst:
+        event, data = await events.get()
+        if event == "heartbeat_ack":
+            acks += 1
+        elif event == "disconnected":
+            emit_line({"event": "burst", "acks": acks, "disconnected": data})
+            return EXIT_UNEXPECTED_DISCONNECT
+    emit_line({"event": "burst", "acks": acks})
     await sio.disconnect()
     return EXIT_OK
 
