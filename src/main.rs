@@ -117,7 +117,11 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the tokio runtime: {e}")),
     };
-    match runtime.block_on(agentgate::run(config, agentgate::signal::shutdown())) {
+    match runtime.block_on(agentgate::run(
+        config,
+        config_path,
+        agentgate::signal::shutdown(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -1,54 +1,67 @@
-//! What runs around the handlers: the Bearer API key check ([`require_api_key`]) and the
-//! request observer ([`observe`]: metrics, in-flight tracking, access log).
+//! What runs around the handlers: the Bearer API key check ([`require_api_key`]), the
+//! scope each endpoint needs ([`scope`]) and the request observer ([`observe`]: metrics,
+//! in-flight tracking, access log).
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use super::{ApiError, AppState};
+use crate::auth::{ApiKey, bearer};
+use crate::identity::Peer;
+use crate::proxy::forward::Proxied;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
 
-use super::{ApiError, AppState};
-use crate::digest::sha256;
-use crate::identity::Peer;
-
-/// The accepted API keys, kept as SHA-256 digests so that comparing a presented key takes
-/// the same time whatever its length or content.
-#[derive(Clone)]
-pub struct ApiKeys(Arc<[[u8; 32]]>);
-
-impl ApiKeys {
-    pub fn new<S: AsRef<str>>(keys: &[S]) -> Self {
-        Self(keys.iter().map(|k| sha256(k.as_ref().as_bytes())).collect())
-    }
-
-    /// Constant-time check against every key (no early exit on a match).
-    pub fn accepts(&self, presented: &str) -> bool {
-        let d = sha256(presented.as_bytes());
-        self.0
-            .iter()
-            .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&d))
-            .into()
-    }
+/// Checks the Bearer key and puts the matched [`ApiKey`] (name and scopes) into the
+/// request for [`require_scope`], and into the response for the access log.
+pub async fn require_api_key(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let presented = req.headers().get(header::AUTHORIZATION).and_then(bearer);
+    let key = match presented {
+        None => {
+            return ApiError::Forbidden(
+                "Not authenticated: send 'Authorization: Bearer <API key>'",
+            )
+            .into_response();
+        }
+        Some(presented) => match state.api_keys.find(presented) {
+            Some(key) => key.clone(),
+            None => return ApiError::Forbidden("Invalid API key").into_response(),
+        },
+    };
+    req.extensions_mut().insert(key.clone());
+    let mut response = next.run(req).await;
+    response.extensions_mut().insert(key);
+    response
 }
 
-pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    match presented {
+/// Lets a request through only when its key (put there by [`require_api_key`], which
+/// runs first) has `scope`; otherwise 403 naming the scope. Mounted per endpoint with
+/// `from_fn_with_state(scope, require_scope)`.
+pub async fn require_scope(
+    State(scope): State<&'static str>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match req.extensions().get::<ApiKey>() {
+        Some(key) if key.allows(scope) => next.run(req).await,
+        Some(key) => {
+            let name = key.name.clone();
+            let mut response = ApiError::MissingScope(scope).into_response();
+            response.extensions_mut().insert(ApiKey {
+                name,
+                scopes: key.scopes.clone(),
+            });
+            response
+        }
+        // `require_api_key` runs first on every protected route; a route mounted without
+        // it is refused rather than opened.
         None => ApiError::Forbidden("Not authenticated: send 'Authorization: Bearer <API key>'")
             .into_response(),
-        Some(key) if state.api_keys.accepts(key) => next.run(req).await,
-        Some(_) => ApiError::Forbidden("Invalid API key").into_response(),
     }
 }
 
@@ -88,8 +101,15 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         state.requests.track_future(next.run(req)).await
     };
     let status = response.status().as_u16();
+    let proxied = response.extensions().get::<Proxied>().is_some();
+    // A proxied request is counted and logged by the proxy, with its route and upstream.
+    let route = if proxied { "proxy".to_owned() } else { route };
     state.metrics.http_request(&method, &route, status);
-    if let Some((path, peer)) = access {
+    if let Some((path, peer)) = access.filter(|_| !proxied) {
+        let key = response
+            .extensions()
+            .get::<ApiKey>()
+            .map(|k| k.name.clone());
         access_log(
             &method,
             &path,
@@ -97,6 +117,7 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
             status,
             started.elapsed(),
             peer.as_ref(),
+            key.as_deref(),
         );
     }
     response
@@ -105,7 +126,8 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
 /// One line per request, target `agentgate::access` (silence it with
 /// `RUST_LOG=info,agentgate::access=off`). Requests that come by the thousand and say
 /// nothing new (Socket.IO long-polling, health checks, metric scrapes) are at debug
-/// level. The query string is left out; no header, key or body is logged.
+/// level. The query string is left out; no header, key or body is logged: an API key is
+/// shown by its name.
 fn access_log(
     method: &str,
     path: &str,
@@ -113,6 +135,7 @@ fn access_log(
     status: u16,
     elapsed: Duration,
     peer: Option<&Peer>,
+    key: Option<&str>,
 ) {
     let remote = peer.map(|p| p.remote_addr.to_string());
     let agent = peer
@@ -129,6 +152,7 @@ fn access_log(
                 ms,
                 remote = remote.as_deref().unwrap_or("-"),
                 agent_id = agent.unwrap_or("-"),
+                key = key.unwrap_or("-"),
                 "request"
             )
         };
