@@ -376,6 +376,7 @@ fn rsa_key_pair(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
             "-out",
         ])
         .arg(&key)
+        .stderr(std::process::Stdio::null())
         .status()
         .unwrap()
         .success();
@@ -833,4 +834,74 @@ async fn api_key_without_the_scope_gets_403_naming_it() {
 
 fn agentgate_testkit_hex(d: &ring::digest::Digest) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An https upstream with a certificate for `localhost` from `pki` (a private CA).
+async fn tls_upstream(pki: &TestPki) -> String {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs = CertificateDer::pem_slice_iter(pki.server_cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().fallback(|req: Request| async move {
+        axum::Json(json!({"upstream": "tls", "path": req.uri().path()}))
+    });
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(tls),
+                    hyper_util::service::TowerToHyperService::new(app),
+                )
+                .await;
+            });
+        }
+    });
+    format!("https://localhost:{port}")
+}
+
+/// `https://` upstreams are verified: against `[proxy] ca_file` when set, else against the
+/// web roots, which do not know the test CA (so the upstream is refused with a 502).
+#[tokio::test]
+async fn https_upstream_is_verified_against_the_configured_ca() {
+    let upstream_pki = TestPki::new();
+    let url = tls_upstream(&upstream_pki).await;
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &upstream_pki.ca_pem).unwrap();
+    let r = route(&format!(
+        "name = \"tls\"\nprefix = \"/tls\"\nupstreams = [\"{url}\"]\nstrip_prefix = true\nauth = \"none\""
+    ));
+    let (r2, ca_path) = (r.clone(), ca.path().to_owned());
+    let trusted = TestServer::start_with(|c| {
+        c.routes = vec![r2];
+        c.proxy.ca_file = Some(ca_path);
+    })
+    .await;
+    let resp = get(&trusted, "/tls/x", &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["path"], "/x");
+
+    let untrusted = TestServer::start_with(|c| c.routes = vec![r]).await;
+    let resp = get(&untrusted, "/tls/x", &[]).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert!(detail(&resp).contains("certificate"), "{}", resp.text());
 }

@@ -78,7 +78,7 @@ fn write_config(dir: &Path, pki: &TestPki, port: u16, routes: &str) -> std::path
     std::fs::write(&key, &pki.server_key_pem).unwrap();
     let config = dir.join("gw.toml");
     let text = format!(
-        "listen = \"127.0.0.1:{port}\"\napi_keys = [\"k\"]\ndata_dir = \"{d}/data\"\n\
+        "listen = \"127.0.0.1:{port}\"\napi_keys = [\"{API_KEY}\"]\ndata_dir = \"{d}/data\"\n\
          [store]\ndir = \"{d}/certs\"\n[tls]\nmode = \"files\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n{routes}\n",
         d = dir.display(),
         c = cert.display(),
@@ -246,6 +246,21 @@ async fn sighup_applies_a_valid_routes_file_and_refuses_a_broken_one() {
     let r = conn.send("GET", "/a/x", &[], "").await.unwrap();
     assert_eq!((r.status, r.json()["path"].clone()), (200, json!("/x")));
     assert_eq!(conn.send("GET", "/b/x", &[], "").await.unwrap().status, 404);
+
+    // The access log: one line per proxied request with route and upstream; an API
+    // request names its key by a digest prefix, never the key.
+    let auth = format!("Bearer {API_KEY}");
+    let r = conn
+        .send("GET", "/routes", &[("authorization", &auth)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = wait_log(&log, "key=\"sha256:").await;
+    assert!(
+        text.contains("proxied") && text.contains("route=a"),
+        "{text}"
+    );
+    assert!(!text.contains(API_KEY), "the key was logged: {text}");
 
     // A valid file: /b replaces /a, on the same kept-alive connection.
     write_config(dir.path(), &pki, port, &route("b", "/b", &up));

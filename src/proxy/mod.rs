@@ -118,7 +118,7 @@ impl Proxy {
         let jwt = JwtVerifier::load(&config.jwt, revocations.clone())?;
         Ok(Self {
             inner: Arc::new(Shared {
-                table: ArcSwap::from_pointee(RouteTable::new(&config.routes, &metrics)),
+                table: ArcSwap::from_pointee(RouteTable::new(&config.routes, None, &metrics)),
                 jwt: ArcSwap::from_pointee(jwt),
                 revocations,
                 client,
@@ -145,11 +145,15 @@ impl Proxy {
     }
 
     /// Replaces the routes and JWT keys with those of `config` (SIGHUP). Requests in flight
-    /// finish on the routes they started with; connections are not touched. On an error
-    /// nothing changes.
+    /// finish on the routes they started with; connections are not touched; upstreams whose
+    /// route and URL are unchanged keep their health. On an error nothing changes.
     pub fn reload(&self, config: &Config) -> Result<(), ProxyBuildError> {
         let jwt = JwtVerifier::load(&config.jwt, self.inner.revocations.clone())?;
-        let table = Arc::new(RouteTable::new(&config.routes, &self.inner.metrics));
+        let table = Arc::new(RouteTable::new(
+            &config.routes,
+            Some(&self.inner.table.load()),
+            &self.inner.metrics,
+        ));
         self.inner.jwt.store(Arc::new(jwt));
         self.inner.table.store(table.clone());
         let mut checks = self.inner.checks.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,4 +233,79 @@ pub struct HealthCheckView {
 pub struct UpstreamView {
     pub url: String,
     pub healthy: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::TokenError;
+
+    /// Every variant with the status it must map to; a new variant fails to compile in
+    /// `ProxyError::status` (no catch-all arm) and belongs here too.
+    #[test]
+    fn every_proxy_error_maps_to_its_status() {
+        let up = || "http://127.0.0.1:1".to_owned();
+        let table: Vec<(ProxyError, StatusCode)> = vec![
+            (ProxyError::NoRoute("/x".into()), StatusCode::NOT_FOUND),
+            (AuthError::MissingBearer.into(), StatusCode::UNAUTHORIZED),
+            (AuthError::InvalidKey.into(), StatusCode::UNAUTHORIZED),
+            (
+                AuthError::Token(TokenError::Expired).into(),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                AuthError::Token(TokenError::Revoked).into(),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                AuthError::Token(TokenError::Claim {
+                    claim: "project".into(),
+                    allowed: vec!["a".into()],
+                })
+                .into(),
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                AuthError::MissingScope("proxy".into()).into(),
+                StatusCode::FORBIDDEN,
+            ),
+            (AuthError::NoAgentCertificate.into(), StatusCode::FORBIDDEN),
+            (
+                ProxyError::NoHealthyUpstream("r".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                ProxyError::Refused { upstream: up() },
+                StatusCode::BAD_GATEWAY,
+            ),
+            (
+                ProxyError::Failed {
+                    upstream: up(),
+                    reason: "reset".into(),
+                },
+                StatusCode::BAD_GATEWAY,
+            ),
+            (
+                ProxyError::Timeout {
+                    upstream: up(),
+                    ms: 5,
+                },
+                StatusCode::GATEWAY_TIMEOUT,
+            ),
+            (ProxyError::BadRequest("x".into()), StatusCode::BAD_REQUEST),
+        ];
+        for (error, status) in table {
+            let shown = format!("{error:?}");
+            assert_eq!(error.status(), status, "{shown}");
+            let response = error.into_response();
+            assert_eq!(response.status(), status, "{shown}");
+            assert_eq!(
+                response
+                    .headers()
+                    .contains_key(http::header::WWW_AUTHENTICATE),
+                status == StatusCode::UNAUTHORIZED,
+                "{shown}"
+            );
+        }
+    }
 }

@@ -15,11 +15,20 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    fn new(config: RouteConfig, metrics: &Metrics) -> Self {
+    /// `previous`: the same-named route of the table being replaced, whose upstreams keep
+    /// their health state when their URL is unchanged.
+    fn new(config: RouteConfig, previous: Option<&Route>, metrics: &Metrics) -> Self {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| Arc::new(Upstream::new(&config.name, u.clone(), metrics.clone())))
+            .map(|u| {
+                previous
+                    .and_then(|p| p.upstreams.iter().find(|o| o.base == *u))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Upstream::new(&config.name, u.clone(), metrics.clone()))
+                    })
+            })
             .collect();
         Self {
             config,
@@ -54,10 +63,17 @@ pub(crate) struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(configs: &[RouteConfig], metrics: &Metrics) -> Self {
+    /// The table for `configs`; upstreams unchanged since `previous` (same route name and
+    /// URL) keep their place in or out of the rotation across a reload.
+    pub fn new(configs: &[RouteConfig], previous: Option<&RouteTable>, metrics: &Metrics) -> Self {
         let mut routes: Vec<Arc<Route>> = configs
             .iter()
-            .map(|c| Arc::new(Route::new(c.clone(), metrics)))
+            .map(|c| {
+                let old = previous
+                    .and_then(|t| t.routes.iter().find(|r| r.config.name == c.name))
+                    .map(|r| r.as_ref());
+                Arc::new(Route::new(c.clone(), old, metrics))
+            })
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
         Self { routes }
@@ -110,6 +126,7 @@ mod tests {
     fn longest_prefix_on_segment_boundaries() {
         let t = RouteTable::new(
             &[route("a", "/p"), route("b", "/p/q"), route("root", "/")],
+            None,
             &Metrics::new(),
         );
         let name = |path| t.find(path).map(|r| r.config.name.clone());
