@@ -169,6 +169,10 @@ async fn prefix_routing_longest_prefix_strip_and_forwarded_headers() {
             "name = \"special\"\nprefix = \"/svc/special\"\nupstreams = [\"{}/base\"]\nauth = \"none\"",
             b.url
         )),
+        route(&format!(
+            "name = \"kept\"\nprefix = \"/kept\"\nupstreams = [\"{}\"]\nauth = \"none\"\npreserve_host = true",
+            b.url
+        )),
     ];
     let server = TestServer::start_with(|c| c.routes = routes).await;
 
@@ -216,6 +220,11 @@ async fn prefix_routing_longest_prefix_strip_and_forwarded_headers() {
         .unwrap()
         .to_owned();
     assert_eq!(fresh.len(), 32, "an invalid request id is replaced");
+    // preserve_host: the upstream sees the client's Host.
+    assert_eq!(
+        get(&server, "/kept/x", &[]).await.json()["headers"]["host"],
+        "localhost"
+    );
     // Prefixes match whole segments; anything else is a JSON 404.
     for path in ["/svcx", "/nothing/here", "/agents/x/y/z"] {
         let r = get(&server, path, &[]).await;
@@ -234,9 +243,9 @@ async fn prefix_routing_longest_prefix_strip_and_forwarded_headers() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["special", "svc"]);
-    assert_eq!(listing["routes"][1]["upstreams"][0]["url"], a.url);
-    assert_eq!(listing["routes"][1]["upstreams"][0]["healthy"], true);
+    assert_eq!(names, ["special", "kept", "svc"]);
+    assert_eq!(listing["routes"][2]["upstreams"][0]["url"], a.url);
+    assert_eq!(listing["routes"][2]["upstreams"][0]["healthy"], true);
 
     // Per-route metrics.
     let metrics = get(&server, "/metrics", &[]).await.text();

@@ -122,7 +122,7 @@ impl JwtVerifier {
         claims: &BTreeMap<String, Vec<String>>,
         now: i64,
     ) -> Result<VerifiedToken, TokenError> {
-        let alg_name = header_alg(token)?;
+        let (alg_name, kid) = header(token)?;
         let alg: Option<Algorithm> = alg_name.parse().ok();
         let candidates: Vec<&Key> = match alg {
             Some(alg) => self.keys.iter().filter(|k| k.alg == alg).collect(),
@@ -131,9 +131,6 @@ impl JwtVerifier {
         let Some(alg) = alg.filter(|_| !candidates.is_empty()) else {
             return Err(TokenError::Algorithm(alg_name));
         };
-        let kid = jsonwebtoken::decode_header(token)
-            .map_err(|_| TokenError::Malformed)?
-            .kid;
         let mut validation = Validation::new(alg);
         validation.leeway = self.leeway;
         validation.validate_exp = true;
@@ -212,9 +209,9 @@ impl JwtVerifier {
     }
 }
 
-/// The `alg` of the token's header, read before anything else so that a refused algorithm
-/// is named in the answer.
-fn header_alg(token: &str) -> Result<String, TokenError> {
+/// The `alg` and `kid` of the token's header, read before anything else so that a refused
+/// algorithm is named in the answer.
+fn header(token: &str) -> Result<(String, Option<String>), TokenError> {
     let mut parts = token.split('.');
     let (Some(header), Some(_), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -226,8 +223,13 @@ fn header_alg(token: &str) -> Result<String, TokenError> {
         .map_err(|_| TokenError::Malformed)?;
     let header: serde_json::Map<String, Value> =
         serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)?;
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(kid)) => Some(kid.clone()),
+        Some(_) => return Err(TokenError::Malformed),
+    };
     match header.get("alg") {
-        Some(Value::String(alg)) => Ok(alg.clone()),
+        Some(Value::String(alg)) => Ok((alg.clone(), kid)),
         _ => Err(TokenError::Malformed),
     }
 }
@@ -270,4 +272,109 @@ fn load_jwks(path: &Path) -> Result<Vec<Key>, JwtKeyError> {
         });
     }
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use jsonwebtoken::{EncodingKey, Header};
+    use std::time::Duration;
+
+    fn now() -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    fn claims() -> Value {
+        serde_json::json!({"jti": "t1", "project": "p", "iat": now(), "exp": now() + 60})
+    }
+
+    fn config(dir: &Path, keys: Vec<crate::config::JwtKeyConfig>, jwks: Option<&str>) -> JwtConfig {
+        let jwks_file = jwks.map(|text| {
+            let path = dir.join("jwks.json");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        JwtConfig {
+            leeway: Duration::from_secs(0),
+            hs256_secret: None,
+            keys,
+            jwks_file,
+        }
+    }
+
+    #[test]
+    fn es256_from_a_pem_file_and_only_that_algorithm() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let pem = dir.path().join("es.pem");
+        std::fs::write(&pem, key.public_key_pem()).unwrap();
+        let v = JwtVerifier::load(
+            &config(
+                dir.path(),
+                vec![crate::config::JwtKeyConfig {
+                    alg: PublicKeyAlg::Es256,
+                    pem_file: pem,
+                    kid: None,
+                }],
+                None,
+            ),
+            Revocations::new(),
+        )
+        .unwrap();
+        let enc = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims(), &enc).unwrap();
+        let route = BTreeMap::from([("project".to_owned(), vec!["p".to_owned()])]);
+        assert_eq!(
+            v.verify(&token, &route, now()).unwrap().jti.as_deref(),
+            Some("t1")
+        );
+        // No HS256 secret configured: an HS256 token is refused by its algorithm.
+        let hs = jsonwebtoken::encode(
+            &Header::default(),
+            &claims(),
+            &EncodingKey::from_secret(b"x"),
+        )
+        .unwrap();
+        assert_eq!(
+            v.verify(&hs, &route, now()).unwrap_err(),
+            TokenError::Algorithm("HS256".into())
+        );
+    }
+
+    #[test]
+    fn eddsa_from_a_jwks_file_matches_the_kid() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "OKP", "crv": "Ed25519", "kid": "ed-1",
+            "x": URL_SAFE_NO_PAD.encode(key.public_key_raw()),
+        }]});
+        let v = JwtVerifier::load(
+            &config(dir.path(), Vec::new(), Some(&jwks.to_string())),
+            Revocations::new(),
+        )
+        .unwrap();
+        let enc = EncodingKey::from_ed_pem(key.serialize_pem().as_bytes()).unwrap();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("ed-1".into());
+        let token = jsonwebtoken::encode(&header, &claims(), &enc).unwrap();
+        assert!(v.verify(&token, &BTreeMap::new(), now()).is_ok());
+        header.kid = Some("other".into());
+        let token = jsonwebtoken::encode(&header, &claims(), &enc).unwrap();
+        assert_eq!(
+            v.verify(&token, &BTreeMap::new(), now()).unwrap_err(),
+            TokenError::Signature
+        );
+        // A symmetric key in a JWKS is refused when the file is loaded, naming the entry.
+        let bad = serde_json::json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]});
+        let e = JwtVerifier::load(
+            &config(dir.path(), Vec::new(), Some(&bad.to_string())),
+            Revocations::new(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("keys[0]") && e.contains("jwks.json"), "{e}");
+    }
 }
