@@ -62,6 +62,9 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(c) => {
+                if let Err(e) = agentgate::proxy::Proxy::check_files(&c) {
+                    return fail(&e);
+                }
                 println!("# configuration is valid; effective settings:");
                 print!("{}", c.to_masked_toml());
                 if let TlsSource::Acme(acme) = &c.tls {

@@ -284,3 +284,34 @@ async fn sighup_applies_a_valid_routes_file_and_refuses_a_broken_one() {
     assert_eq!(r.status, 200, "the running routes stay");
     assert_eq!(conn.send("GET", "/c/z", &[], "").await.unwrap().status, 404);
 }
+
+/// `check-config` reads the files the gateway half names, so a start would not be the
+/// first to find them missing; the message names the key.
+#[test]
+fn check_config_names_a_missing_jwt_key_file_and_a_bad_route() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let check = |extra: &str| {
+        let config = write_config(dir.path(), &pki, 8443, extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_agentgate"))
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .env_remove("API_KEY")
+            .env_remove("GATEWAY_JWT_SECRET")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = check(&format!(
+        "[[jwt.keys]]\nalg = \"RS256\"\npem_file = \"{}/missing.pem\"\n",
+        dir.path().display()
+    ));
+    assert!(!ok && stderr.contains("`jwt.keys[0].pem_file`"), "{stderr}");
+    let (ok, stderr) = check(&route("x", "/metrics/x", "http://127.0.0.1:9"));
+    assert!(!ok && stderr.contains("`routes[0].prefix`"), "{stderr}");
+    let (ok, stderr) = check(&route("x", "/x", "http://127.0.0.1:9"));
+    assert!(ok, "{stderr}");
+}

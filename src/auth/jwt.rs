@@ -20,11 +20,15 @@ use serde_json::Value;
 use super::Revocations;
 use crate::config::{JwtConfig, PublicKeyAlg};
 
-/// Why a key file cannot be used; names the file.
+/// Why a key file cannot be used; names the configuration key and the file.
 #[derive(Debug, thiserror::Error)]
 pub enum JwtKeyError {
-    #[error("JWT key file {path}: {reason}")]
-    File { path: String, reason: String },
+    #[error("invalid configuration: key `{key}`: JWT key file {path}: {reason}")]
+    File {
+        key: String,
+        path: String,
+        reason: String,
+    },
 }
 
 /// Why a token was refused. Every variant but [`TokenError::Claim`] is a 401.
@@ -81,8 +85,9 @@ impl JwtVerifier {
                 key: DecodingKey::from_secret(secret.as_bytes()),
             });
         }
-        for k in &config.keys {
+        for (i, k) in config.keys.iter().enumerate() {
             let err = |reason: String| JwtKeyError::File {
+                key: format!("jwt.keys[{i}].pem_file"),
                 path: k.pem_file.display().to_string(),
                 reason,
             };
@@ -236,6 +241,7 @@ fn header(token: &str) -> Result<(String, Option<String>), TokenError> {
 
 fn load_jwks(path: &Path) -> Result<Vec<Key>, JwtKeyError> {
     let err = |reason: String| JwtKeyError::File {
+        key: "jwt.jwks_file".to_owned(),
         path: path.display().to_string(),
         reason,
     };

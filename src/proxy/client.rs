@@ -26,7 +26,7 @@ const POOL_IDLE: Duration = Duration::from_secs(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("proxy.ca_file {path}: {reason}")]
+    #[error("invalid configuration: key `proxy.ca_file` ({path}): {reason}")]
     CaFile { path: String, reason: String },
     #[error("upstream TLS configuration: {0}")]
     Tls(#[from] rustls::Error),

@@ -129,6 +129,14 @@ impl Proxy {
         })
     }
 
+    /// Reads what the configuration only names (JWT key files, the upstream CA file), for
+    /// `check-config`: the errors a start would stop on.
+    pub fn check_files(config: &Config) -> Result<(), ProxyBuildError> {
+        client::build(config.upstream_ca_file.as_deref())?;
+        JwtVerifier::load(&config.jwt, Revocations::new())?;
+        Ok(())
+    }
+
     /// The revocation set every JWT check reads (token management feeds it).
     pub fn revocations(&self) -> &Revocations {
         &self.inner.revocations
