@@ -117,13 +117,20 @@ fn router(rt: &tokio::runtime::Runtime, certs: usize, agents: usize) -> Router {
     let state = AppState {
         store,
         agents: handle,
-        api_keys: ApiKeys::new(&[KEY]),
+        api_keys: ApiKeys::all_scopes(&[KEY]),
         metrics,
         enrollment,
         server_cert: ServerCert::from_config(&config, agentgate::tls::provider())
             .expect("self-signed server certificate"),
         clock: Clock::system(),
         requests: TaskTracker::new(),
+        proxy: agentgate::proxy::Proxy::new(
+            &config,
+            ApiKeys::all_scopes(&[KEY]),
+            agentgate::auth::Revocations::new(),
+            Metrics::new(),
+        )
+        .expect("gateway without routes"),
     };
     // The temporary directory holds only the self-signed server certificate and an empty
     // store directory; the in-memory index does not need it after this point.

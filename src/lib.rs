@@ -24,6 +24,10 @@
 //!   shutdown; `killable` lets shutdown cut upgraded connections.
 //! - `redirect`: the optional plain-HTTP listener that answers with 301 to https.
 //! - [`api`]: the HTTP API: router, middleware, extractors, errors, one file per resource.
+//! - [`proxy`]: the API gateway: `[[routes]]` to upstream services (longest prefix,
+//!   round-robin over healthy upstreams, retries, timeouts, WebSocket pass-through).
+//! - [`auth`]: API keys with scopes, JWT verification, revoked token ids, and the
+//!   per-route decision (`jwt`, `api_key`, `agent`, `none`).
 //! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,
 //!   commands to agents.
 //! - [`enroll`]: one-time install tokens and registered agent metadata.
@@ -36,6 +40,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod auth;
 pub mod certgen;
 pub mod clock;
 pub mod cluster;
@@ -49,6 +54,7 @@ pub mod identity;
 pub(crate) mod killable;
 pub(crate) mod listener;
 pub mod metrics;
+pub mod proxy;
 pub(crate) mod redirect;
 pub(crate) mod server;
 pub mod signal;
@@ -56,13 +62,19 @@ pub mod store;
 pub mod tls;
 
 use std::future::Future;
+use std::path::PathBuf;
 
 pub use config::Config;
 pub use server::{Gateway, StartError};
 
-/// Runs the gateway for `config` until `shutdown` resolves: builds it, binds the listener,
-/// reloads the server certificate files on SIGHUP.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+/// Runs the gateway for `config` (read from `config_file`, if any) until `shutdown`
+/// resolves: builds it, binds the listener, and on SIGHUP reloads the server certificate
+/// files and re-reads the routes from `config_file`.
+pub async fn run(
+    config: Config,
+    config_file: Option<PathBuf>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let mut gateway = Gateway::start(config.clone()).await?;
     let listener = listener::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `listen`): {e}", config.listen))?;
@@ -78,13 +90,46 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         gateway = gateway.with_redirect_listener(redirect);
     }
     let server_cert = gateway.server_cert().clone();
-    signal::on_hangup(move || match server_cert.reload() {
-        Ok(true) => tracing::info!(cert = %server_cert.describe(), "server certificate reloaded"),
-        Ok(false) => tracing::info!("SIGHUP: nothing to reload for this certificate source"),
-        Err(e) => {
-            tracing::error!(error = %e, "server certificate reload failed; keeping the current one")
+    let proxy = gateway.proxy().clone();
+    signal::on_hangup(move || {
+        match server_cert.reload() {
+            Ok(true) => {
+                tracing::info!(cert = %server_cert.describe(), "server certificate reloaded")
+            }
+            Ok(false) => tracing::info!("SIGHUP: nothing to reload for this certificate source"),
+            Err(e) => {
+                tracing::error!(error = %e, "server certificate reload failed; keeping the current one")
+            }
         }
+        reload_routes(&proxy, config_file.as_deref());
     });
     gateway.serve(listener, shutdown).await?;
     Ok(())
+}
+
+/// SIGHUP: the configuration file is read and validated again, and its `[[routes]]` and
+/// `[jwt]` keys replace the running ones. A file with any error is refused as a whole
+/// (the log names the key) and the running routes stay. Other sections need a restart.
+fn reload_routes(proxy: &proxy::Proxy, config_file: Option<&std::path::Path>) {
+    let Some(path) = config_file else {
+        tracing::info!("SIGHUP: no configuration file; routes unchanged");
+        return;
+    };
+    let config = match Config::load(Some(path)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: configuration refused; the running routes stay");
+            return;
+        }
+    };
+    match proxy.reload(&config) {
+        Ok(()) => tracing::info!(
+            routes = config.routes.len(),
+            file = %path.display(),
+            "SIGHUP: routes reloaded"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: routes refused; the running routes stay")
+        }
+    }
 }

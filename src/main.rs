@@ -82,6 +82,9 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(c) => {
+                if let Err(e) = agentgate::proxy::Proxy::check_files(&c) {
+                    return fail(&e);
+                }
                 println!("# configuration is valid; effective settings:");
                 print!("{}", c.to_masked_toml());
                 if let TlsSource::Acme(acme) = &c.tls {
@@ -140,7 +143,11 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the tokio runtime: {e}")),
     };
-    match runtime.block_on(agentgate::run(config, agentgate::signal::shutdown())) {
+    match runtime.block_on(agentgate::run(
+        config,
+        config_path,
+        agentgate::signal::shutdown(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

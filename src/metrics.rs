@@ -41,6 +41,27 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyLabels {
+    pub route: String,
+    /// `2xx` .. `5xx`.
+    pub status_class: &'static str,
+    /// The upstream's base URL, or `-` when the request was answered before one was chosen
+    /// (refused by authorization, no healthy upstream).
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub route: String,
+    pub upstream: String,
+}
+
 /// Cheap-to-clone handle on every metric of the process.
 #[derive(Clone)]
 pub struct Metrics {
@@ -64,6 +85,9 @@ struct Inner {
     socket_sessions: Gauge,
     store_certificates: Gauge,
     earliest_expiry: Gauge,
+    proxy_requests: Family<ProxyLabels, Counter>,
+    proxy_seconds: Family<RouteLabels, Histogram>,
+    upstream_healthy: Family<UpstreamLabels, Gauge>,
     state: StateMetrics,
 }
 
@@ -241,8 +265,35 @@ impl Metrics {
         );
         let cluster = clustered.then(|| ClusterMetrics::register(&mut registry));
         let state = StateMetrics::register(&mut registry);
+        let proxy_requests = Family::<ProxyLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Proxied requests by route, status class and upstream",
+            proxy_requests.clone(),
+        );
+        // 0.5 ms .. 60 s: a loopback upstream to the longest sensible route timeout.
+        let proxy_seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ])
+        });
+        registry.register(
+            "proxy_request_duration_seconds",
+            "Time from a proxied request's arrival to its response head, by route",
+            proxy_seconds.clone(),
+        );
+        let upstream_healthy = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_healthy",
+            "1 while an upstream is in its route's rotation, 0 while it is out",
+            upstream_healthy.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
+                proxy_requests,
+                proxy_seconds,
+                upstream_healthy,
                 registry,
                 handshakes,
                 heartbeats,
@@ -336,6 +387,42 @@ impl Metrics {
             status,
         };
         self.inner.http_requests.get_or_create(&labels).inc();
+    }
+
+    /// One proxied request, counted when its response head is sent.
+    pub fn proxied(&self, route: &str, status: u16, upstream: &str, seconds: f64) {
+        let status_class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.inner
+            .proxy_requests
+            .get_or_create(&ProxyLabels {
+                route: route.to_owned(),
+                status_class,
+                upstream: upstream.to_owned(),
+            })
+            .inc();
+        self.inner
+            .proxy_seconds
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// An upstream entered (`true`) or left its route's rotation.
+    pub fn upstream_health(&self, route: &str, upstream: &str, healthy: bool) {
+        self.inner
+            .upstream_healthy
+            .get_or_create(&UpstreamLabels {
+                route: route.to_owned(),
+                upstream: upstream.to_owned(),
+            })
+            .set(i64::from(healthy));
     }
 
     /// The text exposition, after setting the state gauges from `snapshot`.

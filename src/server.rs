@@ -37,6 +37,7 @@ use crate::identity::{AgentIdentity, Peer};
 use crate::killable::Killable;
 use crate::listener;
 use crate::metrics::Metrics;
+use crate::proxy::{Proxy, ProxyBuildError};
 use crate::store::{CertStore, StoreError};
 use crate::tls::server_cert::ServerCertError;
 use crate::tls::verifier::AgentCertVerifier;
@@ -72,6 +73,8 @@ pub enum StartError {
     Enrollment(#[from] EnrollError),
     #[error("cluster: {0}")]
     Cluster(#[from] ClusterStartError),
+    #[error("gateway: {0}")]
+    Proxy(#[from] ProxyBuildError),
 }
 
 /// Everything a running gateway needs, built from a validated [`Config`].
@@ -179,15 +182,23 @@ impl Gateway {
             _ => None,
         };
         close_revoked_sessions(&store, &agents);
+        let api_keys = ApiKeys::new(&config.api_keys);
+        let proxy = Proxy::new(
+            &config,
+            api_keys.clone(),
+            crate::auth::Revocations::new(),
+            metrics.clone(),
+        )?;
         let state = AppState {
             store: store.clone(),
             agents: agents.clone(),
-            api_keys: ApiKeys::new(&config.api_keys),
+            api_keys,
             metrics: metrics.clone(),
             enrollment,
             server_cert: server_cert.clone(),
             clock,
             requests: TaskTracker::new(),
+            proxy,
         };
         let exposure = match config.metrics_listen {
             Some(_) => MetricsExposure::SeparateListener,
@@ -254,6 +265,11 @@ impl Gateway {
         &self.server_cert
     }
 
+    /// The gateway half: its routes, reloaded on SIGHUP, and its revocation set.
+    pub fn proxy(&self) -> &Proxy {
+        &self.state.proxy
+    }
+
     /// Serves connections from `listener` until `shutdown` resolves, then drains.
     pub async fn serve(
         mut self,
@@ -272,6 +288,7 @@ impl Gateway {
         self.agents
             .spawn_binding_pruner(token.clone(), ping.max(Duration::from_secs(60)) * 2);
         self.server_cert.spawn_background(token.clone(), &tracker);
+        self.state.proxy.start_health_checks(token.child_token());
         if let Some(redirect) = self.redirect.take() {
             // Without `[http_redirect]`, the port of the listener the caller gave.
             let https_port = self

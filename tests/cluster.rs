@@ -286,8 +286,17 @@ async fn get_agents_on_either_node_lists_both_nodes_agents_and_a_killed_nodes_ag
         assert_eq!(status, 200, "{one}");
         assert_eq!(one["node"], "node-b");
     }
-    let (status, nodes) = a.api("GET", "/cluster/nodes", None).await;
-    assert_eq!(status, 200, "{nodes}");
+    // A node's summary (its counts) is read with its next publication, up to one
+    // interval after the agent data the loop above waited for.
+    let patience = Patience::new("node A's view of node B counts B's agent");
+    let nodes = loop {
+        let (status, nodes) = a.api("GET", "/cluster/nodes", None).await;
+        assert_eq!(status, 200, "{nodes}");
+        if nodes["nodes"][1]["agents"] == 1 {
+            break nodes;
+        }
+        patience.again(nodes).await;
+    };
     let ids: Vec<&str> = nodes["nodes"]
         .as_array()
         .unwrap()

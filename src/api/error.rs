@@ -21,6 +21,9 @@ use crate::store::{CertError, RedisError, StoreError};
 pub enum ApiError {
     #[error("{0}")]
     Forbidden(&'static str),
+    /// The key is valid but lacks the scope the endpoint needs.
+    #[error("API key lacks the scope '{0}'")]
+    MissingScope(&'static str),
     #[error("{0}")]
     NotFound(String),
     #[error("request body exceeds {MAX_BODY_BYTES} bytes")]
@@ -52,7 +55,7 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::MissingScope(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody(_) => StatusCode::BAD_REQUEST,
@@ -235,6 +238,7 @@ mod tests {
                 ApiError::Forbidden("Invalid API key"),
                 StatusCode::FORBIDDEN,
             ),
+            (ApiError::MissingScope("agents:read"), StatusCode::FORBIDDEN),
             (ApiError::NotFound("x".into()), StatusCode::NOT_FOUND),
             (ApiError::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
             (ApiError::BadBody("x".into()), StatusCode::BAD_REQUEST),

@@ -1,73 +1,73 @@
-//! What runs around the handlers: the Bearer API key check ([`require_api_key`]) and the
-//! request observer ([`observe`]: metrics, in-flight tracking, access log).
+//! What runs around the handlers: the Bearer API key check ([`require_api_key`]), the
+//! scope each endpoint needs ([`scope`]) and the request observer ([`observe`]: metrics,
+//! in-flight tracking, access log).
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use super::{ApiError, AppState};
+use crate::auth::{ApiKey, BearerError, bearer_of};
+use crate::identity::Peer;
+use crate::proxy::forward::Proxied;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
 
-use super::{ApiError, AppState};
-use crate::digest::sha256;
-use crate::identity::Peer;
-
-/// The accepted API keys, kept as SHA-256 digests so that comparing a presented key takes
-/// the same time whatever its length or content.
-#[derive(Clone)]
-pub struct ApiKeys(Arc<[[u8; 32]]>);
-
-impl ApiKeys {
-    pub fn new<S: AsRef<str>>(keys: &[S]) -> Self {
-        Self(keys.iter().map(|k| sha256(k.as_ref().as_bytes())).collect())
-    }
-
-    /// Constant-time check against every key (no early exit on a match).
-    pub fn accepts(&self, presented: &str) -> bool {
-        let d = sha256(presented.as_bytes());
-        self.0
-            .iter()
-            .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&d))
-            .into()
-    }
-}
-
-pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match bearer_token(req.headers()) {
-        Err(refused) => refused.into_response(),
-        Ok(key) if state.api_keys.accepts(key) => next.run(req).await,
-        Ok(_) => ApiError::Forbidden("Invalid API key").into_response(),
-    }
-}
-
-/// The token of the one `Authorization: Bearer <token>` field.
-///
-/// Authorization is a singleton field (RFC 9110 §11.6.2 grammar has no list form), so two
-/// of them make the request malformed (§5.3): a 400, whichever of the two is right, as
-/// nginx and FastAPI behind it never settled which one wins. The scheme name is
-/// case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer` and `BEARER` are the same.
-fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let mut fields = headers.get_all(header::AUTHORIZATION).iter();
-    let Some(value) = fields.next() else {
-        return Err(ApiError::Forbidden(
-            "Not authenticated: send 'Authorization: Bearer <API key>'",
-        ));
+/// Checks the Bearer key and puts the matched [`ApiKey`] (name and scopes) into the
+/// request for [`require_scope`], and into the response for the access log.
+pub async fn require_api_key(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let key = match bearer_of(req.headers()) {
+        Err(BearerError::Missing) => {
+            return ApiError::Forbidden(
+                "Not authenticated: send 'Authorization: Bearer <API key>'",
+            )
+            .into_response();
+        }
+        Err(BearerError::Duplicate) => {
+            return ApiError::BadRequest(
+                "more than one Authorization header field; send exactly one 'Authorization: Bearer <API key>'"
+                    .into(),
+            )
+            .into_response();
+        }
+        Ok(presented) => match state.api_keys.find(presented) {
+            Some(key) => key.clone(),
+            None => return ApiError::Forbidden("Invalid API key").into_response(),
+        },
     };
-    if fields.next().is_some() {
-        return Err(ApiError::BadRequest(
-            "more than one Authorization header field; send exactly one 'Authorization: Bearer <API key>'"
-                .into(),
-        ));
+    req.extensions_mut().insert(key.clone());
+    let mut response = next.run(req).await;
+    response.extensions_mut().insert(key);
+    response
+}
+
+/// Lets a request through only when its key (put there by [`require_api_key`], which
+/// runs first) has `scope`; otherwise 403 naming the scope. Mounted per endpoint with
+/// `from_fn_with_state(scope, require_scope)`.
+pub async fn require_scope(
+    State(scope): State<&'static str>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match req.extensions().get::<ApiKey>() {
+        Some(key) if key.allows(scope) => next.run(req).await,
+        Some(key) => {
+            let name = key.name.clone();
+            let mut response = ApiError::MissingScope(scope).into_response();
+            response.extensions_mut().insert(ApiKey {
+                name,
+                scopes: key.scopes.clone(),
+            });
+            response
+        }
+        // `require_api_key` runs first on every protected route; a route mounted without
+        // it is refused rather than opened.
+        None => ApiError::Forbidden("Not authenticated: send 'Authorization: Bearer <API key>'")
+            .into_response(),
     }
-    let token = value.to_str().ok().and_then(|v| {
-        let (scheme, token) = v.trim_start().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-    });
-    token.ok_or(ApiError::Forbidden(
-        "Not authenticated: send 'Authorization: Bearer <API key>'",
-    ))
 }
 
 /// Counts requests by route and status, and tracks in-flight API requests for shutdown.
@@ -106,8 +106,15 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         state.requests.track_future(next.run(req)).await
     };
     let status = response.status().as_u16();
+    let proxied = response.extensions().get::<Proxied>().is_some();
+    // A proxied request is counted and logged by the proxy, with its route and upstream.
+    let route = if proxied { "proxy".to_owned() } else { route };
     state.metrics.http_request(&method, &route, status);
-    if let Some((path, peer)) = access {
+    if let Some((path, peer)) = access.filter(|_| !proxied) {
+        let key = response
+            .extensions()
+            .get::<ApiKey>()
+            .map(|k| k.name.clone());
         access_log(
             &method,
             &path,
@@ -115,6 +122,7 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
             status,
             started.elapsed(),
             peer.as_ref(),
+            key.as_deref(),
         );
     }
     response
@@ -123,7 +131,8 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
 /// One line per request, target `agentgate::access` (silence it with
 /// `RUST_LOG=info,agentgate::access=off`). Requests that come by the thousand and say
 /// nothing new (Socket.IO long-polling, health checks, metric scrapes) are at debug
-/// level. The query string is left out; no header, key or body is logged.
+/// level. The query string is left out; no header, key or body is logged: an API key is
+/// shown by its name.
 fn access_log(
     method: &str,
     path: &str,
@@ -131,6 +140,7 @@ fn access_log(
     status: u16,
     elapsed: Duration,
     peer: Option<&Peer>,
+    key: Option<&str>,
 ) {
     let remote = peer.map(|p| p.remote_addr.to_string());
     let agent = peer
@@ -147,6 +157,7 @@ fn access_log(
                 ms,
                 remote = remote.as_deref().unwrap_or("-"),
                 agent_id = agent.unwrap_or("-"),
+                key = key.unwrap_or("-"),
                 "request"
             )
         };

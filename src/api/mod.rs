@@ -10,7 +10,8 @@
 //! - `error`: [`ApiError`] and its one mapping to statuses, and `json_errors`, which
 //!   gives every other error response its `{"detail": ...}`;
 //! - `head_limits`: URI length and header limits, answered with 414 and 431;
-//! - one file per resource: `agents`, `certificate`, `cluster`, `enroll`, `hello`, `ops`.
+//! - one file per resource: `agents`, `certificate`, `cluster`, `enroll`, `hello`, `ops`;
+//! - paths no endpoint matches go to the gateway ([`crate::proxy`]).
 
 pub(crate) mod agents;
 pub(crate) mod certificate;
@@ -27,15 +28,17 @@ pub(crate) mod router;
 use tokio_util::task::TaskTracker;
 
 use crate::agents::Agents;
+pub use crate::auth::ApiKeys;
 use crate::clock::Clock;
 use crate::enroll::Enrollment;
 use crate::metrics::Metrics;
+use crate::proxy::Proxy;
 use crate::store::CertStore;
 use crate::tls::ServerCert;
 pub(crate) use error::json_errors;
 pub use error::{ApiError, detail};
 pub use extract::{ApiQuery, JsonBody, Page, PageQuery, agent_id};
-pub use middleware::{ApiKeys, observe};
+pub use middleware::observe;
 pub use router::{MetricsExposure, metrics_router, router};
 
 /// Largest request body the API reads (an agent certificate is 1-2 KiB of PEM).
@@ -56,4 +59,6 @@ pub struct AppState {
     pub clock: Clock,
     /// In-flight API requests (not Socket.IO), drained first on shutdown.
     pub requests: TaskTracker,
+    /// The gateway half: routes to upstream services (the router's fallback).
+    pub proxy: Proxy,
 }

@@ -1,5 +1,6 @@
-//! Operational endpoints without an API key: `GET /health` (liveness), `GET /ready`
-//! (readiness), `GET /metrics` (Prometheus text format).
+//! Operational endpoints: without an API key `GET /health` (liveness), `GET /ready`
+//! (readiness), `GET /ping` (Traefik's), `GET /metrics` (Prometheus text format); with
+//! one (scope `routes:admin`), `GET /routes`.
 
 use axum::Json;
 use axum::extract::State;
@@ -9,6 +10,16 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::metrics::{ClusterSnapshot, Snapshot};
+
+/// Traefik's health path (`/ping` answers `OK`), for monitors of the replaced gateway.
+pub async fn ping() -> &'static str {
+    "OK"
+}
+
+/// `GET /routes`: the configured routes with each upstream's health.
+pub async fn routes(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "routes": state.proxy.describe() }))
+}
 
 pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))

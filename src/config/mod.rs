@@ -12,6 +12,7 @@
 //! that must not be empty are [`NonEmpty`]). A new section adds a raw struct, a validated
 //! struct and a `validate_<section>` function.
 
+pub(crate) mod gateway;
 pub(crate) mod raw;
 
 use std::net::SocketAddr;
@@ -22,6 +23,11 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 
+pub use gateway::{
+    ApiKeyConfig, AuthKind, HealthCheckConfig, JwtConfig, JwtKeyConfig, KeySecret, PublicKeyAlg,
+    RESERVED_SEGMENTS, RawApiKey, RawApiKeyEntry, RawHealthCheck, RawJwt, RawJwtKey, RawProxy,
+    RawRoute, RouteAuth, RouteConfig, Scopes,
+};
 pub use raw::{
     ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawHttpRedirect,
     RawSocketIo, RawStore, RawTls, TlsMode,
@@ -42,8 +48,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where agentgate keeps its own state (the generated self-signed certificate).
     pub data_dir: PathBuf,
-    /// Bearer keys accepted by the API, each non-empty and free of whitespace.
-    pub api_keys: NonEmpty<String>,
+    /// Bearer keys accepted by the API, each with a name and its scopes.
+    pub api_keys: NonEmpty<ApiKeyConfig>,
     /// Development switch: let Socket.IO clients without an agent certificate connect.
     pub allow_anonymous_agents: bool,
     /// Origins allowed by CORS (`scheme://host[:port]`); empty means no CORS headers.
@@ -64,6 +70,12 @@ pub struct Config {
     pub http_redirect: Option<HttpRedirectConfig>,
     /// `[cluster]`: several nodes sharing one Redis; `None` is one node on files.
     pub cluster: Option<ClusterConfig>,
+    /// `[[routes]]`: path prefixes proxied to upstream services; names and prefixes unique.
+    pub routes: Vec<RouteConfig>,
+    /// `[jwt]` and `GATEWAY_JWT_SECRET`.
+    pub jwt: JwtConfig,
+    /// `[proxy]`: CA file for https upstreams (`None`: the built-in web roots).
+    pub upstream_ca_file: Option<PathBuf>,
 }
 
 /// `[cluster]`, validated.
@@ -226,7 +238,7 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: key `{key}` ({origin}): {message}")]
     Invalid {
-        key: &'static str,
+        key: String,
         origin: String,
         message: String,
     },
@@ -269,7 +281,7 @@ impl Config {
                     "API_KEY is set but empty",
                 ));
             }
-            config.api_keys = vec![key];
+            config.api_keys = vec![RawApiKey::Plain(key)];
         }
         if let Some(dir) = env("CERT_STORAGE_DIR") {
             if dir.is_empty() {
@@ -281,6 +293,8 @@ impl Config {
             }
             config.store.dir = PathBuf::from(dir);
         }
+        // The replaced Traefik gateway's variable; never read from the file.
+        config.gateway_jwt_secret = env("GATEWAY_JWT_SECRET");
         config.validate(&origin)
     }
 
@@ -318,7 +332,7 @@ impl Config {
         RawConfig {
             listen: self.listen,
             data_dir: self.data_dir.clone(),
-            api_keys: self.api_keys.to_vec(),
+            api_keys: self.api_keys.iter().map(gateway::api_key_to_raw).collect(),
             allow_anonymous_agents: self.allow_anonymous_agents,
             cors_origins: self.cors_origins.clone(),
             handshake_timeout_secs: self.handshake_timeout.as_secs(),
@@ -358,13 +372,37 @@ impl Config {
                 publish_interval_ms: Some(c.publish_interval.as_millis() as u64),
                 node_timeout_ms: Some(c.node_timeout.as_millis() as u64),
             }),
+            routes: self.routes.iter().map(gateway::route_to_raw).collect(),
+            jwt: RawJwt {
+                leeway_secs: self.jwt.leeway.as_secs(),
+                keys: self
+                    .jwt
+                    .keys
+                    .iter()
+                    .map(|k| RawJwtKey {
+                        alg: k.alg.as_str().to_owned(),
+                        pem_file: k.pem_file.clone(),
+                        kid: k.kid.clone(),
+                    })
+                    .collect(),
+                jwks_file: self.jwt.jwks_file.clone(),
+            },
+            proxy: RawProxy {
+                ca_file: self.upstream_ca_file.clone(),
+            },
+            gateway_jwt_secret: self.jwt.hs256_secret.clone(),
         }
     }
 
     /// The effective settings as TOML, with every API key masked.
     pub fn to_masked_toml(&self) -> String {
         let mut shown = self.to_raw();
-        shown.api_keys = shown.api_keys.iter().map(|k| mask(k)).collect();
+        for key in &mut shown.api_keys {
+            match key {
+                RawApiKey::Plain(k) => *k = mask(k),
+                RawApiKey::Entry(e) => e.key = e.key.as_deref().map(mask),
+            }
+        }
         if let (Some(raw), Some(cluster)) = (shown.cluster.as_mut(), &self.cluster) {
             // Credentials in the URL are never shown (`check-config`, logs).
             raw.redis_url = Some(cluster.redis_url.redacted());
@@ -379,6 +417,8 @@ impl RawConfig {
     pub fn validate(self, origin: &str) -> Result<Config, ConfigError> {
         let err = |key, message: &str| invalid(key, origin, message);
         let api_keys = validate_api_keys(self.api_keys, origin)?;
+        let jwt = gateway::validate_jwt(self.jwt, self.gateway_jwt_secret, origin)?;
+        let routes = gateway::validate_routes(self.routes, &jwt, origin)?;
         if self.handshake_timeout_secs == 0 {
             return Err(err("handshake_timeout_secs", "must be at least 1"));
         }
@@ -428,6 +468,9 @@ impl RawConfig {
             socketio,
             http_redirect,
             cluster,
+            routes,
+            jwt,
+            upstream_ca_file: self.proxy.ca_file,
         })
     }
 }
@@ -498,17 +541,11 @@ fn host_name() -> String {
         .unwrap_or_else(|| "agentgate".to_owned())
 }
 
-fn validate_api_keys(keys: Vec<String>, origin: &str) -> Result<NonEmpty<String>, ConfigError> {
-    for key in &keys {
-        if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid(
-                "api_keys",
-                origin,
-                "an API key is empty or contains whitespace or control characters",
-            ));
-        }
-    }
-    NonEmpty::new(keys).ok_or_else(|| {
+fn validate_api_keys(
+    keys: Vec<RawApiKey>,
+    origin: &str,
+) -> Result<NonEmpty<ApiKeyConfig>, ConfigError> {
+    NonEmpty::new(gateway::validate_api_keys(keys, origin)?).ok_or_else(|| {
         invalid(
             "api_keys",
             origin,
@@ -730,10 +767,14 @@ fn parse_error(e: figment::Error) -> ConfigError {
 }
 
 fn invalid(key: &'static str, origin: &str, message: &str) -> ConfigError {
+    invalid_owned(key.to_owned(), origin, message.to_owned())
+}
+
+fn invalid_owned(key: String, origin: &str, message: String) -> ConfigError {
     ConfigError::Invalid {
         key,
         origin: origin.to_owned(),
-        message: message.to_owned(),
+        message,
     }
 }
 
@@ -758,6 +799,78 @@ mod tests {
         path
     }
 
+    fn plain_keys(c: &Config) -> Vec<String> {
+        c.api_keys
+            .iter()
+            .map(|k| match &k.secret {
+                KeySecret::Plain(s) => s.clone(),
+                KeySecret::Sha256(d) => crate::digest::hex(d),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scoped_keys_and_routes_are_validated_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let path = write(dir.path(), text);
+            Config::load_with_env(Some(&path), env_of(&[("GATEWAY_JWT_SECRET", "s")]), false)
+        };
+        let digest = crate::digest::hex(&crate::digest::sha256(b"reader-key"));
+        let c = load(&format!(
+            "api_keys = [\"plain\", {{name = \"reader\", sha256 = \"sha256:{digest}\", scopes = [\"agents:read\"]}}]\n\
+             [[routes]]\nname = \"prefect\"\nprefix = \"/captionacc/prefect/\"\nupstreams = [\"http://127.0.0.1:4200\"]\n\
+             strip_prefix = true\nauth = \"jwt\"\nclaims = {{project = [\"captionacc\"]}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.api_keys[1].name, "reader");
+        assert!(c.api_keys[1].scopes.allows("agents:read"));
+        assert!(!c.api_keys[1].scopes.allows("agents:command"));
+        assert!(c.api_keys[0].scopes.allows("agents:command"));
+        assert_eq!(c.routes[0].prefix, "/captionacc/prefect");
+        assert_eq!(c.to_raw().validate("again").unwrap(), c);
+        for (text, key) in [
+            ("api_keys = [{name = \"a\", scopes = []}]", "api_keys[0]"),
+            (
+                "api_keys = [{name = \"a\", key = \"k\", scopes = [\"agents:raed\"]}]",
+                "api_keys[0]",
+            ),
+            (
+                "api_keys = [\"k\"]\n[[routes]]\nname = \"a\"\nprefix = \"/agents/x\"\nupstreams = [\"http://h\"]\nauth = \"none\"",
+                "routes[0].prefix",
+            ),
+            (
+                "api_keys = [\"k\"]\n[[routes]]\nname = \"a\"\nprefix = \"/x\"\nupstreams = [\"ftp://h\"]\nauth = \"none\"",
+                "routes[0].upstreams",
+            ),
+            (
+                "api_keys = [\"k\"]\n[[routes]]\nname = \"a\"\nprefix = \"/x\"\nupstreams = [\"http://h\"]\nauth = \"none\"\nclaims = {p = [\"x\"]}",
+                "routes[0].claims",
+            ),
+            (
+                "api_keys = [\"k\"]\n[[routes]]\nname = \"a\"\nprefix = \"/x\"\nupstreams = [\"http://h\"]\nauth = \"none\"\n[[routes]]\nname = \"b\"\nprefix = \"/x/\"\nupstreams = [\"http://h\"]\nauth = \"none\"",
+                "routes[1].prefix",
+            ),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains("agentgate.toml"),
+                "{text}: {e}"
+            );
+        }
+        let path = write(
+            dir.path(),
+            "api_keys = [\"k\"]\n[[routes]]\nname = \"a\"\nprefix = \"/x\"\nupstreams = [\"http://h\"]\nauth = \"jwt\"",
+        );
+        let e = Config::load_with_env(Some(&path), env_of(&[]), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`routes[0].auth`") && e.contains("GATEWAY_JWT_SECRET"),
+            "{e}"
+        );
+    }
+
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |name| {
             pairs
@@ -773,7 +886,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8443");
         assert_eq!(c.store.dir, PathBuf::from("./certs"));
         assert!(matches!(c.tls, TlsSource::SelfSigned { .. }));
-        assert_eq!(c.api_keys.to_vec(), vec!["k1"]);
+        assert_eq!(plain_keys(&c), vec!["k1"]);
     }
 
     #[test]
@@ -895,20 +1008,29 @@ mod tests {
             ("CERT_STORAGE_DIR", "/var/orchestrator/certs"),
         ]);
         let c = Config::load_with_env(Some(&path), env, false).unwrap();
-        assert_eq!(c.api_keys.to_vec(), vec!["z"]);
+        assert_eq!(plain_keys(&c), vec!["z"]);
         assert_eq!(c.store.dir, PathBuf::from("/var/orchestrator/certs"));
         let c = Config::load_with_env(Some(&path), env_of(&[]), false).unwrap();
-        assert_eq!(c.api_keys.to_vec(), vec!["a", "b"]);
+        assert_eq!(plain_keys(&c), vec!["a", "b"]);
     }
 
     #[test]
     fn masked_output_hides_keys() {
         let c = RawConfig {
-            api_keys: vec!["super-secret-key".into()],
+            api_keys: vec![
+                "super-secret-key".into(),
+                RawApiKey::Entry(RawApiKeyEntry {
+                    name: "ci".into(),
+                    key: Some("other-secret-key".into()),
+                    sha256: None,
+                    scopes: vec!["agents:read".into()],
+                }),
+            ],
             ..RawConfig::default()
         };
         let shown = c.validate("test").unwrap().to_masked_toml();
         assert!(!shown.contains("super-secret-key"));
+        assert!(!shown.contains("other-secret-key"), "{shown}");
         assert!(shown.contains("<masked, 16 characters>"));
     }
 

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::LETSENCRYPT_STAGING;
+use super::gateway::{RawApiKey, RawJwt, RawProxy, RawRoute};
 
 /// The whole configuration as written. Every key and its default is documented in
 /// `config.example.toml`; a test keeps the two in step.
@@ -21,7 +22,8 @@ pub struct RawConfig {
     /// Where agentgate keeps its own state (the generated self-signed certificate).
     pub data_dir: PathBuf,
     /// Bearer keys accepted by the API; several allow rotation. `API_KEY` replaces them.
-    pub api_keys: Vec<String>,
+    /// A plain string means every scope; a table `{name, key | sha256, scopes}` limits it.
+    pub api_keys: Vec<RawApiKey>,
     /// Development switch: let Socket.IO clients without an agent certificate connect.
     pub allow_anonymous_agents: bool,
     /// Origins allowed by CORS (exact `scheme://host[:port]`); empty means no CORS headers.
@@ -44,6 +46,16 @@ pub struct RawConfig {
     /// `[cluster]`: several nodes sharing one Redis. Absent: one node, files, no Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<RawCluster>,
+    /// `[jwt]`: keys and leeway for routes with `auth = "jwt"`.
+    pub jwt: RawJwt,
+    /// `[proxy]`: the upstream side of the routes.
+    pub proxy: RawProxy,
+    /// `[[routes]]`: path prefixes proxied to upstream services.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RawRoute>,
+    /// `GATEWAY_JWT_SECRET`, from the environment only (never read from or shown in a file).
+    #[serde(skip)]
+    pub gateway_jwt_secret: Option<String>,
 }
 
 /// `[cluster]` as written.
@@ -191,6 +203,10 @@ impl Default for RawConfig {
             socketio: RawSocketIo::default(),
             http_redirect: RawHttpRedirect::default(),
             cluster: None,
+            jwt: RawJwt::default(),
+            proxy: RawProxy::default(),
+            routes: Vec::new(),
+            gateway_jwt_secret: None,
         }
     }
 }

@@ -73,6 +73,8 @@ pub struct TestServer {
     pub config: Config,
     pub store: CertStore,
     pub agents: Agents,
+    /// The gateway half (routes, revocations).
+    pub proxy: agentgate::proxy::Proxy,
     shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
     task: tokio::sync::Mutex<Option<JoinHandle<std::io::Result<()>>>>,
 }
@@ -124,6 +126,7 @@ impl TestServer {
         let gateway = Gateway::start_with_clock(config.clone(), clock).await?;
         let store = gateway.store().clone();
         let agents = gateway.agents().clone();
+        let proxy = gateway.proxy().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -137,6 +140,7 @@ impl TestServer {
             config,
             store,
             agents,
+            proxy,
             shutdown: std::sync::Mutex::new(Some(tx)),
             task: tokio::sync::Mutex::new(Some(task)),
         })

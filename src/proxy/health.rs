@@ -1,0 +1,69 @@
+//! Active health checks: every `interval_secs`, `GET <upstream><path>` on each upstream of
+//! a route; a 2xx or 3xx within the interval (and the route's timeout) keeps or brings it
+//! into the rotation, anything else takes it out.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Uri};
+use tokio_util::sync::CancellationToken;
+
+use super::client::UpstreamClient;
+use super::table::{Route, RouteTable, upstream_path};
+
+/// Starts one task per route that has a health check; they end when `stop` is cancelled.
+pub(crate) fn spawn(table: &RouteTable, client: &UpstreamClient, stop: &CancellationToken) {
+    for route in &table.routes {
+        if route.config.health_check.is_some() {
+            tokio::spawn(run(route.clone(), client.clone(), stop.clone()));
+        }
+    }
+}
+
+async fn run(route: Arc<Route>, client: UpstreamClient, stop: CancellationToken) {
+    let Some(check) = route.config.health_check.clone() else {
+        return;
+    };
+    let limit = check.interval.min(route.config.timeout);
+    let mut tick = tokio::time::interval(check.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for upstream in &route.upstreams {
+            let path = upstream_path(upstream.base.path(), "", &check.path, false);
+            let uri = Uri::builder()
+                .scheme(upstream.base.scheme_str().unwrap_or("http"))
+                .authority(upstream.base.authority().map_or("", |a| a.as_str()))
+                .path_and_query(path)
+                .build();
+            let Ok(uri) = uri else {
+                upstream.set_checked(false, "health check URL is invalid");
+                continue;
+            };
+            let Ok(req) = Request::builder()
+                .method(Method::GET)
+                .uri(uri)
+                .header(http::header::USER_AGENT, "agentgate-health-check")
+                .body(axum::body::Body::empty())
+            else {
+                continue;
+            };
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = tokio::time::timeout(limit, client.request(req)) => r,
+            };
+            match result {
+                Ok(Ok(resp)) if resp.status().is_success() || resp.status().is_redirection() => {
+                    upstream.set_checked(true, "ok");
+                }
+                Ok(Ok(resp)) => {
+                    upstream.set_checked(false, &format!("status {}", resp.status().as_u16()));
+                }
+                Ok(Err(e)) => upstream.set_checked(false, &format!("request failed: {e}")),
+                Err(_) => upstream.set_checked(false, "no answer within the interval"),
+            }
+        }
+    }
+}

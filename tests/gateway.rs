@@ -1,0 +1,916 @@
+//! The API gateway (issue 10): routes to real upstream servers on loopback, per-route
+//! authorization (JWT, API key with scope, agent certificate), streaming, WebSocket
+//! pass-through, failures (502, 504), health checks, retries, scoped API keys.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test stops loudly on failure
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use agentgate::config::{RawApiKey, RawApiKeyEntry, RawConfig, RawJwtKey, RawRoute};
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+use common::*;
+
+const SECRET: &str = "gateway-test-secret-0123456789";
+
+/// A small upstream service: echoes what it received as JSON; `/slow` answers after 30 s,
+/// `/health` answers 200 or 503 as the test sets it, `/echo-body` streams the request body
+/// back, `/download?bytes=N` streams N bytes of a known pattern.
+struct Upstream {
+    url: String,
+    /// Requests other than health checks.
+    hits: Arc<AtomicUsize>,
+    healthy: Arc<AtomicBool>,
+}
+
+async fn upstream(name: &'static str) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let healthy = Arc::new(AtomicBool::new(true));
+    let (h, ok) = (hits.clone(), healthy.clone());
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let (hits, healthy) = (h.clone(), ok.clone());
+        async move { serve_upstream(name, req, &hits, &healthy).await }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Upstream {
+        url: format!("http://{addr}"),
+        hits,
+        healthy,
+    }
+}
+
+async fn serve_upstream(
+    name: &str,
+    req: Request,
+    hits: &AtomicUsize,
+    healthy: &AtomicBool,
+) -> Response {
+    let path = req.uri().path().to_owned();
+    if path.ends_with("/health") {
+        return if healthy.load(Ordering::SeqCst) {
+            "ok".into_response()
+        } else {
+            (http::StatusCode::SERVICE_UNAVAILABLE, "down").into_response()
+        };
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
+    if path.ends_with("/slow") {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        return "late".into_response();
+    }
+    if path.ends_with("/echo-body") {
+        return Response::new(Body::new(req.into_body()));
+    }
+    if path.ends_with("/download") {
+        let n: usize = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("bytes="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        return Response::new(Body::from_stream(pattern_stream(n)));
+    }
+    let headers: serde_json::Map<String, Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("?"))))
+        .collect();
+    axum::Json(json!({
+        "upstream": name,
+        "method": req.method().as_str(),
+        "path": path,
+        "query": req.uri().query(),
+        "headers": headers,
+    }))
+    .into_response()
+}
+
+/// `n` bytes of `i % 251` in 64 KiB chunks, generated as they are sent.
+fn pattern_stream(n: usize) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    const CHUNK: usize = 64 * 1024;
+    futures_util::stream::unfold(0usize, move |sent| async move {
+        if sent >= n {
+            return None;
+        }
+        let len = CHUNK.min(n - sent);
+        let chunk: Vec<u8> = (sent..sent + len).map(|i| (i % 251) as u8).collect();
+        Some((Ok(Bytes::from(chunk)), sent + len))
+    })
+}
+
+/// Reads `body` to its end checking the pattern; returns the byte count.
+async fn check_pattern<B>(mut body: B) -> usize
+where
+    B: axum::body::HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            for (j, b) in data.iter().enumerate() {
+                assert_eq!(*b, ((seen + j) % 251) as u8, "byte {} differs", seen + j);
+            }
+            seen += data.len();
+        }
+    }
+    seen
+}
+
+fn route(text: &str) -> RawRoute {
+    toml::from_str(text).unwrap()
+}
+
+/// An address where nothing listens.
+async fn closed_port() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}")
+}
+
+async fn get(server: &TestServer, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    let mut conn = server.http(None).await.unwrap();
+    conn.send("GET", path, headers, "").await.unwrap()
+}
+
+fn detail(r: &HttpResponse) -> String {
+    r.json()["detail"].as_str().unwrap_or_default().to_owned()
+}
+
+fn with_jwt_secret(c: &mut RawConfig) {
+    c.gateway_jwt_secret = Some(SECRET.into());
+}
+
+#[tokio::test]
+async fn prefix_routing_longest_prefix_strip_and_forwarded_headers() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let routes = vec![
+        route(&format!(
+            "name = \"svc\"\nprefix = \"/svc\"\nupstreams = [\"{}\"]\nstrip_prefix = true\nauth = \"none\"",
+            a.url
+        )),
+        route(&format!(
+            "name = \"special\"\nprefix = \"/svc/special\"\nupstreams = [\"{}/base\"]\nauth = \"none\"",
+            b.url
+        )),
+        route(&format!(
+            "name = \"kept\"\nprefix = \"/kept\"\nupstreams = [\"{}\"]\nauth = \"none\"\npreserve_host = true",
+            b.url
+        )),
+    ];
+    let server = TestServer::start_with(|c| c.routes = routes).await;
+
+    let r = get(
+        &server,
+        "/svc/x/y?q=1",
+        &[
+            ("x-request-id", "req-1"),
+            ("x-agent-id", "forged"),
+            ("x-forwarded-for", "10.9.9.9"),
+            ("connection", "x-drop"),
+            ("x-drop", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["upstream"], "a");
+    assert_eq!(body["path"], "/x/y");
+    assert_eq!(body["query"], "q=1");
+    let h = &body["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], "localhost");
+    assert_eq!(h["x-request-id"], "req-1");
+    assert!(
+        h.get("x-agent-id").is_none(),
+        "forged X-Agent-Id reached the upstream: {h}"
+    );
+    assert!(
+        h.get("x-drop").is_none(),
+        "header named by Connection was forwarded: {h}"
+    );
+    assert_eq!(h["host"], a.url.trim_start_matches("http://"));
+    assert_eq!(r.headers["x-request-id"], "req-1");
+
+    // The prefix alone is the upstream's root.
+    assert_eq!(get(&server, "/svc", &[]).await.json()["path"], "/");
+    // Longest prefix wins; without strip the path is kept, after the base URL's path.
+    let r = get(&server, "/svc/special/z", &[("x-request-id", "bad id!")]).await;
+    assert_eq!(r.json()["upstream"], "b");
+    assert_eq!(r.json()["path"], "/base/svc/special/z");
+    let fresh = r.json()["headers"]["x-request-id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(fresh.len(), 32, "an invalid request id is replaced");
+    // preserve_host: the upstream sees the client's Host.
+    assert_eq!(
+        get(&server, "/kept/x", &[]).await.json()["headers"]["host"],
+        "localhost"
+    );
+    // Prefixes match whole segments; anything else is a JSON 404.
+    for path in ["/svcx", "/nothing/here", "/agents/x/y/z"] {
+        let r = get(&server, path, &[]).await;
+        assert_eq!((r.status, detail(&r)), (404, "Not Found".into()), "{path}");
+    }
+    // Built-in endpoints keep priority.
+    assert_eq!(get(&server, "/health", &[]).await.json()["status"], "ok");
+    let ping = get(&server, "/ping", &[]).await;
+    assert_eq!((ping.status, ping.text()), (200, "OK".into()));
+
+    let (status, listing) = server.api("GET", "/routes", None).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = listing["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["special", "kept", "svc"]);
+    assert_eq!(listing["routes"][2]["upstreams"][0]["url"], a.url);
+    assert_eq!(listing["routes"][2]["upstreams"][0]["healthy"], true);
+
+    // Per-route metrics.
+    let metrics = get(&server, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains(&format!(
+            "agentgate_proxy_requests_total{{route=\"svc\",status_class=\"2xx\",upstream=\"{}\"}} 2",
+            a.url
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentgate_proxy_request_duration_seconds_bucket{le="),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "agentgate_upstream_healthy{{route=\"special\",upstream=\"{}/base\"}} 1",
+            b.url
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn large_body_streams_both_ways() {
+    const SIZE: usize = 64 * 1024 * 1024;
+    let up = upstream("big").await;
+    let r = route(&format!(
+        "name = \"big\"\nprefix = \"/big\"\nupstreams = [\"{}\"]\nstrip_prefix = true\nauth = \"none\"",
+        up.url
+    ));
+    let server = TestServer::start_with(|c| c.routes = vec![r]).await;
+    let tls = server.tls(None).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+
+    // Up and back down at once: the upstream echoes the body while it arrives.
+    let req = http::Request::post("/big/echo-body")
+        .header("host", "localhost")
+        .body(Body::from_stream(pattern_stream(SIZE)))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(check_pattern(resp.into_body()).await, SIZE);
+
+    // Down only, on the same kept-alive connection.
+    sender.ready().await.unwrap();
+    let req = http::Request::get(format!("/big/download?bytes={SIZE}"))
+        .header("host", "localhost")
+        .body(Body::empty())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(check_pattern(resp.into_body()).await, SIZE);
+}
+
+#[tokio::test]
+async fn websocket_passes_through_the_gateway() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let seen_path = Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = seen_path.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        use tokio_tungstenite::tungstenite::handshake::server::{
+            ErrorResponse, Request as WsRequest, Response as WsResponse,
+        };
+        #[allow(clippy::result_large_err)] // tungstenite's callback signature
+        let callback = |req: &WsRequest, resp: WsResponse| -> Result<WsResponse, ErrorResponse> {
+            *seen.lock().unwrap() = req.uri().path().to_owned();
+            Ok(resp)
+        };
+        let mut ws = tokio_tungstenite::accept_hdr_async(tcp, callback)
+            .await
+            .unwrap();
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() || msg.is_binary() {
+                ws.send(msg).await.unwrap();
+            }
+        }
+    });
+    let r = route(&format!(
+        "name = \"ws\"\nprefix = \"/ws\"\nupstreams = [\"http://{addr}\"]\nstrip_prefix = true\nauth = \"none\""
+    ));
+    let server = TestServer::start_with(|c| c.routes = vec![r]).await;
+    let tls = server.tls(None).await.unwrap();
+    let url = format!("wss://localhost:{}/ws/echo", server.addr.port());
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(*seen_path.lock().unwrap(), "/echo");
+    for text in ["hello", "through the gateway"] {
+        ws.send(Message::text(text)).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no echo within 10 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, Message::text(text));
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    let back = ws.next().await.unwrap().unwrap();
+    assert_eq!(back.into_data().as_ref(), &[0u8, 1, 2, 255]);
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn hs256(claims: &Value, secret: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+/// An RSA key pair made by openssl (ring cannot generate RSA keys): (private, public) PEM.
+fn rsa_key_pair(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+    let key = dir.join("rsa.key");
+    let public = dir.join("rsa.pub.pem");
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&key)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl genpkey");
+    let ok = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl pkey -pubout");
+    (std::fs::read(key).unwrap(), std::fs::read(public).unwrap())
+}
+
+/// Every refusal the issue lists, each answered by the gateway with the upstream never
+/// called; then good tokens (HS256, RS256) pass, and a revoked jti stops passing.
+#[tokio::test]
+async fn jwt_failures_are_refused_before_the_upstream() {
+    let up = upstream("prefect").await;
+    let keys = tempfile::tempdir().unwrap();
+    let (rsa_private, rsa_public) = rsa_key_pair(keys.path());
+    let public_file = keys.path().join("rsa.pub.pem");
+    let r = route(&format!(
+        "name = \"prefect\"\nprefix = \"/captionacc/prefect\"\nupstreams = [\"{}\"]\nstrip_prefix = true\n\
+         auth = \"jwt\"\nclaims = {{project = [\"captionacc\"], service = [\"prefect\", \"api\"]}}",
+        up.url
+    ));
+    let server = TestServer::start_with(|c| {
+        with_jwt_secret(c);
+        c.jwt.leeway_secs = 0;
+        c.jwt.keys = vec![RawJwtKey {
+            alg: "RS256".into(),
+            pem_file: public_file,
+            kid: None,
+        }];
+        c.routes = vec![r];
+    })
+    .await;
+    let t = now();
+    let good = json!({"jti": "j-1", "project": "captionacc", "service": "prefect", "iat": t, "exp": t + 600});
+    let with = |patch: Value| {
+        let mut claims = good.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            if v.is_null() {
+                claims.as_object_mut().unwrap().remove(k);
+            } else {
+                claims[k] = v.clone();
+            }
+        }
+        claims
+    };
+    let unsigned = {
+        use base64::Engine;
+        let b64 =
+            |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "typ": "JWT"})),
+            b64(&good)
+        )
+    };
+    let hs512 = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS512),
+        &good,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "expired",
+            hs256(&with(json!({"exp": t - 60})), SECRET.as_bytes()),
+            401,
+            "expired",
+        ),
+        (
+            "not yet valid",
+            hs256(&with(json!({"nbf": t + 600})), SECRET.as_bytes()),
+            401,
+            "not valid yet",
+        ),
+        (
+            "issued in the future",
+            hs256(&with(json!({"iat": t + 600})), SECRET.as_bytes()),
+            401,
+            "future",
+        ),
+        (
+            "missing exp",
+            hs256(&with(json!({"exp": null})), SECRET.as_bytes()),
+            401,
+            "exp",
+        ),
+        (
+            "bad signature",
+            hs256(&good, b"another-secret"),
+            401,
+            "signature",
+        ),
+        (
+            "wrong project",
+            hs256(&with(json!({"project": "other"})), SECRET.as_bytes()),
+            403,
+            "project",
+        ),
+        (
+            "wrong service",
+            hs256(&with(json!({"service": "web"})), SECRET.as_bytes()),
+            403,
+            "service",
+        ),
+        ("alg none", unsigned, 401, "\"none\""),
+        (
+            "HS256 signed with the RSA public key",
+            hs256(&good, &rsa_public),
+            401,
+            "signature",
+        ),
+        ("algorithm not configured", hs512, 401, "HS512"),
+        ("not a JWT", "abc.def".into(), 401, "not a JWT"),
+    ];
+    for (what, token, status, needle) in &cases {
+        let r = get(
+            &server,
+            "/captionacc/prefect/api/health-x",
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await;
+        assert_eq!(r.status, *status, "{what}: {}", r.text());
+        assert!(detail(&r).contains(needle), "{what}: {}", r.text());
+    }
+    let r = get(&server, "/captionacc/prefect/x", &[]).await;
+    assert_eq!(r.status, 401, "no token");
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        0,
+        "a refused request reached the upstream"
+    );
+
+    // Good tokens pass: HS256 with the shared secret, RS256 with the configured key.
+    let token = hs256(&good, SECRET.as_bytes());
+    let r = get(
+        &server,
+        "/captionacc/prefect/api/x",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "/api/x");
+    let rs = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &with(json!({"jti": "j-rs", "service": "api"})),
+        &EncodingKey::from_rsa_pem(&rsa_private).unwrap(),
+    )
+    .unwrap();
+    let r = get(
+        &server,
+        "/captionacc/prefect/x",
+        &[("authorization", &format!("Bearer {rs}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.hits.load(Ordering::SeqCst), 2);
+
+    // Revoked: refused at once, without a restart.
+    server.proxy.revocations().revoke("j-1", t + 600);
+    let r = get(
+        &server,
+        "/captionacc/prefect/api/x",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    assert_eq!(
+        (r.status, detail(&r)),
+        (401, "token has been revoked".into())
+    );
+    assert_eq!(up.hits.load(Ordering::SeqCst), 2);
+}
+
+/// Tokens minted the way the replaced gateway's token function mints them (PyJWT, HS256,
+/// the shared secret, claims jti/project/service/iat/exp) pass.
+#[tokio::test]
+async fn token_minted_by_pyjwt_is_accepted() {
+    let up = upstream("prefect").await;
+    let r = route(&format!(
+        "name = \"prefect\"\nprefix = \"/captionacc/prefect\"\nupstreams = [\"{}\"]\nstrip_prefix = true\n\
+         auth = \"jwt\"\nclaims = {{project = [\"captionacc\"], service = [\"prefect\"]}}",
+        up.url
+    ));
+    let server = TestServer::start_with(|c| {
+        with_jwt_secret(c);
+        c.routes = vec![r];
+    })
+    .await;
+    let script = "import jwt, time, uuid, sys\n\
+        now = int(time.time())\n\
+        print(jwt.encode({'jti': str(uuid.uuid4()), 'project': 'captionacc', 'service': 'prefect', \
+        'iat': now, 'exp': now + 90 * 86400}, sys.argv[1], algorithm='HS256'))\n";
+    let out = std::process::Command::new(python())
+        .args(["-c", script, SECRET])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "PyJWT: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let r = get(
+        &server,
+        "/captionacc/prefect/api/flows",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn agent_route_needs_a_verified_certificate_and_sets_x_agent_id() {
+    let up = upstream("agents").await;
+    let r = route(&format!(
+        "name = \"edge\"\nprefix = \"/edge\"\nupstreams = [\"{}\"]\nauth = \"agent\"",
+        up.url
+    ));
+    let server = TestServer::start_with(|c| c.routes = vec![r]).await;
+    let agent = server.pki.agent("edge-007");
+    assert_eq!(server.upload(&agent).await.0, 200);
+
+    let mut conn = server.http(Some(&agent)).await.unwrap();
+    let r = conn
+        .send("GET", "/edge/status", &[("x-agent-id", "someone-else")], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-agent-id"], "edge-007");
+
+    let mut anonymous = server.http(None).await.unwrap();
+    for headers in [vec![], vec![("x-agent-id", "edge-007")]] {
+        let r = anonymous
+            .send("GET", "/edge/status", &headers, "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert!(detail(&r).contains("agent certificate"), "{}", r.text());
+    }
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_upstream_is_504() {
+    let up = upstream("slow").await;
+    let dead = closed_port().await;
+    let routes = vec![
+        route(&format!(
+            "name = \"down\"\nprefix = \"/down\"\nupstreams = [\"{dead}\"]\nauth = \"none\""
+        )),
+        route(&format!(
+            "name = \"slow\"\nprefix = \"/slow\"\nupstreams = [\"{}\"]\nauth = \"none\"\ntimeout_ms = 300",
+            up.url
+        )),
+    ];
+    let server = TestServer::start_with(|c| c.routes = routes).await;
+    let r = get(&server, "/down/x", &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(detail(&r).contains("refused"), "{}", r.text());
+    // Passively ejected, and with no other upstream the route has none left.
+    let r = get(&server, "/down/x", &[]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(detail(&r).contains("no healthy upstream"), "{}", r.text());
+
+    let r = get(&server, "/slow/slow", &[]).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(detail(&r).contains("300 ms"), "{}", r.text());
+}
+
+#[tokio::test]
+async fn post_is_not_retried_and_get_is_retried_on_the_next_upstream() {
+    let live = upstream("live").await;
+    let (dead1, dead2) = (closed_port().await, closed_port().await);
+    // Round-robin starts at the first upstream, the dead one.
+    let routes = vec![
+        route(&format!(
+            "name = \"post\"\nprefix = \"/post\"\nupstreams = [\"{dead1}\", \"{}\"]\nauth = \"none\"\nretries = 3",
+            live.url
+        )),
+        route(&format!(
+            "name = \"get\"\nprefix = \"/get\"\nupstreams = [\"{dead2}\", \"{}\"]\nauth = \"none\"\nretries = 1",
+            live.url
+        )),
+    ];
+    let server = TestServer::start_with(|c| c.routes = routes).await;
+    let mut conn = server.http(None).await.unwrap();
+    let r = conn
+        .send("POST", "/post/x", &[], "{\"a\": 1}")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(live.hits.load(Ordering::SeqCst), 0, "the POST was retried");
+
+    let r = conn.send("GET", "/get/x", &[], "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["upstream"], "live");
+    assert_eq!(live.hits.load(Ordering::SeqCst), 1);
+    // The dead upstreams are out of the rotation now: everything goes to the live one.
+    for _ in 0..3 {
+        let r = conn.send("POST", "/post/x", &[], "{}").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let (_, listing) = server.api("GET", "/routes", None).await;
+    let post = listing["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "post")
+        .unwrap();
+    assert_eq!(post["upstreams"][0]["healthy"], false);
+    assert_eq!(post["upstreams"][1]["healthy"], true);
+}
+
+/// Waits until `GET /routes` shows `upstream` of `route` with `healthy`.
+async fn wait_health(server: &TestServer, route: &str, upstream: &str, healthy: bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, listing) = server.api("GET", "/routes", None).await;
+        let r = listing["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == route)
+            .unwrap();
+        let u = r["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["url"] == upstream)
+            .unwrap();
+        if u["healthy"] == healthy {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{upstream} never became healthy={healthy}: {listing}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_check_takes_an_upstream_out_and_back() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let r = route(&format!(
+        "name = \"pair\"\nprefix = \"/pair\"\nupstreams = [\"{}\", \"{}\"]\nauth = \"none\"\n\
+         health_check = {{path = \"/health\", interval_secs = 1}}",
+        a.url, b.url
+    ));
+    let server = TestServer::start_with(|c| c.routes = vec![r]).await;
+    let mut conn = server.http(None).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let r = conn.send("GET", "/pair/x", &[], "").await.unwrap();
+        seen.insert(r.json()["upstream"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "round-robin over both: {seen:?}");
+
+    b.healthy.store(false, Ordering::SeqCst);
+    wait_health(&server, "pair", &b.url, false).await;
+    let before = b.hits.load(Ordering::SeqCst);
+    for _ in 0..4 {
+        let r = conn.send("GET", "/pair/x", &[], "").await.unwrap();
+        assert_eq!(r.json()["upstream"], "a");
+    }
+    assert_eq!(b.hits.load(Ordering::SeqCst), before);
+    let metrics = get(&server, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains(&format!(
+            "agentgate_upstream_healthy{{route=\"pair\",upstream=\"{}\"}} 0",
+            b.url
+        )),
+        "{metrics}"
+    );
+
+    b.healthy.store(true, Ordering::SeqCst);
+    wait_health(&server, "pair", &b.url, true).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let r = conn.send("GET", "/pair/x", &[], "").await.unwrap();
+        seen.insert(r.json()["upstream"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "b is back in the rotation: {seen:?}");
+}
+
+#[tokio::test]
+async fn api_key_without_the_scope_gets_403_naming_it() {
+    let up = upstream("svc").await;
+    let r = route(&format!(
+        "name = \"svc\"\nprefix = \"/svc\"\nupstreams = [\"{}\"]\nauth = \"api_key\"\nscope = \"proxy:svc\"",
+        up.url
+    ));
+    let server = TestServer::start_with(|c| {
+        c.api_keys.push(RawApiKey::Entry(RawApiKeyEntry {
+            name: "reader".into(),
+            key: None,
+            sha256: Some(format!(
+                "sha256:{}",
+                agentgate_testkit_hex(&ring::digest::digest(
+                    &ring::digest::SHA256,
+                    b"reader-key-123"
+                ))
+            )),
+            scopes: vec!["agents:read".into()],
+        }));
+        c.routes = vec![r];
+    })
+    .await;
+    let mut conn = server.http(None).await.unwrap();
+    let reader = [("authorization", "Bearer reader-key-123")];
+    let r = conn.send("GET", "/agents", &reader, "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (method, path, scope) in [
+        ("POST", "/agent/certificate", "certificates:write"),
+        ("DELETE", "/agent/certificate/a1", "certificates:write"),
+        ("POST", "/agents/a1/commands", "agents:command"),
+        ("POST", "/install-tokens", "certificates:write"),
+        ("GET", "/routes", "routes:admin"),
+        ("GET", "/svc/x", "proxy:svc"),
+    ] {
+        let r = conn.send(method, path, &reader, "{}").await.unwrap();
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text());
+        assert!(
+            detail(&r).contains(&format!("'{scope}'")),
+            "{method} {path}: {}",
+            r.text()
+        );
+    }
+    // The plain key has every scope; the upstream never sees the gateway's key.
+    let key = format!("Bearer {API_KEY}");
+    let r = conn
+        .send("GET", "/svc/x", &[("authorization", &key)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["headers"].get("authorization").is_none());
+    let r = conn.send("GET", "/svc/x", &[], "").await.unwrap();
+    assert_eq!(r.status, 401);
+    let r = conn
+        .send("GET", "/svc/x", &[("authorization", "Bearer wrong")], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+}
+
+fn agentgate_testkit_hex(d: &ring::digest::Digest) -> String {
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An https upstream with a certificate for `localhost` from `pki` (a private CA).
+async fn tls_upstream(pki: &TestPki) -> String {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs = CertificateDer::pem_slice_iter(pki.server_cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().fallback(|req: Request| async move {
+        axum::Json(json!({"upstream": "tls", "path": req.uri().path()}))
+    });
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(tls),
+                    hyper_util::service::TowerToHyperService::new(app),
+                )
+                .await;
+            });
+        }
+    });
+    format!("https://localhost:{port}")
+}
+
+/// `https://` upstreams are verified: against `[proxy] ca_file` when set, else against the
+/// web roots, which do not know the test CA (so the upstream is refused with a 502).
+#[tokio::test]
+async fn https_upstream_is_verified_against_the_configured_ca() {
+    let upstream_pki = TestPki::new();
+    let url = tls_upstream(&upstream_pki).await;
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &upstream_pki.ca_pem).unwrap();
+    let r = route(&format!(
+        "name = \"tls\"\nprefix = \"/tls\"\nupstreams = [\"{url}\"]\nstrip_prefix = true\nauth = \"none\""
+    ));
+    let (r2, ca_path) = (r.clone(), ca.path().to_owned());
+    let trusted = TestServer::start_with(|c| {
+        c.routes = vec![r2];
+        c.proxy.ca_file = Some(ca_path);
+    })
+    .await;
+    let resp = get(&trusted, "/tls/x", &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["path"], "/x");
+
+    let untrusted = TestServer::start_with(|c| c.routes = vec![r]).await;
+    let resp = get(&untrusted, "/tls/x", &[]).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert!(detail(&resp).contains("certificate"), "{}", resp.text());
+}
