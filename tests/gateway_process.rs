@@ -89,16 +89,7 @@ fn write_config(dir: &Path, pki: &TestPki, port: u16, routes: &str) -> std::path
 }
 
 fn start(config: &Path, log: &Path) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentgate"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("AGENTGATE_")
-            || k == "API_KEY"
-            || k == "CERT_STORAGE_DIR"
-            || k == "GATEWAY_JWT_SECRET"
-        {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = common::agentgate_command();
     let child = cmd
         .args(["serve", "--config"])
         .arg(config)
@@ -293,11 +284,9 @@ fn check_config_names_a_missing_jwt_key_file_and_a_bad_route() {
     let dir = tempfile::tempdir().unwrap();
     let check = |extra: &str| {
         let config = write_config(dir.path(), &pki, 8443, extra);
-        let out = Command::new(env!("CARGO_BIN_EXE_agentgate"))
+        let out = common::agentgate_command()
             .args(["check-config", "--config"])
             .arg(&config)
-            .env_remove("API_KEY")
-            .env_remove("GATEWAY_JWT_SECRET")
             .output()
             .unwrap();
         (

@@ -431,12 +431,16 @@ pub fn alert_of(e: &std::io::Error) -> Option<rustls::AlertDescription> {
 }
 
 /// `agentgate` (the binary under test) without the tests' own environment: nothing of
-/// `AGENTGATE_*` (the test command sets `AGENTGATE_TEST_PYTHON`), `API_KEY` or
-/// `CERT_STORAGE_DIR` leaks into the child's configuration.
+/// `AGENTGATE_*` (the test command sets `AGENTGATE_TEST_PYTHON`), `API_KEY`,
+/// `CERT_STORAGE_DIR` or `GATEWAY_JWT_SECRET` leaks into the child's configuration.
 pub fn agentgate_command() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_agentgate"));
     for (k, _) in std::env::vars() {
-        if k.starts_with("AGENTGATE_") || k == "API_KEY" || k == "CERT_STORAGE_DIR" {
+        if k.starts_with("AGENTGATE_")
+            || k == "API_KEY"
+            || k == "CERT_STORAGE_DIR"
+            || k == "GATEWAY_JWT_SECRET"
+        {
             cmd.env_remove(k);
         }
     }
