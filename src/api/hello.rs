@@ -4,14 +4,20 @@
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::{ApiError, JsonBody};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct HelloBody {
     name: String,
 }
 
+#[utoipa::path(
+    post, path = "/hello-world", tag = "hello", security(("api_key" = [])),
+    request_body = HelloBody,
+    responses((status = 200, description = "The greeting", body = crate::api::schema::HelloResponse)),
+)]
 pub async fn hello_world(JsonBody(body): JsonBody<HelloBody>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "message": format!("Hello, {}!", body.name) })))
 }

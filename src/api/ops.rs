@@ -8,8 +8,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::schema::{Health, NotReady, Ready};
 use crate::metrics::{ClusterSnapshot, Snapshot};
 
+#[utoipa::path(
+    get, path = "/health", tag = "operations",
+    responses((status = 200, description = "The process is up", body = Health)),
+)]
 pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -21,6 +26,13 @@ pub async fn health() -> Json<Value> {
 /// With `[cluster]`, the body also reports the Redis link, but a Redis outage never makes
 /// this 503: every node would leave the load balancer at once, while each can still serve
 /// its own agents (README, "Running several nodes").
+#[utoipa::path(
+    get, path = "/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready for agents", body = Ready),
+        (status = 503, description = "No server certificate yet", body = NotReady),
+    ),
+)]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let mut checks = json!({
         "server_certificate": state.server_cert.is_ready(),
@@ -50,6 +62,15 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus text format. On the main listener only without `metrics_listen`; with it,
+/// on that plain-HTTP listener instead (and then not in this document).
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses((
+        status = 200, description = "Prometheus text exposition format 0.0.4",
+        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String,
+    )),
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let snapshot = Snapshot {
         connected_agents: state.agents.registry.connected_agents() as i64,

@@ -1,16 +1,18 @@
-//! The routes: which handler answers which path, which need the API key, and the
-//! separate metrics listener's router.
+//! The routes: which handler answers which path, which need the API key, the OpenAPI
+//! document built from the same list, and the separate metrics listener's router.
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::get;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::middleware::require_api_key;
-use super::{ApiError, AppState, agents, certificate, cluster, enroll, hello, ops};
+use super::{ApiError, AppState, agents, certificate, cluster, enroll, hello, openapi, ops};
 
 /// Where `GET /metrics` is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,46 +23,54 @@ pub enum MetricsExposure {
     SeparateListener,
 }
 
-/// The API router (without the Socket.IO layer, which the server mounts around it).
+/// The API router (without the Socket.IO layer, which the server mounts around it), with
+/// `GET /openapi.json` and Swagger UI at `GET /docs`.
 ///
 /// Inside it, a request meets CORS first (when configured; it answers preflights itself),
 /// then the route match, then, on the protected routes only, the API key check
 /// (`route_layer`, so an unknown path is a 404 and never a 403), then the handler. The
 /// server wraps this router in more layers; see [`crate::server::Gateway::start`].
 pub fn router(state: AppState, cors_origins: &[String], metrics: MetricsExposure) -> Router {
-    let protected = Router::new()
-        .route("/hello-world", post(hello::hello_world))
-        .route("/agent/certificate", post(certificate::upload))
-        .route(
-            "/agent/certificate/{agent_id}",
-            get(certificate::get_one).delete(certificate::delete),
-        )
-        .route("/agent/certificates", get(certificate::list))
-        .route("/agents", get(agents::list))
-        .route("/agents/commands", post(agents::fan_out))
-        .route("/agents/{agent_id}", get(agents::get_one))
-        .route("/agents/{agent_id}/commands", post(agents::command))
-        .route("/install-tokens", post(enroll::issue))
-        .route("/cluster/nodes", get(cluster::nodes))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
-    let mut public = Router::new()
-        .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready))
-        .route("/agent/register", post(enroll::register));
-    if metrics == MetricsExposure::MainListener {
-        public = public.route("/metrics", get(ops::metrics));
-    }
-    let mut router = protected
-        .merge(public)
+    let (router, paths) = endpoints(&state, metrics).split_for_parts();
+    let mut router = router
+        .merge(openapi::docs_router(openapi::document(paths)))
         .fallback(not_found)
         .with_state(state);
     if !cors_origins.is_empty() {
         router = router.layer(cors(cors_origins));
     }
     router
+}
+
+/// Every endpoint of the API, the one list both the router and the OpenAPI document are
+/// built from: `routes!` takes each handler's method and path from its `#[utoipa::path]`
+/// and adds the handler to the router and its operation to the document. Adding an
+/// endpoint is an annotation on the handler and a line here, in the protected or the
+/// public block (the annotation's `security` must agree; `tests/openapi.rs` checks it).
+fn endpoints(state: &AppState, metrics: MetricsExposure) -> OpenApiRouter<AppState> {
+    let protected = OpenApiRouter::new()
+        .routes(routes!(hello::hello_world))
+        .routes(routes!(certificate::upload))
+        .routes(routes!(certificate::get_one, certificate::delete))
+        .routes(routes!(certificate::list))
+        .routes(routes!(agents::list))
+        .routes(routes!(agents::fan_out))
+        .routes(routes!(agents::get_one))
+        .routes(routes!(agents::command))
+        .routes(routes!(enroll::issue))
+        .routes(routes!(cluster::nodes))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let mut public = OpenApiRouter::new()
+        .routes(routes!(ops::health))
+        .routes(routes!(ops::ready))
+        .routes(routes!(enroll::register));
+    if metrics == MetricsExposure::MainListener {
+        public = public.routes(routes!(ops::metrics));
+    }
+    protected.merge(public)
 }
 
 /// The router of the separate plain-HTTP metrics listener. It answers `/health` and
