@@ -78,6 +78,18 @@ async fn the_document_and_the_router_list_the_same_endpoints() {
         let ops = operations(&doc);
         // The API as of this test: a document that lost its paths must not pass.
         assert!(ops.len() >= 14, "{ops:?}");
+        // Client generators name their functions after operationId, which must be unique
+        // (OpenAPI 3.1 §4.8.10): utoipa's default is the handler's name (`list` twice).
+        let mut ids = BTreeSet::new();
+        for (method, path, _) in &ops {
+            let op = &doc["paths"][path][method.to_lowercase()];
+            let id = op["operationId"].as_str().unwrap_or_default();
+            assert!(
+                ids.insert(id.to_owned()),
+                "{method} {path}: operationId '{id}' repeats"
+            );
+            assert!(op["summary"].is_string(), "{method} {path} has no summary");
+        }
         let auth = format!("Bearer {API_KEY}");
         let mut methods: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (method, path, secured) in &ops {

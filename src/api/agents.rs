@@ -77,7 +77,8 @@ fn view(app: &AppState, id: &AgentId, state: Option<&AgentState>, status: AgentS
 /// live session (an agent listed without a certificate, one whose certificate was
 /// deleted while its session was being set up, is not counted).
 #[utoipa::path(
-    get, path = "/agents", tag = "agents", security(("api_key" = [])),
+    get, path = "/agents", operation_id = "list_agents",
+    summary = "List agents and their status (paged)", tag = "agents", security(("api_key" = [])),
     params(PageQuery),
     responses(
         (status = 200, description = "One page of agents", body = AgentList),
@@ -181,7 +182,8 @@ fn merge(a: Vec<AgentId>, b: Vec<AgentId>, n: usize) -> Vec<AgentId> {
 }
 
 #[utoipa::path(
-    get, path = "/agents/{agent_id}", tag = "agents", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
+    get, path = "/agents/{agent_id}", operation_id = "get_agent",
+    summary = "One agent: sessions, last heartbeat, certificate, metadata", tag = "agents", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
     responses(
         (status = 200, description = "The agent", body = AgentView),
         (status = 400, description = "Invalid agent id", body = ErrorDetail),
@@ -241,7 +243,8 @@ fn checked_timeout(timeout_ms: Option<u64>) -> Result<Duration, ApiError> {
 }
 
 #[utoipa::path(
-    post, path = "/agents/{agent_id}/commands", tag = "agents", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
+    post, path = "/agents/{agent_id}/commands", operation_id = "send_command",
+    summary = "Send a command to an agent and wait for its acknowledgement", tag = "agents", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
     request_body = CommandBody,
     responses(
         (status = 200, description = "The agent's acknowledgement", body = CommandResponse),
@@ -282,7 +285,8 @@ pub struct FanOutBody {
 /// Sends one command to many agents concurrently; one result per distinct agent id, in
 /// the order given. Always 200 when the request itself is valid.
 #[utoipa::path(
-    post, path = "/agents/commands", tag = "agents", security(("api_key" = [])),
+    post, path = "/agents/commands", operation_id = "fan_out_command",
+    summary = "Send one command to many agents", tag = "agents", security(("api_key" = [])),
     request_body = FanOutBody,
     responses(
         (status = 200, description = "One result per agent, each with its own status", body = FanOutResponse),

@@ -33,7 +33,8 @@ pub struct UploadBody {
 /// Uploads (or replaces) an agent's certificate. A replacement closes the sessions that
 /// authenticated with the old one.
 #[utoipa::path(
-    post, path = "/agent/certificate", tag = "certificates", security(("api_key" = [])),
+    post, path = "/agent/certificate", operation_id = "upload_certificate",
+    summary = "Upload or replace an agent certificate", tag = "certificates", security(("api_key" = [])),
     request_body = UploadBody,
     responses(
         (status = 200, description = "Stored", body = UploadResponse),
@@ -106,7 +107,8 @@ pub fn view(cert: &StoredCert) -> Value {
 }
 
 #[utoipa::path(
-    get, path = "/agent/certificate/{agent_id}", tag = "certificates", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
+    get, path = "/agent/certificate/{agent_id}", operation_id = "get_certificate",
+    summary = "Inspect an agent's certificate", tag = "certificates", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
     responses(
         (status = 200, description = "The stored certificate", body = CertificateView),
         (status = 400, description = "Invalid agent id", body = ErrorDetail),
@@ -128,7 +130,8 @@ pub async fn get_one(
 /// `GET /agent/certificates`: one page in agent id order, read from the store's ordered
 /// index (O(limit · log n)); `total` is the number of stored certificates.
 #[utoipa::path(
-    get, path = "/agent/certificates", tag = "certificates", security(("api_key" = [])),
+    get, path = "/agent/certificates", operation_id = "list_certificates",
+    summary = "List stored certificates (paged)", tag = "certificates", security(("api_key" = [])),
     params(
         ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
         ("after" = Option<String>, Query, description = "`next_after` of the previous page"),
@@ -161,7 +164,8 @@ pub async fn list(
 /// Revokes an agent: the certificate is removed (file and index), the agent's live
 /// sessions are closed now, and its next handshake fails.
 #[utoipa::path(
-    delete, path = "/agent/certificate/{agent_id}", tag = "certificates", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
+    delete, path = "/agent/certificate/{agent_id}", operation_id = "delete_certificate",
+    summary = "Revoke an agent: delete its certificate, close its sessions", tag = "certificates", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
     responses(
         (status = 200, description = "Revoked; the agent's sessions are closed", body = DeleteResponse),
         (status = 400, description = "Invalid agent id", body = ErrorDetail),

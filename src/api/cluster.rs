@@ -14,7 +14,8 @@ use crate::clock::rfc3339;
 use crate::cluster::fleet::{NodeSummary, from_unix_ms};
 
 #[utoipa::path(
-    get, path = "/cluster/nodes", tag = "cluster", security(("api_key" = [])),
+    get, path = "/cluster/nodes", operation_id = "list_cluster_nodes",
+    summary = "List the live nodes of the cluster", tag = "cluster", security(("api_key" = [])),
     responses(
         (status = 200, description = "The live nodes, this one first", body = ClusterNodes),
         (status = 404, description = "This node runs without `[cluster]`", body = ErrorDetail),

@@ -31,7 +31,8 @@ pub struct IssueBody {
 }
 
 #[utoipa::path(
-    post, path = "/install-tokens", tag = "enrollment", security(("api_key" = [])),
+    post, path = "/install-tokens", operation_id = "issue_install_token",
+    summary = "Issue a one-time install token for an agent id", tag = "enrollment", security(("api_key" = [])),
     request_body = IssueBody,
     responses(
         (status = 200, description = "A one-time token for the agent", body = InstallToken),
@@ -74,7 +75,8 @@ pub struct RegisterBody {
 /// The agent registers its own certificate; the install token is the credential (no API
 /// key).
 #[utoipa::path(
-    post, path = "/agent/register", tag = "enrollment",
+    post, path = "/agent/register", operation_id = "register_agent",
+    summary = "Register an agent's own certificate with an install token", tag = "enrollment",
     request_body = RegisterBody,
     responses(
         (status = 200, description = "Registered", body = RegisterResponse),

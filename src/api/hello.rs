@@ -14,7 +14,8 @@ pub struct HelloBody {
 }
 
 #[utoipa::path(
-    post, path = "/hello-world", tag = "hello", security(("api_key" = [])),
+    post, path = "/hello-world", operation_id = "hello_world",
+    summary = "Check the API key: greets `name`", tag = "hello", security(("api_key" = [])),
     request_body = HelloBody,
     responses((status = 200, description = "The greeting", body = crate::api::schema::HelloResponse)),
 )]

@@ -12,7 +12,8 @@ use super::schema::{Health, NotReady, Ready};
 use crate::metrics::{ClusterSnapshot, Snapshot};
 
 #[utoipa::path(
-    get, path = "/health", tag = "operations",
+    get, path = "/health", operation_id = "health",
+    summary = "Liveness", tag = "operations",
     responses((status = 200, description = "The process is up", body = Health)),
 )]
 pub async fn health() -> Json<Value> {
@@ -27,7 +28,8 @@ pub async fn health() -> Json<Value> {
 /// this 503: every node would leave the load balancer at once, while each can still serve
 /// its own agents (README, "Running several nodes").
 #[utoipa::path(
-    get, path = "/ready", tag = "operations",
+    get, path = "/ready", operation_id = "ready",
+    summary = "Readiness (server certificate and store loaded)", tag = "operations",
     responses(
         (status = 200, description = "Ready for agents", body = Ready),
         (status = 503, description = "No server certificate yet", body = NotReady),
@@ -65,7 +67,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 /// Prometheus text format. On the main listener only without `metrics_listen`; with it,
 /// on that plain-HTTP listener instead (and then not in this document).
 #[utoipa::path(
-    get, path = "/metrics", tag = "operations",
+    get, path = "/metrics", operation_id = "metrics",
+    summary = "Prometheus metrics", tag = "operations",
     responses((
         status = 200, description = "Prometheus text exposition format 0.0.4",
         content_type = "text/plain; version=0.0.4; charset=utf-8", body = String,
