@@ -103,3 +103,94 @@ fn cors(origins: &[String]) -> CorsLayer {
 async fn not_found() -> ApiError {
     ApiError::NotFound("Not Found".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::agents::Agents;
+    use crate::api::ApiKeys;
+    use crate::clock::Clock;
+    use crate::config::RawConfig;
+    use crate::enroll::Enrollment;
+    use crate::metrics::Metrics;
+    use crate::store::CertStore;
+    use crate::tls::ServerCert;
+
+    fn state(dir: &std::path::Path) -> AppState {
+        let config = RawConfig {
+            api_keys: vec!["k".into()],
+            data_dir: dir.join("data"),
+            ..RawConfig::default()
+        }
+        .validate("test")
+        .unwrap();
+        let (store, _) = CertStore::open(&dir.join("certs")).unwrap();
+        let metrics = Metrics::new();
+        let (_layer, agents) = Agents::build(&config, metrics.clone(), Clock::system());
+        AppState {
+            enrollment: Enrollment::open(&config.data_dir, Clock::system(), store.clone()).unwrap(),
+            server_cert: ServerCert::from_config(&config, crate::tls::provider()).unwrap(),
+            store,
+            agents,
+            api_keys: ApiKeys::new(&["k"]),
+            metrics,
+            clock: Clock::system(),
+            requests: TaskTracker::new(),
+        }
+    }
+
+    /// The paths of an axum router. axum has no API that lists routes; its `Debug` output
+    /// names every path of its path router (`RouteId(n): "/path"`) before its fallback
+    /// router (which holds the fallback's own "/"), and this reads them. Should that
+    /// format change, the paths found differ and the test below fails rather than passing.
+    fn routed_paths(router: &Router) -> BTreeSet<String> {
+        let text = format!("{router:?}");
+        let routes = text.split("fallback_router").next().unwrap_or_default();
+        let mut paths = BTreeSet::new();
+        let mut rest = routes;
+        while let Some(at) = rest.find("): \"/") {
+            // `tail` starts at the opening quote.
+            let tail = &rest[at + 3..];
+            let end = tail[1..].find('"').map(|e| e + 1).unwrap_or(tail.len());
+            let path = &tail[1..end];
+            if !path.contains("__private__axum") {
+                paths.insert(path.to_owned());
+            }
+            rest = &tail[end..];
+        }
+        paths
+    }
+
+    /// Every path the built router answers is in the OpenAPI document (and the reverse),
+    /// apart from the document and Swagger UI themselves. A route added to `router` or
+    /// `endpoints` with a plain `.route(..)` instead of `routes!` fails here.
+    #[tokio::test]
+    async fn every_routed_path_is_documented() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        for exposure in [
+            MetricsExposure::MainListener,
+            MetricsExposure::SeparateListener,
+        ] {
+            let routed = routed_paths(&router(state.clone(), &[], exposure));
+            let doc = openapi::document(endpoints(&state, exposure).into_openapi());
+            let documented: BTreeSet<String> = doc.paths.paths.keys().cloned().collect();
+            let own = [
+                openapi::OPENAPI_PATH.to_owned(),
+                openapi::DOCS_PATH.to_owned(),
+                format!("{}/", openapi::DOCS_PATH),
+                format!("{}/{{*rest}}", openapi::DOCS_PATH),
+            ];
+            for path in &own {
+                assert!(routed.contains(path), "{path} is not routed: {routed:?}");
+            }
+            let api: BTreeSet<String> = routed.into_iter().filter(|p| !own.contains(p)).collect();
+            assert!(documented.len() >= 13, "{documented:?}");
+            assert_eq!(api, documented, "{exposure:?}");
+        }
+    }
+}
