@@ -13,8 +13,10 @@ use axum::extract::{Path, State};
 use futures_util::future::join_all;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::extract::StatusFilter;
+use super::schema::{AgentList, AgentView, CommandResponse, ErrorDetail, FanOutResponse};
 use super::{ApiError, ApiQuery, AppState, JsonBody, Page, PageQuery, agent_id};
 use crate::agents::ClusterLink;
 use crate::agents::commands::{self, CommandError};
@@ -74,6 +76,16 @@ fn view(app: &AppState, id: &AgentId, state: Option<&AgentState>, status: AgentS
 /// `all` the number of stored certificates, and for `disconnected` those of them without a
 /// live session (an agent listed without a certificate, one whose certificate was
 /// deleted while its session was being set up, is not counted).
+#[utoipa::path(
+    get, path = "/agents", operation_id = "list_agents",
+    summary = "List agents and their status (paged)", tag = "agents", security(("api_key" = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "One page of agents", body = AgentList),
+        (status = 400, description = "A query parameter is invalid or unknown (the detail names it)", body = ErrorDetail),
+        (status = 503, description = "With `[cluster]`: Redis is unreachable, the fleet cannot be listed", body = ErrorDetail),
+    ),
+)]
 pub async fn list(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<PageQuery>,
@@ -169,6 +181,16 @@ fn merge(a: Vec<AgentId>, b: Vec<AgentId>, n: usize) -> Vec<AgentId> {
     out
 }
 
+#[utoipa::path(
+    get, path = "/agents/{agent_id}", operation_id = "get_agent",
+    summary = "One agent: sessions, last heartbeat, certificate, metadata", tag = "agents", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
+    responses(
+        (status = 200, description = "The agent", body = AgentView),
+        (status = 400, description = "Invalid agent id", body = ErrorDetail),
+        (status = 404, description = "Unknown agent (no certificate, never connected)", body = ErrorDetail),
+        (status = 503, description = "With `[cluster]`: the agent is not on this node and Redis is unreachable", body = ErrorDetail),
+    ),
+)]
 pub async fn get_one(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -193,12 +215,17 @@ pub async fn get_one(
     Ok(Json(v))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandBody {
+    /// The Socket.IO event to emit (printable, not a reserved name).
+    #[schema(example = "restart")]
     event: String,
+    /// The event's argument (any JSON; null when left out).
     #[serde(default)]
     data: Value,
+    /// How long to wait for the acknowledgement (default 10000).
+    #[schema(minimum = 1)]
     timeout_ms: Option<u64>,
 }
 
@@ -215,6 +242,19 @@ fn checked_timeout(timeout_ms: Option<u64>) -> Result<Duration, ApiError> {
     Ok(t)
 }
 
+#[utoipa::path(
+    post, path = "/agents/{agent_id}/commands", operation_id = "send_command",
+    summary = "Send a command to an agent and wait for its acknowledgement", tag = "agents", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
+    request_body = CommandBody,
+    responses(
+        (status = 200, description = "The agent's acknowledgement", body = CommandResponse),
+        (status = 400, description = "Invalid agent id, event name or timeout_ms", body = ErrorDetail),
+        (status = 404, description = "The agent is not connected", body = ErrorDetail),
+        (status = 502, description = "The agent's connection failed during the command", body = ErrorDetail),
+        (status = 503, description = "With `[cluster]`: Redis is unreachable, the agent's node cannot be reached", body = ErrorDetail),
+        (status = 504, description = "No acknowledgement within timeout_ms", body = ErrorDetail),
+    ),
+)]
 pub async fn command(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -230,18 +270,29 @@ pub async fn command(
     Ok(Json(json!({ "agent_id": id, "reply": reply })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FanOutBody {
+    /// 1 to 10,000 agent ids; duplicates are sent to once.
     agent_ids: Vec<String>,
     event: String,
     #[serde(default)]
     data: Value,
+    #[schema(minimum = 1)]
     timeout_ms: Option<u64>,
 }
 
 /// Sends one command to many agents concurrently; one result per distinct agent id, in
 /// the order given. Always 200 when the request itself is valid.
+#[utoipa::path(
+    post, path = "/agents/commands", operation_id = "fan_out_command",
+    summary = "Send one command to many agents", tag = "agents", security(("api_key" = [])),
+    request_body = FanOutBody,
+    responses(
+        (status = 200, description = "One result per agent, each with its own status", body = FanOutResponse),
+        (status = 400, description = "No or too many agent ids, an invalid one, or an invalid event name or timeout_ms", body = ErrorDetail),
+    ),
+)]
 pub async fn fan_out(
     State(app): State<AppState>,
     JsonBody(body): JsonBody<FanOutBody>,

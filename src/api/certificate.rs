@@ -10,18 +10,39 @@ use axum::Json;
 use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
+use super::schema::{
+    CertificateList, CertificateView, DeleteResponse, ErrorDetail, UploadResponse,
+};
 use super::{ApiError, ApiQuery, AppState, JsonBody, Page, PageQuery, agent_id};
 use crate::clock::rfc3339_unix;
 use crate::store::cert::validate_upload;
 use crate::store::{PutOutcome, StoredCert};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct UploadBody {
+    /// Must equal the certificate's CN.
+    #[schema(example = "12345678")]
     agent_id: String,
+    /// One PEM certificate, self-signed, currently valid, RSA of at least 2048 bits or EC /
+    /// Ed25519; no private key.
     certificate: String,
 }
 
+/// Uploads (or replaces) an agent's certificate. A replacement closes the sessions that
+/// authenticated with the old one.
+#[utoipa::path(
+    post, path = "/agent/certificate", operation_id = "upload_certificate",
+    summary = "Upload or replace an agent certificate", tag = "certificates", security(("api_key" = [])),
+    request_body = UploadBody,
+    responses(
+        (status = 200, description = "Stored", body = UploadResponse),
+        (status = 400, description = "The certificate breaks an upload rule (the detail names it), or the agent id is invalid", body = ErrorDetail),
+        (status = 500, description = "The store could not write; nothing was stored", body = ErrorDetail),
+        (status = 503, description = "With `[cluster]`: Redis is unreachable; nothing was stored", body = ErrorDetail),
+    ),
+)]
 pub async fn upload(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<UploadBody>,
@@ -85,6 +106,15 @@ pub fn view(cert: &StoredCert) -> Value {
     })
 }
 
+#[utoipa::path(
+    get, path = "/agent/certificate/{agent_id}", operation_id = "get_certificate",
+    summary = "Inspect an agent's certificate", tag = "certificates", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
+    responses(
+        (status = 200, description = "The stored certificate", body = CertificateView),
+        (status = 400, description = "Invalid agent id", body = ErrorDetail),
+        (status = 404, description = "No certificate stored for the agent", body = ErrorDetail),
+    ),
+)]
 pub async fn get_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -99,6 +129,18 @@ pub async fn get_one(
 
 /// `GET /agent/certificates`: one page in agent id order, read from the store's ordered
 /// index (O(limit · log n)); `total` is the number of stored certificates.
+#[utoipa::path(
+    get, path = "/agent/certificates", operation_id = "list_certificates",
+    summary = "List stored certificates (paged)", tag = "certificates", security(("api_key" = [])),
+    params(
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
+        ("after" = Option<String>, Query, description = "`next_after` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page of certificates", body = CertificateList),
+        (status = 400, description = "A query parameter is invalid or unknown (the detail names it)", body = ErrorDetail),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<PageQuery>,
@@ -121,6 +163,17 @@ pub async fn list(
 
 /// Revokes an agent: the certificate is removed (file and index), the agent's live
 /// sessions are closed now, and its next handshake fails.
+#[utoipa::path(
+    delete, path = "/agent/certificate/{agent_id}", operation_id = "delete_certificate",
+    summary = "Revoke an agent: delete its certificate, close its sessions", tag = "certificates", security(("api_key" = [])), params(("agent_id" = String, Path, description = "The agent id (the CN of its certificate)")),
+    responses(
+        (status = 200, description = "Revoked; the agent's sessions are closed", body = DeleteResponse),
+        (status = 400, description = "Invalid agent id", body = ErrorDetail),
+        (status = 404, description = "No certificate stored for the agent", body = ErrorDetail),
+        (status = 500, description = "The store could not write", body = ErrorDetail),
+        (status = 503, description = "With `[cluster]`: Redis is unreachable; nothing was changed", body = ErrorDetail),
+    ),
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,

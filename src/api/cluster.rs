@@ -8,10 +8,20 @@ use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
 
+use super::schema::{ClusterNodes, ErrorDetail};
 use super::{ApiError, AppState};
 use crate::clock::rfc3339;
 use crate::cluster::fleet::{NodeSummary, from_unix_ms};
 
+#[utoipa::path(
+    get, path = "/cluster/nodes", operation_id = "list_cluster_nodes",
+    summary = "List the live nodes of the cluster", tag = "cluster", security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The live nodes, this one first", body = ClusterNodes),
+        (status = 404, description = "This node runs without `[cluster]`", body = ErrorDetail),
+        (status = 503, description = "Redis is unreachable", body = ErrorDetail),
+    ),
+)]
 pub async fn nodes(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
     let Some(link) = &app.agents.cluster else {
         return Err(ApiError::NotFound(

@@ -6,7 +6,9 @@ use axum::Json;
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
+use super::schema::{ErrorDetail, InstallToken, RegisterResponse};
 use super::{ApiError, AppState, JsonBody, agent_id};
 use crate::clock::rfc3339_unix;
 use crate::store::cert::validate_upload;
@@ -19,13 +21,26 @@ pub const DEFAULT_TTL_SECS: i64 = 3600;
 /// Largest metadata object an agent may register with, serialised.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IssueBody {
     agent_id: String,
+    /// Lifetime in seconds, 1 to 2592000 (30 days); default 3600.
+    #[schema(minimum = 1, maximum = 2592000)]
     ttl_s: Option<i64>,
 }
 
+#[utoipa::path(
+    post, path = "/install-tokens", operation_id = "issue_install_token",
+    summary = "Issue a one-time install token for an agent id", tag = "enrollment", security(("api_key" = [])),
+    request_body = IssueBody,
+    responses(
+        (status = 200, description = "A one-time token for the agent", body = InstallToken),
+        (status = 400, description = "Invalid agent id or ttl_s", body = ErrorDetail),
+        (status = 500, description = "The token could not be stored", body = ErrorDetail),
+        (status = 503, description = "With `[cluster]`: Redis is unreachable; no token was issued", body = ErrorDetail),
+    ),
+)]
 pub async fn issue(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<IssueBody>,
@@ -44,16 +59,33 @@ pub async fn issue(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
+    /// From `POST /install-tokens`; valid once, for this agent id.
     install_token: String,
     agent_id: String,
+    /// The agent's own certificate, under the rules of `POST /agent/certificate`.
     certificate: String,
+    /// A JSON object of at most 16 KiB, shown in `GET /agents/{agent_id}`.
     #[serde(default)]
     metadata: Option<Value>,
 }
 
+/// The agent registers its own certificate; the install token is the credential (no API
+/// key).
+#[utoipa::path(
+    post, path = "/agent/register", operation_id = "register_agent",
+    summary = "Register an agent's own certificate with an install token", tag = "enrollment",
+    request_body = RegisterBody,
+    responses(
+        (status = 200, description = "Registered", body = RegisterResponse),
+        (status = 400, description = "Invalid agent id or metadata, or the certificate breaks an upload rule", body = ErrorDetail),
+        (status = 401, description = "The install token is unknown, used, expired or for another agent", body = ErrorDetail),
+        (status = 500, description = "The store could not write; nothing was stored", body = ErrorDetail),
+        (status = 503, description = "With `[cluster]`: Redis is unreachable; nothing was stored", body = ErrorDetail),
+    ),
+)]
 pub async fn register(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<RegisterBody>,

@@ -93,19 +93,25 @@ pub const DEFAULT_PAGE: usize = 100;
 /// `?limit=N&after=<agent_id>&status=...`: keyset pagination over agent ids (stable while
 /// the set changes, unlike offsets). Each value is parsed here, so a bad one is a 400 whose
 /// detail names the parameter.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// Page size (default 100).
     #[serde(default, deserialize_with = "limit")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
+    /// `next_after` of the previous page.
     #[serde(default, deserialize_with = "after")]
+    #[param(value_type = Option<String>)]
     pub after: Option<AgentId>,
+    /// Only the agents with this status (default all).
     #[serde(default, deserialize_with = "status")]
     pub status: Option<StatusFilter>,
 }
 
 /// `?status=` of `GET /agents`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StatusFilter {
     All,

@@ -10,6 +10,9 @@
 //! - `error`: [`ApiError`] and its one mapping to statuses, and `json_errors`, which
 //!   gives every other error response its `{"detail": ...}`;
 //! - `head_limits`: URI length and header limits, answered with 414 and 431;
+//! - `openapi`: the OpenAPI 3.1 document (`GET /openapi.json`, from the handlers'
+//!   `#[utoipa::path]` annotations) and Swagger UI (`GET /docs`); `schema`: the response
+//!   shapes it names;
 //! - one file per resource: `agents`, `certificate`, `cluster`, `enroll`, `hello`, `ops`;
 //! - paths no endpoint matches go to the gateway ([`crate::proxy`]).
 
@@ -22,8 +25,10 @@ pub(crate) mod extract;
 pub(crate) mod head_limits;
 pub(crate) mod hello;
 pub(crate) mod middleware;
+pub(crate) mod openapi;
 pub(crate) mod ops;
 pub(crate) mod router;
+pub(crate) mod schema;
 
 use tokio_util::task::TaskTracker;
 

@@ -9,18 +9,35 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::schema::{Health, NotReady, Ready, RouteList};
 use crate::metrics::{ClusterSnapshot, Snapshot};
 
 /// Traefik's health path (`/ping` answers `OK`), for monitors of the replaced gateway.
+#[utoipa::path(
+    get, path = "/ping", operation_id = "ping",
+    summary = "Traefik's health path: answers OK", tag = "operations",
+    responses((status = 200, description = "The process is up", body = String, content_type = "text/plain")),
+)]
 pub async fn ping() -> &'static str {
     "OK"
 }
 
 /// `GET /routes`: the configured routes with each upstream's health.
+#[utoipa::path(
+    get, path = "/routes", operation_id = "list_routes",
+    summary = "List the gateway's routes with each upstream's health (scope routes:admin)",
+    tag = "gateway", security(("api_key" = [])),
+    responses((status = 200, description = "The routes, in the order of the configuration", body = RouteList)),
+)]
 pub async fn routes(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "routes": state.proxy.describe() }))
 }
 
+#[utoipa::path(
+    get, path = "/health", operation_id = "health",
+    summary = "Liveness", tag = "operations",
+    responses((status = 200, description = "The process is up", body = Health)),
+)]
 pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -32,6 +49,14 @@ pub async fn health() -> Json<Value> {
 /// With `[cluster]`, the body also reports the Redis link, but a Redis outage never makes
 /// this 503: every node would leave the load balancer at once, while each can still serve
 /// its own agents (README, "Running several nodes").
+#[utoipa::path(
+    get, path = "/ready", operation_id = "ready",
+    summary = "Readiness (server certificate and store loaded)", tag = "operations",
+    responses(
+        (status = 200, description = "Ready for agents", body = Ready),
+        (status = 503, description = "No server certificate yet", body = NotReady),
+    ),
+)]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let mut checks = json!({
         "server_certificate": state.server_cert.is_ready(),
@@ -61,6 +86,16 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus text format. On the main listener only without `metrics_listen`; with it,
+/// on that plain-HTTP listener instead (and then not in this document).
+#[utoipa::path(
+    get, path = "/metrics", operation_id = "metrics",
+    summary = "Prometheus metrics", tag = "operations",
+    responses((
+        status = 200, description = "Prometheus text exposition format 0.0.4",
+        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String,
+    )),
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let snapshot = Snapshot {
         connected_agents: state.agents.registry.connected_agents() as i64,

@@ -1,17 +1,20 @@
 //! The routes: which handler answers which path, which need the API key and which scope,
-//! and the separate metrics listener's router. Paths no endpoint matches go to the
-//! gateway's routes ([`crate::proxy`]), which answer a JSON 404 when none matches either.
+//! the OpenAPI document built from the same list, and the separate metrics listener's
+//! router. Paths no endpoint matches go to the gateway's routes ([`crate::proxy`]), which
+//! answer a JSON 404 when none matches either.
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware;
-use axum::routing::{delete, get, post};
+use axum::routing::get;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
 
 use super::middleware::{require_api_key, require_scope};
-use super::{ApiError, AppState, agents, certificate, cluster, enroll, hello, ops};
+use super::{ApiError, AppState, agents, certificate, cluster, enroll, hello, openapi, ops};
 
 /// Where `GET /metrics` is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,82 +25,71 @@ pub enum MetricsExposure {
     SeparateListener,
 }
 
-/// The API router (without the Socket.IO layer, which the server mounts around it).
+/// The API router (without the Socket.IO layer, which the server mounts around it), with
+/// `GET /openapi.json` and Swagger UI at `GET /docs`.
 ///
 /// Inside it, a request meets CORS first (when configured; it answers preflights itself),
 /// then the route match, then, on the protected routes only, the API key check
-/// (`route_layer`, so an unknown path is a 404 and never a 403), then the handler. The
+/// (`route_layer`, so an unknown path is a 404 and never a 403), then the endpoint's scope
+/// check, then the handler; a path no endpoint matches goes to the gateway's routes. The
 /// server wraps this router in more layers; see [`crate::server::Gateway::start`].
-/// The scope check of one endpoint (the key itself was checked by `require_api_key`).
-macro_rules! scoped {
-    ($scope:literal) => {
-        middleware::from_fn_with_state($scope, require_scope)
-    };
-}
-
 pub fn router(state: AppState, cors_origins: &[String], metrics: MetricsExposure) -> Router {
-    let protected = Router::new()
-        // Any valid key: the smoke test of the system agentgate replaces.
-        .route("/hello-world", post(hello::hello_world))
-        .route(
-            "/agent/certificate",
-            post(certificate::upload).route_layer(scoped!("certificates:write")),
-        )
-        .route(
-            "/agent/certificate/{agent_id}",
-            get(certificate::get_one)
-                .route_layer(scoped!("agents:read"))
-                .merge(delete(certificate::delete).route_layer(scoped!("certificates:write"))),
-        )
-        .route(
-            "/agent/certificates",
-            get(certificate::list).route_layer(scoped!("agents:read")),
-        )
-        .route(
-            "/agents",
-            get(agents::list).route_layer(scoped!("agents:read")),
-        )
-        .route(
-            "/agents/commands",
-            post(agents::fan_out).route_layer(scoped!("agents:command")),
-        )
-        .route(
-            "/agents/{agent_id}",
-            get(agents::get_one).route_layer(scoped!("agents:read")),
-        )
-        .route(
-            "/agents/{agent_id}/commands",
-            post(agents::command).route_layer(scoped!("agents:command")),
-        )
-        .route(
-            "/install-tokens",
-            post(enroll::issue).route_layer(scoped!("certificates:write")),
-        )
-        .route(
-            "/routes",
-            get(ops::routes).route_layer(scoped!("routes:admin")),
-        )
-        .route(
-            "/cluster/nodes",
-            get(cluster::nodes).route_layer(scoped!("agents:read")),
-        )
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
-    let mut public = Router::new()
-        .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready))
-        .route("/ping", get(ops::ping))
-        .route("/agent/register", post(enroll::register));
-    if metrics == MetricsExposure::MainListener {
-        public = public.route("/metrics", get(ops::metrics));
-    }
-    let mut router = protected.merge(public).fallback(proxy).with_state(state);
+    let (router, paths) = endpoints(&state, metrics).split_for_parts();
+    let mut router = router
+        .merge(openapi::docs_router(openapi::document(paths)))
+        .fallback(proxy)
+        .with_state(state);
     if !cors_origins.is_empty() {
         router = router.layer(cors(cors_origins));
     }
     router
+}
+
+/// Every endpoint of the API, the one list both the router and the OpenAPI document are
+/// built from: `routes!` takes each handler's method and path from its `#[utoipa::path]`
+/// and adds the handler to the router and its operation to the document. Adding an
+/// endpoint is an annotation on the handler and a line here, in the protected or the
+/// public block (the annotation's `security` must agree; `tests/openapi.rs` checks it).
+/// A plain `.route(..)` would be routed but not documented: the unit test below walks the
+/// built router and fails on it.
+fn endpoints(state: &AppState, metrics: MetricsExposure) -> OpenApiRouter<AppState> {
+    let protected = OpenApiRouter::new()
+        // Any valid key: the smoke test of the system agentgate replaces.
+        .routes(routes!(hello::hello_world))
+        .routes(scoped(routes!(certificate::upload), "certificates:write"))
+        .routes(scoped(routes!(certificate::get_one), "agents:read"))
+        .routes(scoped(routes!(certificate::delete), "certificates:write"))
+        .routes(scoped(routes!(certificate::list), "agents:read"))
+        .routes(scoped(routes!(agents::list), "agents:read"))
+        .routes(scoped(routes!(agents::fan_out), "agents:command"))
+        .routes(scoped(routes!(agents::get_one), "agents:read"))
+        .routes(scoped(routes!(agents::command), "agents:command"))
+        .routes(scoped(routes!(enroll::issue), "certificates:write"))
+        .routes(scoped(routes!(cluster::nodes), "agents:read"))
+        .routes(scoped(routes!(ops::routes), "routes:admin"))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let mut public = OpenApiRouter::new()
+        .routes(routes!(ops::health))
+        .routes(routes!(ops::ready))
+        .routes(routes!(ops::ping))
+        .routes(routes!(enroll::register));
+    if metrics == MetricsExposure::MainListener {
+        public = public.routes(routes!(ops::metrics));
+    }
+    protected.merge(public)
+}
+
+/// One endpoint behind the check that the request's key (checked by `require_api_key`,
+/// which runs first) has `scope`: 403 naming the scope otherwise.
+fn scoped(
+    (schemas, paths, method_router): UtoipaMethodRouter<AppState>,
+    scope: &'static str,
+) -> UtoipaMethodRouter<AppState> {
+    let check = middleware::from_fn_with_state(scope, require_scope);
+    (schemas, paths, method_router.route_layer(check))
 }
 
 /// The router of the separate plain-HTTP metrics listener. It answers `/health` and
@@ -137,4 +129,104 @@ async fn proxy(
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("Not Found".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::agents::Agents;
+    use crate::api::ApiKeys;
+    use crate::clock::Clock;
+    use crate::config::RawConfig;
+    use crate::enroll::Enrollment;
+    use crate::metrics::Metrics;
+    use crate::store::CertStore;
+    use crate::tls::ServerCert;
+
+    fn state(dir: &std::path::Path) -> AppState {
+        let config = RawConfig {
+            api_keys: vec!["k".into()],
+            data_dir: dir.join("data"),
+            ..RawConfig::default()
+        }
+        .validate("test")
+        .unwrap();
+        let (store, _) = CertStore::open(&dir.join("certs")).unwrap();
+        let metrics = Metrics::new();
+        let (_layer, agents) = Agents::build(&config, metrics.clone(), Clock::system());
+        let api_keys = ApiKeys::new(&config.api_keys);
+        let proxy = crate::proxy::Proxy::new(
+            &config,
+            api_keys.clone(),
+            crate::auth::Revocations::new(),
+            metrics.clone(),
+        )
+        .unwrap();
+        AppState {
+            enrollment: Enrollment::open(&config.data_dir, Clock::system(), store.clone()).unwrap(),
+            server_cert: ServerCert::from_config(&config, crate::tls::provider()).unwrap(),
+            store,
+            agents,
+            api_keys,
+            metrics,
+            clock: Clock::system(),
+            requests: TaskTracker::new(),
+            proxy,
+        }
+    }
+
+    /// The paths of an axum router. axum has no API that lists routes; its `Debug` output
+    /// names every path of its path router (`RouteId(n): "/path"`) before its fallback
+    /// router (which holds the fallback's own "/"), and this reads them. Should that
+    /// format change, the paths found differ and the test below fails rather than passing.
+    fn routed_paths(router: &Router) -> BTreeSet<String> {
+        let text = format!("{router:?}");
+        let routes = text.split("fallback_router").next().unwrap_or_default();
+        let mut paths = BTreeSet::new();
+        let mut rest = routes;
+        while let Some(at) = rest.find("): \"/") {
+            // `tail` starts at the opening quote.
+            let tail = &rest[at + 3..];
+            let end = tail[1..].find('"').map(|e| e + 1).unwrap_or(tail.len());
+            let path = &tail[1..end];
+            if !path.contains("__private__axum") {
+                paths.insert(path.to_owned());
+            }
+            rest = &tail[end..];
+        }
+        paths
+    }
+
+    /// Every path the built router answers is in the OpenAPI document (and the reverse),
+    /// apart from the document and Swagger UI themselves. A route added to `router` or
+    /// `endpoints` with a plain `.route(..)` instead of `routes!` fails here.
+    #[tokio::test]
+    async fn every_routed_path_is_documented() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        for exposure in [
+            MetricsExposure::MainListener,
+            MetricsExposure::SeparateListener,
+        ] {
+            let routed = routed_paths(&router(state.clone(), &[], exposure));
+            let doc = openapi::document(endpoints(&state, exposure).into_openapi());
+            let documented: BTreeSet<String> = doc.paths.paths.keys().cloned().collect();
+            let own = [
+                openapi::OPENAPI_PATH.to_owned(),
+                openapi::DOCS_PATH.to_owned(),
+                format!("{}/", openapi::DOCS_PATH),
+                format!("{}/{{*rest}}", openapi::DOCS_PATH),
+            ];
+            for path in &own {
+                assert!(routed.contains(path), "{path} is not routed: {routed:?}");
+            }
+            let api: BTreeSet<String> = routed.into_iter().filter(|p| !own.contains(p)).collect();
+            assert!(documented.len() >= 13, "{documented:?}");
+            assert_eq!(api, documented, "{exposure:?}");
+        }
+    }
 }
