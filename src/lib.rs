@@ -1,6 +1,7 @@
 //! agentgate: one binary that terminates TLS for a fleet of orchestrator agents, checks
 //! each agent's self-signed client certificate inside the handshake against the
-//! certificates uploaded through its API, and carries heartbeats over Socket.IO.
+//! certificates uploaded through its API, and carries heartbeats over Socket.IO; several
+//! nodes act as one through Redis, and it routes HTTP to upstream services.
 //!
 //! # Layout
 //!
@@ -8,8 +9,6 @@
 //! - [`tls`]: rustls server configuration, server certificate sources, the handshake
 //!   ([`tls::Acceptor`]), [`tls::verifier`] (the agent certificate verifier) and
 //!   [`tls::acme`] (certificates over ACME, TLS-ALPN-01 on the same listener).
-//! - [`cluster`]: several nodes sharing one Redis ([`cluster::acme`]: one ACME
-//!   certificate for all of them).
 //! - [`store`]: the certificate store: the in-memory index the handshake reads, fed by
 //!   one of two backends (files for one node, Redis for a cluster, followed through
 //!   pub/sub), the upload rules, and `store import`. Install tokens ([`enroll`]) live in
