@@ -6,7 +6,7 @@
 //! survive a restart. Where they are kept follows the certificate store: one node keeps
 //! them in `<data_dir>/enrollment.json` (atomic writes); a cluster keeps them in Redis,
 //! where one script consumes the token and stores the certificate, so two nodes redeeming
-//! one token at the same instant cannot both succeed (see [`crate::store::redis`]).
+//! one token at the same instant cannot both succeed (see `crate::store::redis`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -97,7 +97,7 @@ impl AgentIo {
 
     /// Emits to every session of this node, retrying sessions whose send buffer is full
     /// for up to `within`; returns how many never had room (see
-    /// [`super::backpressure::emit_each`]).
+    /// `super::backpressure::emit_each`).
     pub async fn emit_each_local(
         &self,
         event: &'static str,

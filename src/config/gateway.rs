@@ -157,7 +157,7 @@ pub struct RawJwtKey {
 }
 
 /// `[jwt]`, validated (the key files are read when the gateway starts, see
-/// [`crate::auth::jwt`]).
+/// `crate::auth::jwt`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JwtConfig {
     pub leeway: Duration,

@@ -1,6 +1,6 @@
 //! The certificate store: which agent certificates are allowed in, indexed for the
 //! handshake (by fingerprint) and for the API (by agent id), persisted by a backend:
-//! [`file`] for one node, [`redis`] for a cluster (`[cluster]`), where [`sync`] keeps the
+//! [`file`] for one node, `redis` for a cluster (`[cluster]`), where `sync` keeps the
 //! index in step with Redis.
 //!
 //! Reads are lock-light and synchronous because the verifier runs inside rustls, which
