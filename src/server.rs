@@ -289,6 +289,7 @@ impl Gateway {
             .spawn_binding_pruner(token.clone(), ping.max(Duration::from_secs(60)) * 2);
         self.server_cert.spawn_background(token.clone(), &tracker);
         self.state.proxy.start_health_checks(token.child_token());
+        self.store.watch_dir(token.child_token());
         if let Some(redirect) = self.redirect.take() {
             // Without `[http_redirect]`, the port of the listener the caller gave.
             let https_port = self
@@ -430,7 +431,8 @@ async fn open_store(config: &Config, metrics: &Metrics) -> Result<CertStore, Sta
     Ok(store)
 }
 
-/// A certificate replaced or deleted elsewhere (another node, or found by a resync)
+/// A certificate replaced or deleted elsewhere (another node, a resync, or a hand edit of
+/// the store directory)
 /// closes this node's sessions that authenticated with it, as a local change does.
 fn close_revoked_sessions(store: &CertStore, agents: &Agents) {
     let agents = agents.clone();
@@ -442,7 +444,7 @@ fn close_revoked_sessions(store: &CertStore, agents: &Agents) {
         tracing::info!(
             agent_id = %change.agent_id, old_fingerprint = %change.old,
             deleted = change.new.is_none(), closed_sessions = closed,
-            "agent certificate changed on another node"
+            "agent certificate changed outside this node's API (another node, a resync or the store directory)"
         );
     });
 }
