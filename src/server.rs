@@ -199,6 +199,10 @@ impl Gateway {
             clock,
             requests: TaskTracker::new(),
             proxy,
+            api_key_failures: crate::limits::FailureWindow::new(
+                config.limits.api_key_failures,
+                config.limits.api_key_failure_window,
+            ),
         };
         let exposure = match config.metrics_listen {
             Some(_) => MetricsExposure::SeparateListener,

@@ -948,3 +948,55 @@ async fn a_bad_file_in_the_store_directory_is_skipped_and_revokes_what_it_replac
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn failed_api_key_attempts_from_one_address_get_429_with_retry_after() {
+    let server = TestServer::start_with(|c| {
+        c.limits.api_key_failures = 3;
+        c.limits.api_key_failure_window_secs = 3600;
+    })
+    .await;
+    let mut conn = server.http(None).await.unwrap();
+    let wrong = [("authorization", "Bearer wrong-key")];
+    for _ in 0..3 {
+        let r = conn
+            .send("GET", "/agent/certificates", &wrong, "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 403, "{}", r.text());
+    }
+    // Past the limit the address is refused, the right key included, on any connection.
+    let right = format!("Bearer {API_KEY}");
+    let mut other = server.http(None).await.unwrap();
+    for (c, auth) in [
+        (&mut conn, "Bearer wrong-key"),
+        (&mut other, right.as_str()),
+    ] {
+        let r = c
+            .send("GET", "/agent/certificates", &[("authorization", auth)], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 429, "{}", r.text());
+        let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=3600).contains(&retry), "Retry-After {retry}");
+        assert!(
+            detail(&r.json()).contains("limits.api_key_failures"),
+            "{}",
+            r.text()
+        );
+    }
+    // Endpoints without a key are not affected.
+    assert_eq!(
+        other.send("GET", "/health", &[], "").await.unwrap().status,
+        200
+    );
+    assert!(
+        metric(
+            &server,
+            "agentgate_limit_refusals_total{limit=\"api_key_failures\"}"
+        )
+        .await
+            >= 2.0
+    );
+    server.stop().await;
+}

@@ -29,7 +29,7 @@ pub use gateway::{
     RawRoute, RouteAuth, RouteConfig, Scopes,
 };
 pub use raw::{
-    ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawHttpRedirect,
+    ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawHttpRedirect, RawLimits,
     RawSocketIo, RawStore, RawTls, TlsMode,
 };
 
@@ -64,6 +64,7 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub agents: AgentsConfig,
     pub store: StoreConfig,
+    pub limits: LimitsConfig,
     pub tls: TlsSource,
     pub socketio: SocketIoConfig,
     /// The plain-HTTP redirect listener, if any.
@@ -96,6 +97,13 @@ pub struct ClusterConfig {
 pub struct AgentsConfig {
     /// At least 1 s.
     pub stale_after: Duration,
+}
+
+/// `[limits]`, validated: every count and window at least 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    pub api_key_failures: u32,
+    pub api_key_failure_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -346,6 +354,10 @@ impl Config {
             store: RawStore {
                 dir: self.store.dir.clone(),
             },
+            limits: RawLimits {
+                api_key_failures: self.limits.api_key_failures,
+                api_key_failure_window_secs: self.limits.api_key_failure_window.as_secs(),
+            },
             tls: RawTls {
                 mode,
                 cert_file,
@@ -431,6 +443,7 @@ impl RawConfig {
         }
         let agents = validate_agents(self.agents, origin)?;
         let socketio = validate_socketio(self.socketio, origin)?;
+        let limits = validate_limits(&self.limits, origin)?;
         let tls = validate_tls(self.tls, &self.data_dir, origin)?;
         let http_redirect = validate_http_redirect(self.http_redirect, self.listen, origin)?;
         let cluster = match self.cluster {
@@ -464,6 +477,7 @@ impl RawConfig {
             store: StoreConfig {
                 dir: self.store.dir,
             },
+            limits,
             tls,
             socketio,
             http_redirect,
@@ -584,6 +598,23 @@ fn validate_agents(raw: RawAgents, origin: &str) -> Result<AgentsConfig, ConfigE
     }
     Ok(AgentsConfig {
         stale_after: Duration::from_secs(raw.stale_after_secs),
+    })
+}
+
+fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, ConfigError> {
+    let err = |key, message: &str| invalid(key, origin, message);
+    if raw.api_key_failures == 0 {
+        return Err(err("limits.api_key_failures", "must be at least 1"));
+    }
+    if raw.api_key_failure_window_secs == 0 {
+        return Err(err(
+            "limits.api_key_failure_window_secs",
+            "must be at least 1",
+        ));
+    }
+    Ok(LimitsConfig {
+        api_key_failures: raw.api_key_failures,
+        api_key_failure_window: Duration::from_secs(raw.api_key_failure_window_secs),
     })
 }
 

@@ -43,6 +43,8 @@ pub struct RawConfig {
     pub tls: RawTls,
     pub socketio: RawSocketIo,
     pub http_redirect: RawHttpRedirect,
+    /// `[limits]`: what one source address may do (README, "Limits").
+    pub limits: RawLimits,
     /// `[cluster]`: several nodes sharing one Redis. Absent: one node, files, no Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<RawCluster>,
@@ -202,11 +204,31 @@ impl Default for RawConfig {
             tls: RawTls::default(),
             socketio: RawSocketIo::default(),
             http_redirect: RawHttpRedirect::default(),
+            limits: RawLimits::default(),
             cluster: None,
             jwt: RawJwt::default(),
             proxy: RawProxy::default(),
             routes: Vec::new(),
             gateway_jwt_secret: None,
+        }
+    }
+}
+
+/// `[limits]` as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Failed API-key attempts one source address may make per window; the next requests
+    /// from it that need a key get `429` with `Retry-After` until the window ends.
+    pub api_key_failures: u32,
+    pub api_key_failure_window_secs: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            api_key_failures: 20,
+            api_key_failure_window_secs: 60,
         }
     }
 }

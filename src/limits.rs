@@ -1,0 +1,130 @@
+//! Per-source limits (issue 11, "Limits"): a count of failures per source address over a
+//! fixed window, past which the source is refused until the window ends. Used for failed
+//! API-key attempts (`429` with `Retry-After`).
+//!
+//! Fixed windows rather than sliding ones: one timestamp and one counter per source, and
+//! the refusal ends at a time the client can be told (`Retry-After`). A source is logged
+//! once per window, when it reaches the limit, and every refusal is counted in the
+//! metrics by the caller.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Sources tracked at once before expired windows are swept; bounds the memory a scan
+/// from many addresses can take (each entry is a few dozen bytes).
+const SWEEP_ABOVE: usize = 65_536;
+
+/// Failures counted per source address over a window (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct FailureWindow {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    max: u32,
+    window: Duration,
+    /// Held (no `.await` inside) for one lookup or update.
+    sources: Mutex<HashMap<IpAddr, Window>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    failures: u32,
+}
+
+impl FailureWindow {
+    /// At most `max` failures per source in `window`.
+    pub fn new(max: u32, window: Duration) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                max,
+                window,
+                sources: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// How long `source` stays refused, if it has reached the limit in its current window.
+    pub(crate) fn refused(&self, source: IpAddr, now: Instant) -> Option<Duration> {
+        let sources = self.lock();
+        let w = sources.get(&source)?;
+        let end = w.start + self.shared.window;
+        (w.failures >= self.shared.max && now < end).then(|| end - now)
+    }
+
+    /// Counts a failure of `source`; `true` when this one reached the limit (the moment to
+    /// log, once per window).
+    pub(crate) fn fail(&self, source: IpAddr, now: Instant) -> bool {
+        let window = self.shared.window;
+        let mut sources = self.lock();
+        if sources.len() >= SWEEP_ABOVE {
+            sources.retain(|_, w| now < w.start + window);
+        }
+        let w = sources.entry(source).or_insert(Window {
+            start: now,
+            failures: 0,
+        });
+        if now >= w.start + window {
+            *w = Window {
+                start: now,
+                failures: 0,
+            };
+        }
+        w.failures = w.failures.saturating_add(1);
+        w.failures == self.shared.max
+    }
+
+    pub(crate) fn window(&self) -> Duration {
+        self.shared.window
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Window>> {
+        // A panic while holding the lock leaves a map of plain counters, still usable.
+        self.shared
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up so that a client that waits that long is
+/// let in.
+pub(crate) fn retry_after_secs(left: Duration) -> u64 {
+    left.as_secs() + u64::from(left.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_refused_from_the_limit_until_its_window_ends() {
+        let limit = FailureWindow::new(3, Duration::from_secs(60));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(!limit.fail(a, t0));
+        assert!(!limit.fail(a, t0));
+        assert_eq!(limit.refused(a, t0), None);
+        assert!(limit.fail(a, t0), "the third failure reaches the limit");
+        assert!(!limit.fail(a, t0), "reported once per window");
+        assert_eq!(
+            limit.refused(a, t0 + Duration::from_secs(20)),
+            Some(Duration::from_secs(40))
+        );
+        assert_eq!(limit.refused(b, t0), None, "another source is not refused");
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(limit.refused(a, later), None);
+        assert!(!limit.fail(a, later), "a new window starts from zero");
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::from_millis(40_001)), 41);
+        assert_eq!(retry_after_secs(Duration::from_secs(40)), 40);
+    }
+}
