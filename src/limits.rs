@@ -1,6 +1,8 @@
 //! Per-source limits (issue 11, "Limits"): a count of failures per source address over a
-//! fixed window, past which the source is refused until the window ends. Used for failed
-//! API-key attempts (`429` with `Retry-After`).
+//! fixed window, past which the source is refused until the window ends ([`FailureWindow`]:
+//! failed API-key attempts get `429` with `Retry-After`, failed handshakes get the
+//! connection closed at accept), and a count of things in progress per source
+//! ([`InFlight`]: unfinished TLS handshakes).
 //!
 //! Fixed windows rather than sliding ones: one timestamp and one counter per source, and
 //! the refusal ends at a time the client can be told (`Retry-After`). A source is logged
@@ -91,6 +93,71 @@ impl FailureWindow {
     }
 }
 
+/// Things in progress per source address, at most `max` each (cheap to clone).
+#[derive(Clone, Debug)]
+pub(crate) struct InFlight {
+    shared: Arc<InFlightShared>,
+}
+
+#[derive(Debug)]
+struct InFlightShared {
+    max: u32,
+    /// Held (no `.await` inside) for one increment or decrement; a source with nothing in
+    /// progress has no entry, so the map holds at most as many entries as connections.
+    sources: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One thing in progress for a source; ends when dropped.
+#[derive(Debug)]
+pub(crate) struct InFlightGuard {
+    shared: Arc<InFlightShared>,
+    source: IpAddr,
+}
+
+impl InFlight {
+    pub(crate) fn new(max: u32) -> Self {
+        Self {
+            shared: Arc::new(InFlightShared {
+                max,
+                sources: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Counts one more for `source`, or `None` when it already has `max` in progress.
+    pub(crate) fn enter(&self, source: IpAddr) -> Option<InFlightGuard> {
+        let mut sources = self.shared.lock();
+        let n = sources.entry(source).or_insert(0);
+        if *n >= self.shared.max {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightGuard {
+            shared: self.shared.clone(),
+            source,
+        })
+    }
+}
+
+impl InFlightShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        // A panic while holding the lock leaves a map of plain counters, still usable.
+        self.sources.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut sources = self.shared.lock();
+        if let Some(n) = sources.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                sources.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// `Retry-After` in whole seconds, rounded up so that a client that waits that long is
 /// let in.
 pub(crate) fn retry_after_secs(left: Duration) -> u64 {
@@ -120,6 +187,19 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         assert_eq!(limit.refused(a, later), None);
         assert!(!limit.fail(a, later), "a new window starts from zero");
+    }
+
+    #[test]
+    fn in_flight_counts_per_source_and_frees_on_drop() {
+        let limit = InFlight::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = limit.enter(a).unwrap();
+        let _second = limit.enter(a).unwrap();
+        assert!(limit.enter(a).is_none(), "a third at once is refused");
+        assert!(limit.enter(b).is_some(), "another source has its own count");
+        drop(first);
+        assert!(limit.enter(a).is_some(), "a finished one frees its place");
     }
 
     #[test]

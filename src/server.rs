@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::enroll::{EnrollError, Enrollment};
 use crate::identity::{AgentIdentity, Peer};
 use crate::killable::Killable;
+use crate::limits::{FailureWindow, InFlight};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyBuildError};
@@ -327,6 +328,7 @@ impl Gateway {
             shutdown: token.clone(),
             kill: kill.clone(),
             metrics: self.metrics.clone(),
+            limits: SourceLimits::new(&self.config.limits),
         });
         tracker.spawn(listener::accept_loop(
             listener,
@@ -464,15 +466,72 @@ struct ConnShared {
     /// Cuts every connection's IO, upgraded ones included (see [`Killable`]).
     kill: CancellationToken,
     metrics: Metrics,
+    limits: SourceLimits,
+}
+
+/// The `[limits]` applied to connections before and during their handshake.
+struct SourceLimits {
+    /// Unfinished handshakes per source (`limits.handshakes_per_source`).
+    handshaking: InFlight,
+    /// Sources refused for too many unfinished handshakes, logged once per minute each.
+    handshaking_logged: FailureWindow,
+    /// Failed handshakes per source (`limits.handshake_failures`).
+    failures: FailureWindow,
+}
+
+impl SourceLimits {
+    fn new(limits: &crate::config::LimitsConfig) -> Self {
+        Self {
+            handshaking: InFlight::new(limits.handshakes_per_source),
+            handshaking_logged: FailureWindow::new(1, Duration::from_secs(60)),
+            failures: FailureWindow::new(
+                limits.handshake_failures,
+                limits.handshake_failure_window,
+            ),
+        }
+    }
 }
 
 impl ConnShared {
+    /// Counts a failed handshake of `remote`; logs when the source reaches the limit.
+    fn handshake_failed(&self, remote: SocketAddr) {
+        if self
+            .limits
+            .failures
+            .fail(remote.ip(), std::time::Instant::now())
+        {
+            tracing::warn!(
+                source = %remote.ip(), limit = "handshake_failures",
+                window_secs = self.limits.failures.window().as_secs(),
+                "source reached the failed handshakes limit; its connections are closed at accept until the window ends"
+            );
+        }
+    }
+
     async fn serve(
         self: Arc<Self>,
         tcp: TcpStream,
         remote: SocketAddr,
         _permit: OwnedSemaphorePermit,
     ) {
+        // Closed before any TLS work: a source past its failed handshakes, or with too
+        // many handshakes unfinished (silent connections that would hold a slot each
+        // until the handshake timeout).
+        let now = std::time::Instant::now();
+        if self.limits.failures.refused(remote.ip(), now).is_some() {
+            self.metrics.limit_refusal("handshake_failures");
+            return;
+        }
+        let Some(handshaking) = self.limits.handshaking.enter(remote.ip()) else {
+            self.metrics.limit_refusal("handshakes_per_source");
+            if self.limits.handshaking_logged.fail(remote.ip(), now) {
+                tracing::warn!(
+                    source = %remote.ip(), limit = "handshakes_per_source",
+                    "source has too many unfinished TLS handshakes; closing its new connections at accept (logged once a minute)"
+                );
+            }
+            return;
+        };
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
             .await
@@ -486,6 +545,7 @@ impl ConnShared {
             Ok(Err(e)) => {
                 let (kind, reason) = HandshakeFailure::classify(&e);
                 self.metrics.handshake("rejected", kind.as_str());
+                self.handshake_failed(remote);
                 if kind.is_certificate_rejection() {
                     tracing::warn!(peer = %remote, kind = kind.as_str(), %reason, "TLS handshake rejected");
                 } else {
@@ -496,10 +556,12 @@ impl ConnShared {
             Err(_) => {
                 self.metrics
                     .handshake("rejected", HandshakeFailure::Timeout.as_str());
+                self.handshake_failed(remote);
                 tracing::debug!(peer = %remote, "TLS handshake timed out");
                 return;
             }
         };
+        drop(handshaking);
         // A resumed session skips the verifier, so the decision is taken again here against
         // the store as it is now: a deleted or expired certificate does not come back in
         // through a session ticket.

@@ -104,6 +104,9 @@ pub struct AgentsConfig {
 pub struct LimitsConfig {
     pub api_key_failures: u32,
     pub api_key_failure_window: Duration,
+    pub handshakes_per_source: u32,
+    pub handshake_failures: u32,
+    pub handshake_failure_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -357,6 +360,9 @@ impl Config {
             limits: RawLimits {
                 api_key_failures: self.limits.api_key_failures,
                 api_key_failure_window_secs: self.limits.api_key_failure_window.as_secs(),
+                handshakes_per_source: self.limits.handshakes_per_source,
+                handshake_failures: self.limits.handshake_failures,
+                handshake_failure_window_secs: self.limits.handshake_failure_window.as_secs(),
             },
             tls: RawTls {
                 mode,
@@ -602,19 +608,35 @@ fn validate_agents(raw: RawAgents, origin: &str) -> Result<AgentsConfig, ConfigE
 }
 
 fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, ConfigError> {
-    let err = |key, message: &str| invalid(key, origin, message);
-    if raw.api_key_failures == 0 {
-        return Err(err("limits.api_key_failures", "must be at least 1"));
-    }
-    if raw.api_key_failure_window_secs == 0 {
-        return Err(err(
+    for (key, value) in [
+        ("limits.api_key_failures", u64::from(raw.api_key_failures)),
+        (
             "limits.api_key_failure_window_secs",
-            "must be at least 1",
-        ));
+            raw.api_key_failure_window_secs,
+        ),
+        (
+            "limits.handshakes_per_source",
+            u64::from(raw.handshakes_per_source),
+        ),
+        (
+            "limits.handshake_failures",
+            u64::from(raw.handshake_failures),
+        ),
+        (
+            "limits.handshake_failure_window_secs",
+            raw.handshake_failure_window_secs,
+        ),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, origin, "must be at least 1"));
+        }
     }
     Ok(LimitsConfig {
         api_key_failures: raw.api_key_failures,
         api_key_failure_window: Duration::from_secs(raw.api_key_failure_window_secs),
+        handshakes_per_source: raw.handshakes_per_source,
+        handshake_failures: raw.handshake_failures,
+        handshake_failure_window: Duration::from_secs(raw.handshake_failure_window_secs),
     })
 }
 

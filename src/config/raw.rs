@@ -222,6 +222,13 @@ pub struct RawLimits {
     /// from it that need a key get `429` with `Retry-After` until the window ends.
     pub api_key_failures: u32,
     pub api_key_failure_window_secs: u64,
+    /// Unfinished TLS handshakes one source address may have at once; further
+    /// connections from it are closed at accept.
+    pub handshakes_per_source: u32,
+    /// Failed TLS handshakes (refused, broken or timed out) one source address may have
+    /// per window; its further connections are closed at accept until the window ends.
+    pub handshake_failures: u32,
+    pub handshake_failure_window_secs: u64,
 }
 
 impl Default for RawLimits {
@@ -229,6 +236,9 @@ impl Default for RawLimits {
         Self {
             api_key_failures: 20,
             api_key_failure_window_secs: 60,
+            handshakes_per_source: 64,
+            handshake_failures: 100,
+            handshake_failure_window_secs: 60,
         }
     }
 }
