@@ -54,7 +54,8 @@ const IDENTITY_HEADERS: [HeaderName; 2] = [
 /// Time given to the `server_shutdown` notice to be written before connections are cut.
 const SHUTDOWN_NOTICE_FLUSH: Duration = Duration::from_millis(200);
 
-/// How long a client may take to send request headers (slowloris protection).
+/// How long a client of the metrics listener may take to send request headers (slowloris
+/// protection); the main listener's is `limits.http_idle_timeout_secs`.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -329,6 +330,7 @@ impl Gateway {
             kill: kill.clone(),
             metrics: self.metrics.clone(),
             limits: SourceLimits::new(&self.config.limits),
+            http_idle_timeout: self.config.limits.http_idle_timeout,
         });
         tracker.spawn(listener::accept_loop(
             listener,
@@ -467,6 +469,8 @@ struct ConnShared {
     kill: CancellationToken,
     metrics: Metrics,
     limits: SourceLimits,
+    /// `limits.http_idle_timeout_secs`.
+    http_idle_timeout: Duration,
 }
 
 /// The `[limits]` applied to connections before and during their handshake.
@@ -613,7 +617,12 @@ impl ConnShared {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            // hyper starts this timer whenever it waits for a request head, the wait between
+            // two requests of a kept-alive connection included (hyper 1.x,
+            // `proto::h1::conn::poll_read_head`): it is the idle keep-alive timeout as well
+            // as the slowloris bound. Upgraded connections (WebSocket) leave hyper and
+            // have Engine.IO's ping timeout instead.
+            .header_read_timeout(self.http_idle_timeout)
             .max_headers(api::head_limits::HYPER_MAX_HEADERS)
             .max_buf_size(api::head_limits::HYPER_MAX_BUF);
         let io = Gated::new(Killable::new(tls, self.kill.clone()), gate);
@@ -631,7 +640,15 @@ impl ConnShared {
             }
         };
         if let Err(e) = result {
-            tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
+            let timed_out = e
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout);
+            if timed_out {
+                self.metrics.limit_refusal("http_idle_timeout_secs");
+                tracing::debug!(peer = %remote, "connection closed: idle or request head too slow (limits.http_idle_timeout_secs)");
+            } else {
+                tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
+            }
         }
     }
 }

@@ -185,3 +185,28 @@ async fn two_thousand_silent_connections_do_not_hold_up_a_normal_client() {
     drop(silent);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
+    let server = TestServer::start_with(|c| c.limits.http_idle_timeout_secs = 1).await;
+    let mut tls = server.tls(None).await.unwrap();
+    tls.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Kept alive (no `connection: close`), then idle: the gateway ends it.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the idle connection was still open after 10 s");
+    assert!(
+        metric(
+            &server,
+            "agentgate_limit_refusals_total{limit=\"http_idle_timeout_secs\"}"
+        )
+        .await
+            >= 1.0
+    );
+    server.stop().await;
+}

@@ -107,6 +107,7 @@ pub struct LimitsConfig {
     pub handshakes_per_source: u32,
     pub handshake_failures: u32,
     pub handshake_failure_window: Duration,
+    pub http_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -363,6 +364,7 @@ impl Config {
                 handshakes_per_source: self.limits.handshakes_per_source,
                 handshake_failures: self.limits.handshake_failures,
                 handshake_failure_window_secs: self.limits.handshake_failure_window.as_secs(),
+                http_idle_timeout_secs: self.limits.http_idle_timeout.as_secs(),
             },
             tls: RawTls {
                 mode,
@@ -626,6 +628,7 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
             "limits.handshake_failure_window_secs",
             raw.handshake_failure_window_secs,
         ),
+        ("limits.http_idle_timeout_secs", raw.http_idle_timeout_secs),
     ] {
         if value == 0 {
             return Err(invalid(key, origin, "must be at least 1"));
@@ -637,6 +640,7 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
         handshakes_per_source: raw.handshakes_per_source,
         handshake_failures: raw.handshake_failures,
         handshake_failure_window: Duration::from_secs(raw.handshake_failure_window_secs),
+        http_idle_timeout: Duration::from_secs(raw.http_idle_timeout_secs),
     })
 }
 

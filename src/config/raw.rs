@@ -229,6 +229,9 @@ pub struct RawLimits {
     /// per window; its further connections are closed at accept until the window ends.
     pub handshake_failures: u32,
     pub handshake_failure_window_secs: u64,
+    /// An HTTP/1.1 connection idle between requests, or this slow to send a request head,
+    /// is closed.
+    pub http_idle_timeout_secs: u64,
 }
 
 impl Default for RawLimits {
@@ -239,6 +242,7 @@ impl Default for RawLimits {
             handshakes_per_source: 64,
             handshake_failures: 100,
             handshake_failure_window_secs: 60,
+            http_idle_timeout_secs: 30,
         }
     }
 }
