@@ -224,7 +224,13 @@ impl Gateway {
                 agents.bindings.clone(),
                 session_guard::guard,
             ))
-            .layer(axum::middleware::from_fn(api::head_limits::check_head))
+            .layer(axum::middleware::from_fn_with_state(
+                api::head_limits::HeadCheck {
+                    limits: config.limits.head,
+                    metrics: metrics.clone(),
+                },
+                api::head_limits::check_head,
+            ))
             .layer(axum::middleware::from_fn(api::json_errors))
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
@@ -331,6 +337,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             limits: SourceLimits::new(&self.config.limits),
             http_idle_timeout: self.config.limits.http_idle_timeout,
+            head_limits: self.config.limits.head,
         });
         tracker.spawn(listener::accept_loop(
             listener,
@@ -471,6 +478,8 @@ struct ConnShared {
     limits: SourceLimits,
     /// `limits.http_idle_timeout_secs`.
     http_idle_timeout: Duration,
+    /// `limits.max_uri_bytes`, `max_header_fields`, `max_header_bytes`.
+    head_limits: api::head_limits::HeadLimits,
 }
 
 /// The `[limits]` applied to connections before and during their handshake.
@@ -623,8 +632,8 @@ impl ConnShared {
             // as the slowloris bound. Upgraded connections (WebSocket) leave hyper and
             // have Engine.IO's ping timeout instead.
             .header_read_timeout(self.http_idle_timeout)
-            .max_headers(api::head_limits::HYPER_MAX_HEADERS)
-            .max_buf_size(api::head_limits::HYPER_MAX_BUF);
+            .max_headers(self.head_limits.hyper_max_headers())
+            .max_buf_size(self.head_limits.hyper_max_buf());
         let io = Gated::new(Killable::new(tls, self.kill.clone()), gate);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);

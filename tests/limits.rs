@@ -210,3 +210,45 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn request_head_limits_come_from_the_config() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_uri_bytes = 100;
+        c.limits.max_header_fields = 6;
+        c.limits.max_header_bytes = 300;
+    })
+    .await;
+    let mut conn = server.http(None).await.unwrap();
+    let ok = conn.send("GET", "/health", &[], "").await.unwrap();
+    assert_eq!(ok.status, 200);
+    let long = format!("/health?{}", "a".repeat(100));
+    let r = conn.send("GET", &long, &[], "").await.unwrap();
+    assert_eq!(r.status, 414, "{}", r.text());
+    assert!(r.text().contains("limits.max_uri_bytes"), "{}", r.text());
+    let many: Vec<(String, String)> = (0..7).map(|i| (format!("x-f{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = conn.send("GET", "/health", &many, "").await.unwrap();
+    assert_eq!(r.status, 431, "{}", r.text());
+    assert!(
+        r.text().contains("limits.max_header_fields"),
+        "{}",
+        r.text()
+    );
+    let big = "v".repeat(300);
+    let r = conn
+        .send("GET", "/health", &[("x-big", big.as_str())], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 431, "{}", r.text());
+    assert!(r.text().contains("limits.max_header_bytes"), "{}", r.text());
+    assert!(
+        metric(
+            &server,
+            "agentgate_limit_refusals_total{limit=\"max_uri_bytes\"}"
+        )
+        .await
+            >= 1.0
+    );
+    server.stop().await;
+}

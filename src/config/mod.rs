@@ -108,6 +108,7 @@ pub struct LimitsConfig {
     pub handshake_failures: u32,
     pub handshake_failure_window: Duration,
     pub http_idle_timeout: Duration,
+    pub head: crate::api::head_limits::HeadLimits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -365,6 +366,9 @@ impl Config {
                 handshake_failures: self.limits.handshake_failures,
                 handshake_failure_window_secs: self.limits.handshake_failure_window.as_secs(),
                 http_idle_timeout_secs: self.limits.http_idle_timeout.as_secs(),
+                max_uri_bytes: self.limits.head.uri_bytes,
+                max_header_fields: self.limits.head.header_fields,
+                max_header_bytes: self.limits.head.header_bytes,
             },
             tls: RawTls {
                 mode,
@@ -634,6 +638,20 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
             return Err(invalid(key, origin, "must be at least 1"));
         }
     }
+    // Upper bounds keep hyper's per-connection read buffer (sized from these) small.
+    for (key, value, max) in [
+        ("limits.max_uri_bytes", raw.max_uri_bytes, 1 << 20),
+        ("limits.max_header_fields", raw.max_header_fields, 10_000),
+        ("limits.max_header_bytes", raw.max_header_bytes, 1 << 20),
+    ] {
+        if !(1..=max).contains(&value) {
+            return Err(invalid_owned(
+                key.to_owned(),
+                origin,
+                format!("must be between 1 and {max}"),
+            ));
+        }
+    }
     Ok(LimitsConfig {
         api_key_failures: raw.api_key_failures,
         api_key_failure_window: Duration::from_secs(raw.api_key_failure_window_secs),
@@ -641,6 +659,11 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
         handshake_failures: raw.handshake_failures,
         handshake_failure_window: Duration::from_secs(raw.handshake_failure_window_secs),
         http_idle_timeout: Duration::from_secs(raw.http_idle_timeout_secs),
+        head: crate::api::head_limits::HeadLimits {
+            uri_bytes: raw.max_uri_bytes,
+            header_fields: raw.max_header_fields,
+            header_bytes: raw.max_header_bytes,
+        },
     })
 }
 

@@ -232,6 +232,12 @@ pub struct RawLimits {
     /// An HTTP/1.1 connection idle between requests, or this slow to send a request head,
     /// is closed.
     pub http_idle_timeout_secs: u64,
+    /// Longest request target (path and query), in bytes: `414` past it.
+    pub max_uri_bytes: usize,
+    /// Most header fields in one request: `431` past it.
+    pub max_header_fields: usize,
+    /// Largest sum of header field names and values, in bytes: `431` past it.
+    pub max_header_bytes: usize,
 }
 
 impl Default for RawLimits {
@@ -243,6 +249,9 @@ impl Default for RawLimits {
             handshake_failures: 100,
             handshake_failure_window_secs: 60,
             http_idle_timeout_secs: 30,
+            max_uri_bytes: 8 * 1024,
+            max_header_fields: 100,
+            max_header_bytes: 32 * 1024,
         }
     }
 }
