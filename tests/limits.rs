@@ -252,3 +252,65 @@ async fn request_head_limits_come_from_the_config() {
     );
     server.stop().await;
 }
+
+/// A WebSocket session of `agent`, connected to the namespace.
+async fn ws_session(
+    server: &TestServer,
+    agent: &AgentCert,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tls = server.tls(Some(agent)).await.unwrap();
+    let (ws, answer) = agentgate_testkit::sio::open(tls, server.addr.port(), None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, agentgate_testkit::sio::Namespace::Accepted(_)),
+        "{answer:?}"
+    );
+    ws
+}
+
+#[tokio::test]
+async fn a_websocket_client_that_stops_reading_is_disconnected_not_buffered() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start_with(|c| {
+        c.socketio.ping_interval_secs = 1;
+        c.socketio.ping_timeout_secs = 1;
+    })
+    .await;
+    let agent = server.pki.agent("never-reads");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let id: agentgate::identity::AgentId = "never-reads".parse().unwrap();
+    let mut ws = ws_session(&server, &agent).await;
+    // Writes heartbeats (each answered with an ack) and never reads a byte: the answers
+    // pile up in the gateway's send buffer, then in the socket buffers.
+    let writer = tokio::spawn(async move {
+        let frame = r#"42["heartbeat",{"cpu_usage":0.5,"memory_usage":256,"disk_usage":1024}]"#;
+        let mut sent = 0u64;
+        while ws.send(Message::text(frame)).await.is_ok() {
+            sent += 1;
+        }
+        sent
+    });
+    let mut gone = false;
+    for _ in 0..600 {
+        if server.agents.registry.sessions_of(&id, None).is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gone,
+        "the session of a client that never reads stayed open for 30 s"
+    );
+    // The gateway stopped reading it before it went (backpressure), so what it held was
+    // bounded by its send buffer, not by what the client sent.
+    assert!(metric(&server, "agentgate_socket_backpressure_total").await >= 1.0);
+    let sent = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the writer was never stopped")
+        .unwrap();
+    println!("heartbeats written before the gateway closed the session: {sent}");
+    server.stop().await;
+}
