@@ -10,6 +10,7 @@
 //! metrics by the caller.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,18 +19,27 @@ use std::time::{Duration, Instant};
 /// from many addresses can take (each entry is a few dozen bytes).
 const SWEEP_ABOVE: usize = 65_536;
 
-/// Failures counted per source address over a window (cheap to clone).
+/// Failures (or events) counted per key over a window, by default per source address
+/// (cheap to clone).
 #[derive(Clone, Debug)]
-pub struct FailureWindow {
-    shared: Arc<Shared>,
+pub struct FailureWindow<K = IpAddr> {
+    shared: Arc<Shared<K>>,
 }
 
 #[derive(Debug)]
-struct Shared {
+struct Shared<K> {
     max: u32,
     window: Duration,
     /// Held (no `.await` inside) for one lookup or update.
-    sources: Mutex<HashMap<IpAddr, Window>>,
+    sources: Mutex<Sources<K>>,
+}
+
+#[derive(Debug)]
+struct Sources<K> {
+    windows: HashMap<K, Window>,
+    /// Size at which expired windows are swept next: doubles with what a sweep leaves, so
+    /// that sweeping stays amortised O(1) per update however many keys are live.
+    sweep_at: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -38,35 +48,44 @@ struct Window {
     failures: u32,
 }
 
-impl FailureWindow {
-    /// At most `max` failures per source in `window`.
+impl<K: Hash + Eq + Copy> FailureWindow<K> {
+    /// At most `max` failures per key in `window`.
     pub fn new(max: u32, window: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
                 max,
                 window,
-                sources: Mutex::new(HashMap::new()),
+                sources: Mutex::new(Sources {
+                    windows: HashMap::new(),
+                    sweep_at: SWEEP_ABOVE,
+                }),
             }),
         }
     }
 
     /// How long `source` stays refused, if it has reached the limit in its current window.
-    pub(crate) fn refused(&self, source: IpAddr, now: Instant) -> Option<Duration> {
+    pub(crate) fn refused(&self, source: K, now: Instant) -> Option<Duration> {
         let sources = self.lock();
-        let w = sources.get(&source)?;
+        let w = sources.windows.get(&source)?;
         let end = w.start + self.shared.window;
         (w.failures >= self.shared.max && now < end).then(|| end - now)
     }
 
     /// Counts a failure of `source`; `true` when this one reached the limit (the moment to
     /// log, once per window).
-    pub(crate) fn fail(&self, source: IpAddr, now: Instant) -> bool {
+    pub(crate) fn fail(&self, source: K, now: Instant) -> bool {
+        self.count(source, now) == self.shared.max
+    }
+
+    /// Counts one more for `source` and returns its count in the current window.
+    pub(crate) fn count(&self, source: K, now: Instant) -> u32 {
         let window = self.shared.window;
         let mut sources = self.lock();
-        if sources.len() >= SWEEP_ABOVE {
-            sources.retain(|_, w| now < w.start + window);
+        if sources.windows.len() >= sources.sweep_at {
+            sources.windows.retain(|_, w| now < w.start + window);
+            sources.sweep_at = SWEEP_ABOVE.max(2 * sources.windows.len());
         }
-        let w = sources.entry(source).or_insert(Window {
+        let w = sources.windows.entry(source).or_insert(Window {
             start: now,
             failures: 0,
         });
@@ -77,14 +96,24 @@ impl FailureWindow {
             };
         }
         w.failures = w.failures.saturating_add(1);
-        w.failures == self.shared.max
+        w.failures
+    }
+
+    /// The count allowed per window.
+    pub(crate) fn max(&self) -> u32 {
+        self.shared.max
     }
 
     pub(crate) fn window(&self) -> Duration {
         self.shared.window
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Window>> {
+    /// Drops what is counted for `source` (a session that ended).
+    pub(crate) fn forget(&self, source: &K) {
+        self.lock().windows.remove(source);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sources<K>> {
         // A panic while holding the lock leaves a map of plain counters, still usable.
         self.shared
             .sources

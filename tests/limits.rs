@@ -314,3 +314,58 @@ async fn a_websocket_client_that_stops_reading_is_disconnected_not_buffered() {
     println!("heartbeats written before the gateway closed the session: {sent}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_that_floods_events_past_its_rate_is_disconnected() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start_with(|c| {
+        c.limits.agent_events = 50;
+        c.limits.agent_event_window_secs = 3600;
+    })
+    .await;
+    let agent = server.pki.agent("flooder");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let id: agentgate::identity::AgentId = "flooder".parse().unwrap();
+    let ws = ws_session(&server, &agent).await;
+    let (mut sink, mut stream) = ws.split();
+    let frame = r#"42["heartbeat",{"cpu_usage":0.5,"memory_usage":256,"disk_usage":1024}]"#;
+    let writer = tokio::spawn(async move {
+        for _ in 0..200 {
+            if sink.send(Message::text(frame)).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Acks for the events within the limit, then the end of the session.
+    let mut acks = 0;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(m)) = stream.next().await {
+            match m {
+                Message::Text(t) if t.contains("heartbeat_ack") => acks += 1,
+                Message::Text(t) if t.as_str() == "41" => break,
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the flooding session stayed open");
+    assert_eq!(
+        acks, 50,
+        "every event within the limit, and none past it, is answered"
+    );
+    assert!(server.agents.registry.sessions_of(&id, None).is_empty());
+    assert!(
+        metric(
+            &server,
+            "agentgate_limit_refusals_total{limit=\"agent_events\"}"
+        )
+        .await
+            >= 1.0
+    );
+    // A new session of the same agent starts with a fresh count.
+    let _again = ws_session(&server, &agent).await;
+    writer.abort();
+    server.stop().await;
+}

@@ -109,6 +109,8 @@ pub struct LimitsConfig {
     pub handshake_failure_window: Duration,
     pub http_idle_timeout: Duration,
     pub head: crate::api::head_limits::HeadLimits,
+    pub agent_events: u32,
+    pub agent_event_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -369,6 +371,8 @@ impl Config {
                 max_uri_bytes: self.limits.head.uri_bytes,
                 max_header_fields: self.limits.head.header_fields,
                 max_header_bytes: self.limits.head.header_bytes,
+                agent_events: self.limits.agent_events,
+                agent_event_window_secs: self.limits.agent_event_window.as_secs(),
             },
             tls: RawTls {
                 mode,
@@ -633,6 +637,11 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
             raw.handshake_failure_window_secs,
         ),
         ("limits.http_idle_timeout_secs", raw.http_idle_timeout_secs),
+        ("limits.agent_events", u64::from(raw.agent_events)),
+        (
+            "limits.agent_event_window_secs",
+            raw.agent_event_window_secs,
+        ),
     ] {
         if value == 0 {
             return Err(invalid(key, origin, "must be at least 1"));
@@ -664,6 +673,8 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
             header_fields: raw.max_header_fields,
             header_bytes: raw.max_header_bytes,
         },
+        agent_events: raw.agent_events,
+        agent_event_window: Duration::from_secs(raw.agent_event_window_secs),
     })
 }
 

@@ -238,6 +238,10 @@ pub struct RawLimits {
     pub max_header_fields: usize,
     /// Largest sum of header field names and values, in bytes: `431` past it.
     pub max_header_bytes: usize,
+    /// Events one Socket.IO session may send per window; past it, it is disconnected
+    /// (backpressure throttles it before that).
+    pub agent_events: u32,
+    pub agent_event_window_secs: u64,
 }
 
 impl Default for RawLimits {
@@ -252,6 +256,8 @@ impl Default for RawLimits {
             max_uri_bytes: 8 * 1024,
             max_header_fields: 100,
             max_header_bytes: 32 * 1024,
+            agent_events: 100_000,
+            agent_event_window_secs: 10,
         }
     }
 }
