@@ -558,7 +558,11 @@ impl ConnShared {
             Ok(Err(e)) => {
                 let (kind, reason) = HandshakeFailure::classify(&e);
                 self.metrics.handshake("rejected", kind.as_str());
-                self.handshake_failed(remote);
+                // A connection closed or reset before a handshake (a load balancer's TCP
+                // health check, a port scan's connect) is not an attempt that failed.
+                if kind != HandshakeFailure::Io {
+                    self.handshake_failed(remote);
+                }
                 if kind.is_certificate_rejection() {
                     tracing::warn!(peer = %remote, kind = kind.as_str(), %reason, "TLS handshake rejected");
                 } else {

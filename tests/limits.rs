@@ -369,3 +369,25 @@ async fn an_agent_that_floods_events_past_its_rate_is_disconnected() {
     writer.abort();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn connections_closed_before_any_tls_record_are_not_failed_handshakes() {
+    let server = TestServer::start_with(|c| {
+        c.limits.handshake_failures = 3;
+        c.limits.handshake_failure_window_secs = 3600;
+    })
+    .await;
+    // A load balancer's TCP health check: connect, close. Waiting for the gateway's close
+    // means it has judged the connection.
+    for _ in 0..10 {
+        let mut tcp = tcp_from("127.0.0.4", server.addr).await;
+        tcp.shutdown().await.unwrap();
+        assert!(closed_by_gateway(&mut tcp).await);
+    }
+    assert_eq!(
+        health_from(&server, "127.0.0.4").await,
+        Some(200),
+        "health checks counted as failed handshakes"
+    );
+    server.stop().await;
+}
