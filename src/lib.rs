@@ -11,7 +11,8 @@
 //!   [`tls::acme`] (certificates over ACME, TLS-ALPN-01 on the same listener).
 //! - [`store`]: the certificate store: the in-memory index the handshake reads, fed by
 //!   one of two backends (files for one node, Redis for a cluster, followed through
-//!   pub/sub), the upload rules, and `store import`. Install tokens ([`enroll`]) live in
+//!   pub/sub), the upload rules, `store import`, and the watch of the store directory
+//!   (hand edits). Install tokens ([`enroll`]) live in
 //!   the same backend.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
 //! - `digest`: SHA-256 and hex (fingerprints, API key digests, install token hashes).
@@ -30,6 +31,7 @@
 //! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,
 //!   commands to agents.
 //! - [`enroll`]: one-time install tokens and registered agent metadata.
+//! - [`limits`]: per-source limits of `[limits]` (failed API-key attempts).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cluster`]: several nodes on one Redis: the URL, a reconnecting pub/sub driver for
 //!   socketioxide-redis, emit-with-ack that ends when every answer is in, the fleet view
@@ -51,6 +53,7 @@ pub(crate) mod fsutil;
 pub mod fuzzing;
 pub mod identity;
 pub(crate) mod killable;
+pub mod limits;
 pub(crate) mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -30,6 +30,11 @@ pub struct ProblemLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub event: &'static str,
 }
@@ -88,6 +93,7 @@ struct Inner {
     proxy_requests: Family<ProxyLabels, Counter>,
     proxy_seconds: Family<RouteLabels, Histogram>,
     upstream_healthy: Family<UpstreamLabels, Gauge>,
+    limit_refusals: Family<LimitLabels, Counter>,
     state: StateMetrics,
 }
 
@@ -289,8 +295,15 @@ impl Metrics {
             "1 while an upstream is in its route's rotation, 0 while it is out",
             upstream_healthy.clone(),
         );
+        let limit_refusals = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Requests and connections refused by a [limits] setting, by limit (the config key)",
+            limit_refusals.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
+                limit_refusals,
                 proxy_requests,
                 proxy_seconds,
                 upstream_healthy,
@@ -318,6 +331,14 @@ impl Metrics {
         self.inner
             .handshakes
             .get_or_create(&HandshakeLabels { result, reason })
+            .inc();
+    }
+
+    /// One refusal by the `[limits]` setting `limit`.
+    pub fn limit_refusal(&self, limit: &'static str) {
+        self.inner
+            .limit_refusals
+            .get_or_create(&LimitLabels { limit })
             .inc();
     }
 

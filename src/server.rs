@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::enroll::{EnrollError, Enrollment};
 use crate::identity::{AgentIdentity, Peer};
 use crate::killable::Killable;
+use crate::limits::{FailureWindow, InFlight};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyBuildError};
@@ -53,7 +54,8 @@ const IDENTITY_HEADERS: [HeaderName; 2] = [
 /// Time given to the `server_shutdown` notice to be written before connections are cut.
 const SHUTDOWN_NOTICE_FLUSH: Duration = Duration::from_millis(200);
 
-/// How long a client may take to send request headers (slowloris protection).
+/// How long a client of the metrics listener may take to send request headers (slowloris
+/// protection); the main listener's is `limits.http_idle_timeout_secs`.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +201,10 @@ impl Gateway {
             clock,
             requests: TaskTracker::new(),
             proxy,
+            api_key_failures: crate::limits::FailureWindow::new(
+                config.limits.api_key_failures,
+                config.limits.api_key_failure_window,
+            ),
         };
         let exposure = match config.metrics_listen {
             Some(_) => MetricsExposure::SeparateListener,
@@ -218,7 +224,13 @@ impl Gateway {
                 agents.bindings.clone(),
                 session_guard::guard,
             ))
-            .layer(axum::middleware::from_fn(api::head_limits::check_head))
+            .layer(axum::middleware::from_fn_with_state(
+                api::head_limits::HeadCheck {
+                    limits: config.limits.head,
+                    metrics: metrics.clone(),
+                },
+                api::head_limits::check_head,
+            ))
             .layer(axum::middleware::from_fn(api::json_errors))
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
@@ -289,6 +301,7 @@ impl Gateway {
             .spawn_binding_pruner(token.clone(), ping.max(Duration::from_secs(60)) * 2);
         self.server_cert.spawn_background(token.clone(), &tracker);
         self.state.proxy.start_health_checks(token.child_token());
+        self.store.watch_dir(token.child_token());
         if let Some(redirect) = self.redirect.take() {
             // Without `[http_redirect]`, the port of the listener the caller gave.
             let https_port = self
@@ -322,6 +335,9 @@ impl Gateway {
             shutdown: token.clone(),
             kill: kill.clone(),
             metrics: self.metrics.clone(),
+            limits: SourceLimits::new(&self.config.limits),
+            http_idle_timeout: self.config.limits.http_idle_timeout,
+            head_limits: self.config.limits.head,
         });
         tracker.spawn(listener::accept_loop(
             listener,
@@ -430,7 +446,8 @@ async fn open_store(config: &Config, metrics: &Metrics) -> Result<CertStore, Sta
     Ok(store)
 }
 
-/// A certificate replaced or deleted elsewhere (another node, or found by a resync)
+/// A certificate replaced or deleted elsewhere (another node, a resync, or a hand edit of
+/// the store directory)
 /// closes this node's sessions that authenticated with it, as a local change does.
 fn close_revoked_sessions(store: &CertStore, agents: &Agents) {
     let agents = agents.clone();
@@ -442,7 +459,7 @@ fn close_revoked_sessions(store: &CertStore, agents: &Agents) {
         tracing::info!(
             agent_id = %change.agent_id, old_fingerprint = %change.old,
             deleted = change.new.is_none(), closed_sessions = closed,
-            "agent certificate changed on another node"
+            "agent certificate changed outside this node's API (another node, a resync or the store directory)"
         );
     });
 }
@@ -458,15 +475,76 @@ struct ConnShared {
     /// Cuts every connection's IO, upgraded ones included (see [`Killable`]).
     kill: CancellationToken,
     metrics: Metrics,
+    limits: SourceLimits,
+    /// `limits.http_idle_timeout_secs`.
+    http_idle_timeout: Duration,
+    /// `limits.max_uri_bytes`, `max_header_fields`, `max_header_bytes`.
+    head_limits: api::head_limits::HeadLimits,
+}
+
+/// The `[limits]` applied to connections before and during their handshake.
+struct SourceLimits {
+    /// Unfinished handshakes per source (`limits.handshakes_per_source`).
+    handshaking: InFlight,
+    /// Sources refused for too many unfinished handshakes, logged once per minute each.
+    handshaking_logged: FailureWindow,
+    /// Failed handshakes per source (`limits.handshake_failures`).
+    failures: FailureWindow,
+}
+
+impl SourceLimits {
+    fn new(limits: &crate::config::LimitsConfig) -> Self {
+        Self {
+            handshaking: InFlight::new(limits.handshakes_per_source),
+            handshaking_logged: FailureWindow::new(1, Duration::from_secs(60)),
+            failures: FailureWindow::new(
+                limits.handshake_failures,
+                limits.handshake_failure_window,
+            ),
+        }
+    }
 }
 
 impl ConnShared {
+    /// Counts a failed handshake of `remote`; logs when the source reaches the limit.
+    fn handshake_failed(&self, remote: SocketAddr) {
+        if self
+            .limits
+            .failures
+            .fail(remote.ip(), std::time::Instant::now())
+        {
+            tracing::warn!(
+                source = %remote.ip(), limit = "handshake_failures",
+                window_secs = self.limits.failures.window().as_secs(),
+                "source reached the failed handshakes limit; its connections are closed at accept until the window ends"
+            );
+        }
+    }
+
     async fn serve(
         self: Arc<Self>,
         tcp: TcpStream,
         remote: SocketAddr,
         _permit: OwnedSemaphorePermit,
     ) {
+        // Closed before any TLS work: a source past its failed handshakes, or with too
+        // many handshakes unfinished (silent connections that would hold a slot each
+        // until the handshake timeout).
+        let now = std::time::Instant::now();
+        if self.limits.failures.refused(remote.ip(), now).is_some() {
+            self.metrics.limit_refusal("handshake_failures");
+            return;
+        }
+        let Some(handshaking) = self.limits.handshaking.enter(remote.ip()) else {
+            self.metrics.limit_refusal("handshakes_per_source");
+            if self.limits.handshaking_logged.fail(remote.ip(), now) {
+                tracing::warn!(
+                    source = %remote.ip(), limit = "handshakes_per_source",
+                    "source has too many unfinished TLS handshakes; closing its new connections at accept (logged once a minute)"
+                );
+            }
+            return;
+        };
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
             .await
@@ -480,6 +558,11 @@ impl ConnShared {
             Ok(Err(e)) => {
                 let (kind, reason) = HandshakeFailure::classify(&e);
                 self.metrics.handshake("rejected", kind.as_str());
+                // A connection closed or reset before a handshake (a load balancer's TCP
+                // health check, a port scan's connect) is not an attempt that failed.
+                if kind != HandshakeFailure::Io {
+                    self.handshake_failed(remote);
+                }
                 if kind.is_certificate_rejection() {
                     tracing::warn!(peer = %remote, kind = kind.as_str(), %reason, "TLS handshake rejected");
                 } else {
@@ -490,10 +573,12 @@ impl ConnShared {
             Err(_) => {
                 self.metrics
                     .handshake("rejected", HandshakeFailure::Timeout.as_str());
+                self.handshake_failed(remote);
                 tracing::debug!(peer = %remote, "TLS handshake timed out");
                 return;
             }
         };
+        drop(handshaking);
         // A resumed session skips the verifier, so the decision is taken again here against
         // the store as it is now: a deleted or expired certificate does not come back in
         // through a session ticket.
@@ -545,9 +630,14 @@ impl ConnShared {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_headers(api::head_limits::HYPER_MAX_HEADERS)
-            .max_buf_size(api::head_limits::HYPER_MAX_BUF);
+            // hyper starts this timer whenever it waits for a request head, the wait between
+            // two requests of a kept-alive connection included (hyper 1.x,
+            // `proto::h1::conn::poll_read_head`): it is the idle keep-alive timeout as well
+            // as the slowloris bound. Upgraded connections (WebSocket) leave hyper and
+            // have Engine.IO's ping timeout instead.
+            .header_read_timeout(self.http_idle_timeout)
+            .max_headers(self.head_limits.hyper_max_headers())
+            .max_buf_size(self.head_limits.hyper_max_buf());
         let io = Gated::new(Killable::new(tls, self.kill.clone()), gate);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
@@ -563,7 +653,15 @@ impl ConnShared {
             }
         };
         if let Err(e) = result {
-            tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
+            let timed_out = e
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout);
+            if timed_out {
+                self.metrics.limit_refusal("http_idle_timeout_secs");
+                tracing::debug!(peer = %remote, "connection closed: idle or request head too slow (limits.http_idle_timeout_secs)");
+            } else {
+                tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
+            }
         }
     }
 }

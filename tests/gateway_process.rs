@@ -304,3 +304,32 @@ fn check_config_names_a_missing_jwt_key_file_and_a_bad_route() {
     let (ok, stderr) = check(&route("x", "/x", "http://127.0.0.1:9"));
     assert!(ok, "{stderr}");
 }
+
+/// A hand-edited store directory (issue 11, point 5): a file that fails the upload rules is
+/// skipped with a log line naming it; the gateway's temporary files are never read.
+#[tokio::test]
+async fn a_bad_file_copied_into_the_store_directory_is_skipped_with_a_log_line() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), &pki, port, "");
+    let log = dir.path().join("gw.log");
+    let _proc = start(&config, &log);
+    let _conn = connect(&pki, port).await;
+    let certs = dir.path().join("certs");
+    std::fs::write(
+        certs.join(".agentgate-tmp-1-1"),
+        pki.agent("tmp-agent").cert_pem,
+    )
+    .unwrap();
+    std::fs::write(certs.join("bad-1.pem"), pki.agent("someone-else").cert_pem).unwrap();
+    let text = wait_log(&log, "skipped file in certificate store").await;
+    assert!(text.contains("bad-1.pem"), "{text}");
+    assert!(
+        !text.contains(".agentgate-tmp-"),
+        "a temporary file was read: {text}"
+    );
+    // A good file after it is taken.
+    std::fs::write(certs.join("good-1.pem"), pki.agent("good-1").cert_pem).unwrap();
+    wait_log(&log, "certificate added in the store directory").await;
+}

@@ -783,3 +783,220 @@ async fn connect_ack(polling: &Polling, conn: &mut HttpConn) {
     }
     panic!("no connect acknowledgement in five polls");
 }
+
+/// Waits (10 s at most, a bound for a loaded machine, not a timing claim) until `done`.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+/// Reads `ws` until the gateway ends the session (a Socket.IO disconnect packet, a close
+/// frame, the end of the stream or an error); `false` if it is still open after 10 s.
+async fn session_closed(ws: &mut Ws) -> bool {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let read_until_end = async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(Message::Text(t))) if t.as_str() == "41" => return,
+                // Engine.IO pings and anything else the session still sends.
+                Some(Ok(_)) => {}
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read_until_end)
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_certificate_file_removed_by_hand_ends_handshakes_resumptions_and_the_session() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("hand-rm-1");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let mut ws = ws_session(&server, &agent).await;
+    // A client whose session cache holds a ticket from a full handshake made while the
+    // file was there.
+    let config = client_config(&server.pki, Some(&agent));
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(config.clone())
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap()
+    };
+    let request = b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+    let mut first = connect().await;
+    first.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    first.read_to_end(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+
+    std::fs::remove_file(server.store_dir().join("hand-rm-1.pem")).unwrap();
+    eventually("the removed file leaves the store", || {
+        server
+            .store
+            .by_agent(&"hand-rm-1".parse().unwrap())
+            .is_none()
+    })
+    .await;
+    assert!(
+        session_closed(&mut ws).await,
+        "the live session stayed open"
+    );
+    let refused = first_read_error(server.tls(Some(&agent)).await.unwrap()).await;
+    assert!(refused.is_some(), "a full handshake was accepted");
+    let mut resumed = connect().await;
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    let _ = resumed.write_all(request).await;
+    let mut buf = Vec::new();
+    let _ = resumed.read_to_end(&mut buf).await;
+    assert!(
+        buf.is_empty(),
+        "a resumed session of a removed certificate was served: {}",
+        String::from_utf8_lossy(&buf)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_file_copied_in_or_replaced_by_hand_takes_effect() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("hand-cp-1");
+    // Written in place, as `cp` does (truncate, then write).
+    std::fs::write(server.store_dir().join("hand-cp-1.pem"), &agent.cert_pem).unwrap();
+    let id: agentgate::identity::AgentId = "hand-cp-1".parse().unwrap();
+    eventually("the copied file reaches the store", || {
+        server.store.by_agent(&id).is_some()
+    })
+    .await;
+    let mut ws = ws_session(&server, &agent).await;
+
+    // Replaced by another certificate for the same agent: the old one's session ends, the
+    // new one is let in, the old one no longer.
+    let renewed = server.pki.agent("hand-cp-1");
+    std::fs::write(server.store_dir().join("hand-cp-1.pem"), &renewed.cert_pem).unwrap();
+    let new_fp = agentgate::identity::Fingerprint::of_der(&renewed.der);
+    eventually("the replaced file reaches the store", || {
+        server
+            .store
+            .by_agent(&id)
+            .is_some_and(|c| c.fingerprint == new_fp)
+    })
+    .await;
+    assert!(
+        session_closed(&mut ws).await,
+        "the old certificate's session stayed open"
+    );
+    let _ws = ws_session(&server, &renewed).await;
+    assert!(
+        first_read_error(server.tls(Some(&agent)).await.unwrap())
+            .await
+            .is_some(),
+        "the replaced certificate was still accepted"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_file_in_the_store_directory_is_skipped_and_revokes_what_it_replaced() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("hand-bad-1");
+    let other = server.pki.agent("someone-else");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let id: agentgate::identity::AgentId = "hand-bad-1".parse().unwrap();
+    // The certificate of another agent under this agent's name: fails the upload rules.
+    std::fs::write(server.store_dir().join("hand-bad-1.pem"), &other.cert_pem).unwrap();
+    // A valid certificate under a name of the gateway's temporary files.
+    let tmp_agent = server.pki.agent("tmp-agent");
+    std::fs::write(
+        server.store_dir().join(".agentgate-tmp-99-1"),
+        &tmp_agent.cert_pem,
+    )
+    .unwrap();
+    eventually("the bad file revokes what the agent had", || {
+        server.store.by_agent(&id).is_none()
+    })
+    .await;
+    assert!(
+        server
+            .store
+            .by_fingerprint(&agentgate::identity::Fingerprint::of_der(&other.der))
+            .is_none()
+            && server
+                .store
+                .by_fingerprint(&agentgate::identity::Fingerprint::of_der(&tmp_agent.der))
+                .is_none(),
+        "a file that fails the rules, or a temporary file, was loaded"
+    );
+    assert!(
+        server.store_dir().join(".agentgate-tmp-99-1").exists(),
+        "a temporary file was removed"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn failed_api_key_attempts_from_one_address_get_429_with_retry_after() {
+    let server = TestServer::start_with(|c| {
+        c.limits.api_key_failures = 3;
+        c.limits.api_key_failure_window_secs = 3600;
+    })
+    .await;
+    let mut conn = server.http(None).await.unwrap();
+    let wrong = [("authorization", "Bearer wrong-key")];
+    for _ in 0..3 {
+        let r = conn
+            .send("GET", "/agent/certificates", &wrong, "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 403, "{}", r.text());
+    }
+    // Past the limit the address is refused, the right key included, on any connection.
+    let right = format!("Bearer {API_KEY}");
+    let mut other = server.http(None).await.unwrap();
+    for (c, auth) in [
+        (&mut conn, "Bearer wrong-key"),
+        (&mut other, right.as_str()),
+    ] {
+        let r = c
+            .send("GET", "/agent/certificates", &[("authorization", auth)], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 429, "{}", r.text());
+        let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=3600).contains(&retry), "Retry-After {retry}");
+        assert!(
+            detail(&r.json()).contains("limits.api_key_failures"),
+            "{}",
+            r.text()
+        );
+    }
+    // Endpoints without a key are not affected.
+    assert_eq!(
+        other.send("GET", "/health", &[], "").await.unwrap().status,
+        200
+    );
+    assert!(
+        metric(
+            &server,
+            "agentgate_limit_refusals_total{limit=\"api_key_failures\"}"
+        )
+        .await
+            >= 2.0
+    );
+    server.stop().await;
+}

@@ -49,6 +49,10 @@ listen = "127.0.0.1:$port"
 data_dir = "$work/$name/data"
 api_keys = ["$key"]
 log_format = "text"
+# The load generator opens thousands of connections from a few loopback addresses.
+[limits]
+handshakes_per_source = 1000000
+handshake_failures = 1000000
 [store]
 dir = "$work/$name/certs"
 [tls]

@@ -26,7 +26,7 @@ for round in $(seq "$rounds"); do
     for side in before after; do
         bin=$before; [ $side = after ] && bin=$after
         work=$(mktemp -d /tmp/agentgate-compare.XXXXXX)
-        printf 'listen = "127.0.0.1:%s"\ndata_dir = "%s/data"\napi_keys = ["compare-key"]\n[store]\ndir = "%s/certs"\n' \
+        printf 'listen = "127.0.0.1:%s"\ndata_dir = "%s/data"\napi_keys = ["compare-key"]\n[limits]\nhandshakes_per_source = 1000000\nhandshake_failures = 1000000\n[store]\ndir = "%s/certs"\n' \
             "$port" "$work" "$work" > "$work/gw.toml"
         RUST_LOG=warn "$bin" serve --config "$work/gw.toml" 2>"$work/gw.log" &
         gw_pid=$!

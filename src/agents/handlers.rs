@@ -144,6 +144,23 @@ fn on_heartbeat<A: Adapter>(
     ack_id: Option<i64>,
 ) {
     let identity = peer.and_then(|p| p.identity);
+    // Backpressure already throttles a flood to what the agent reads of its replies; past
+    // `limits.agent_events` per window the session is cut.
+    let count = state.event_rate.count(socket.id, std::time::Instant::now());
+    if count > state.event_rate.max() {
+        // Events already read past the limit are dropped; the first of them ends the
+        // session and is the one logged.
+        if count == state.event_rate.max() + 1 {
+            state.metrics.limit_refusal("agent_events");
+            tracing::warn!(
+                agent_id = ?identity.as_ref().map(|i| i.agent_id.as_str()), sid = %socket.id,
+                limit = "agent_events", window_secs = state.event_rate.window().as_secs(),
+                "agent sent more events than limits.agent_events allows in one window; disconnecting"
+            );
+            super::backpressure::disconnect(SocketRef::from(socket.clone()));
+        }
+        return;
+    }
     let gate = || session_gate(socket, &state);
     let reading = heartbeat::read(data.map_err(|e| e.to_string()));
     if let Some(problem) = &reading.problem {
@@ -218,6 +235,7 @@ async fn on_disconnect<A: Adapter>(
         .disconnect(identity.as_ref().map(|i| &i.agent_id), socket.id);
     state.bindings.unbind(&socket.id.to_string());
     state.outboxes.forget(socket.id);
+    state.event_rate.forget(&socket.id);
     match identity {
         Some(id) => {
             tracing::info!(agent_id = %id.agent_id, sid = %socket.id, %reason, "agent disconnected")

@@ -90,12 +90,18 @@ pub struct AgentsState {
     pub(crate) outboxes: backpressure::Outboxes,
     pub anonymous: AnonymousAgents,
     pub metrics: Metrics,
+    /// Events per session per window (`limits.agent_events`): past it, disconnected.
+    pub(crate) event_rate: crate::limits::FailureWindow<socketioxide::socket::Sid>,
 }
 
 impl AgentsState {
     fn new(config: &Config, metrics: Metrics, clock: Clock) -> Self {
         let bindings = SessionBindings::default();
         AgentsState {
+            event_rate: crate::limits::FailureWindow::new(
+                config.limits.agent_events,
+                config.limits.agent_event_window,
+            ),
             metrics,
             registry: AgentRegistry::new(clock, config.agents.stale_after),
             bindings: bindings.clone(),

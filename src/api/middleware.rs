@@ -19,6 +19,14 @@ pub async fn require_api_key(
     mut req: Request,
     next: Next,
 ) -> Response {
+    // A source past its failed attempts is refused before its key is looked at, so that
+    // guessing stops there even with the right key among the guesses.
+    let source = req.extensions().get::<Peer>().map(|p| p.remote_addr.ip());
+    let now = std::time::Instant::now();
+    if let Some(left) = source.and_then(|ip| state.api_key_failures.refused(ip, now)) {
+        state.metrics.limit_refusal("api_key_failures");
+        return too_many_failures(left);
+    }
     let key = match bearer_of(req.headers()) {
         Err(BearerError::Missing) => {
             return ApiError::Forbidden(
@@ -35,12 +43,39 @@ pub async fn require_api_key(
         }
         Ok(presented) => match state.api_keys.find(presented) {
             Some(key) => key.clone(),
-            None => return ApiError::Forbidden("Invalid API key").into_response(),
+            None => {
+                if let Some(ip) = source
+                    && state.api_key_failures.fail(ip, now)
+                {
+                    tracing::warn!(
+                        source = %ip, limit = "api_key_failures",
+                        window_secs = state.api_key_failures.window().as_secs(),
+                        "source reached the failed API-key attempts limit; refused with 429 until the window ends"
+                    );
+                }
+                return ApiError::Forbidden("Invalid API key").into_response();
+            }
         },
     };
     req.extensions_mut().insert(key.clone());
     let mut response = next.run(req).await;
     response.extensions_mut().insert(key);
+    response
+}
+
+/// `429` with `Retry-After` (RFC 9110 §10.2.3, in seconds) for a source past its failed
+/// API-key attempts.
+fn too_many_failures(left: std::time::Duration) -> Response {
+    let secs = crate::limits::retry_after_secs(left);
+    let mut response = super::error::detail(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        &format!(
+            "too many failed API-key attempts from this address; retry after {secs} s (limits.api_key_failures)"
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
     response
 }
 

@@ -66,4 +66,6 @@ pub struct AppState {
     pub requests: TaskTracker,
     /// The gateway half: routes to upstream services (the router's fallback).
     pub proxy: Proxy,
+    /// Failed API-key attempts per source address (`[limits]`).
+    pub api_key_failures: crate::limits::FailureWindow,
 }

@@ -29,7 +29,7 @@ pub use gateway::{
     RawRoute, RouteAuth, RouteConfig, Scopes,
 };
 pub use raw::{
-    ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawHttpRedirect,
+    ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawHttpRedirect, RawLimits,
     RawSocketIo, RawStore, RawTls, TlsMode,
 };
 
@@ -64,6 +64,7 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub agents: AgentsConfig,
     pub store: StoreConfig,
+    pub limits: LimitsConfig,
     pub tls: TlsSource,
     pub socketio: SocketIoConfig,
     /// The plain-HTTP redirect listener, if any.
@@ -96,6 +97,20 @@ pub struct ClusterConfig {
 pub struct AgentsConfig {
     /// At least 1 s.
     pub stale_after: Duration,
+}
+
+/// `[limits]`, validated: every count and window at least 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    pub api_key_failures: u32,
+    pub api_key_failure_window: Duration,
+    pub handshakes_per_source: u32,
+    pub handshake_failures: u32,
+    pub handshake_failure_window: Duration,
+    pub http_idle_timeout: Duration,
+    pub head: crate::api::head_limits::HeadLimits,
+    pub agent_events: u32,
+    pub agent_event_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -346,6 +361,19 @@ impl Config {
             store: RawStore {
                 dir: self.store.dir.clone(),
             },
+            limits: RawLimits {
+                api_key_failures: self.limits.api_key_failures,
+                api_key_failure_window_secs: self.limits.api_key_failure_window.as_secs(),
+                handshakes_per_source: self.limits.handshakes_per_source,
+                handshake_failures: self.limits.handshake_failures,
+                handshake_failure_window_secs: self.limits.handshake_failure_window.as_secs(),
+                http_idle_timeout_secs: self.limits.http_idle_timeout.as_secs(),
+                max_uri_bytes: self.limits.head.uri_bytes,
+                max_header_fields: self.limits.head.header_fields,
+                max_header_bytes: self.limits.head.header_bytes,
+                agent_events: self.limits.agent_events,
+                agent_event_window_secs: self.limits.agent_event_window.as_secs(),
+            },
             tls: RawTls {
                 mode,
                 cert_file,
@@ -431,6 +459,7 @@ impl RawConfig {
         }
         let agents = validate_agents(self.agents, origin)?;
         let socketio = validate_socketio(self.socketio, origin)?;
+        let limits = validate_limits(&self.limits, origin)?;
         let tls = validate_tls(self.tls, &self.data_dir, origin)?;
         let http_redirect = validate_http_redirect(self.http_redirect, self.listen, origin)?;
         let cluster = match self.cluster {
@@ -464,6 +493,7 @@ impl RawConfig {
             store: StoreConfig {
                 dir: self.store.dir,
             },
+            limits,
             tls,
             socketio,
             http_redirect,
@@ -584,6 +614,67 @@ fn validate_agents(raw: RawAgents, origin: &str) -> Result<AgentsConfig, ConfigE
     }
     Ok(AgentsConfig {
         stale_after: Duration::from_secs(raw.stale_after_secs),
+    })
+}
+
+fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, ConfigError> {
+    for (key, value) in [
+        ("limits.api_key_failures", u64::from(raw.api_key_failures)),
+        (
+            "limits.api_key_failure_window_secs",
+            raw.api_key_failure_window_secs,
+        ),
+        (
+            "limits.handshakes_per_source",
+            u64::from(raw.handshakes_per_source),
+        ),
+        (
+            "limits.handshake_failures",
+            u64::from(raw.handshake_failures),
+        ),
+        (
+            "limits.handshake_failure_window_secs",
+            raw.handshake_failure_window_secs,
+        ),
+        ("limits.http_idle_timeout_secs", raw.http_idle_timeout_secs),
+        ("limits.agent_events", u64::from(raw.agent_events)),
+        (
+            "limits.agent_event_window_secs",
+            raw.agent_event_window_secs,
+        ),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, origin, "must be at least 1"));
+        }
+    }
+    // Upper bounds keep hyper's per-connection read buffer (sized from these) small.
+    for (key, value, max) in [
+        ("limits.max_uri_bytes", raw.max_uri_bytes, 1 << 20),
+        ("limits.max_header_fields", raw.max_header_fields, 10_000),
+        ("limits.max_header_bytes", raw.max_header_bytes, 1 << 20),
+    ] {
+        if !(1..=max).contains(&value) {
+            return Err(invalid_owned(
+                key.to_owned(),
+                origin,
+                format!("must be between 1 and {max}"),
+            ));
+        }
+    }
+    Ok(LimitsConfig {
+        api_key_failures: raw.api_key_failures,
+        api_key_failure_window: Duration::from_secs(raw.api_key_failure_window_secs),
+        handshakes_per_source: raw.handshakes_per_source,
+        handshake_failures: raw.handshake_failures,
+        handshake_failure_window: Duration::from_secs(raw.handshake_failure_window_secs),
+        http_idle_timeout: Duration::from_secs(raw.http_idle_timeout_secs),
+        head: crate::api::head_limits::HeadLimits {
+            uri_bytes: raw.max_uri_bytes,
+            header_fields: raw.max_header_fields,
+            header_bytes: raw.max_header_bytes,
+        },
+        agent_events: raw.agent_events,
+        agent_event_window: Duration::from_secs(raw.agent_event_window_secs),
     })
 }
 

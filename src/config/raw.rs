@@ -43,6 +43,8 @@ pub struct RawConfig {
     pub tls: RawTls,
     pub socketio: RawSocketIo,
     pub http_redirect: RawHttpRedirect,
+    /// `[limits]`: what one source address may do (README, "Limits").
+    pub limits: RawLimits,
     /// `[cluster]`: several nodes sharing one Redis. Absent: one node, files, no Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<RawCluster>,
@@ -202,11 +204,60 @@ impl Default for RawConfig {
             tls: RawTls::default(),
             socketio: RawSocketIo::default(),
             http_redirect: RawHttpRedirect::default(),
+            limits: RawLimits::default(),
             cluster: None,
             jwt: RawJwt::default(),
             proxy: RawProxy::default(),
             routes: Vec::new(),
             gateway_jwt_secret: None,
+        }
+    }
+}
+
+/// `[limits]` as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Failed API-key attempts one source address may make per window; the next requests
+    /// from it that need a key get `429` with `Retry-After` until the window ends.
+    pub api_key_failures: u32,
+    pub api_key_failure_window_secs: u64,
+    /// Unfinished TLS handshakes one source address may have at once; further
+    /// connections from it are closed at accept.
+    pub handshakes_per_source: u32,
+    /// Failed TLS handshakes (refused, broken or timed out) one source address may have
+    /// per window; its further connections are closed at accept until the window ends.
+    pub handshake_failures: u32,
+    pub handshake_failure_window_secs: u64,
+    /// An HTTP/1.1 connection idle between requests, or this slow to send a request head,
+    /// is closed.
+    pub http_idle_timeout_secs: u64,
+    /// Longest request target (path and query), in bytes: `414` past it.
+    pub max_uri_bytes: usize,
+    /// Most header fields in one request: `431` past it.
+    pub max_header_fields: usize,
+    /// Largest sum of header field names and values, in bytes: `431` past it.
+    pub max_header_bytes: usize,
+    /// Events one Socket.IO session may send per window; past it, it is disconnected
+    /// (backpressure throttles it before that).
+    pub agent_events: u32,
+    pub agent_event_window_secs: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            api_key_failures: 20,
+            api_key_failure_window_secs: 60,
+            handshakes_per_source: 64,
+            handshake_failures: 100,
+            handshake_failure_window_secs: 60,
+            http_idle_timeout_secs: 30,
+            max_uri_bytes: 8 * 1024,
+            max_header_fields: 100,
+            max_header_bytes: 32 * 1024,
+            agent_events: 100_000,
+            agent_event_window_secs: 10,
         }
     }
 }

@@ -114,7 +114,13 @@ impl FileBackend {
         })
     }
 
-    fn load_one(&self, path: &Path, stem: &str) -> Result<StoredCert, String> {
+    /// The directory this backend stores in.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads `path` as the certificate of agent `stem`, with the upload rules.
+    pub(crate) fn load_one(&self, path: &Path, stem: &str) -> Result<StoredCert, String> {
         let agent_id = AgentId::parse(stem).map_err(|e| format!("file name: {e}"))?;
         let meta = fs::metadata(path).map_err(|e| e.to_string())?;
         if !meta.is_file() {

@@ -14,11 +14,12 @@ pub(crate) mod file;
 pub mod import;
 pub(crate) mod redis;
 pub(crate) mod sync;
+pub(crate) mod watch;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 pub use cert::{CertError, StoredCert};
@@ -301,6 +302,116 @@ impl CertStore {
                 })
             }
         }
+    }
+
+    /// File backend: follows hand edits of the store directory (see [`watch`]) until
+    /// `stop` is cancelled. Nothing to do on Redis, the source of truth there.
+    pub(crate) fn watch_dir(&self, stop: tokio_util::sync::CancellationToken) {
+        if let Backend::Files(files) = &self.shared.backend {
+            watch::spawn(self.clone(), files.dir().to_owned(), stop);
+        }
+    }
+
+    /// Brings the index in line with the directory as it is now: `seen` holds the files'
+    /// stamps at the last look (only files whose stamp changed are read), the new stamps
+    /// are returned. Removed and replaced certificates go through the change hook, which
+    /// closes their sessions. Holds the writers' lock, so that an upload or a deletion
+    /// through the API is never taken for a hand edit half-way.
+    pub(crate) async fn rescan_dir(
+        &self,
+        dir: &Path,
+        seen: HashMap<String, watch::Stamp>,
+    ) -> HashMap<String, watch::Stamp> {
+        let _writer = self.shared.write_lock.lock().await;
+        let this = self.clone();
+        let dir: PathBuf = dir.to_owned();
+        let Ok((stamps, changes)) =
+            tokio::task::spawn_blocking(move || this.rescan_blocking(&dir, seen)).await
+        else {
+            // Only a panic while parsing gets here; start afresh at the next look.
+            return HashMap::new();
+        };
+        for change in &changes {
+            self.notify(change);
+        }
+        stamps
+    }
+
+    fn rescan_blocking(
+        &self,
+        dir: &Path,
+        seen: HashMap<String, watch::Stamp>,
+    ) -> (HashMap<String, watch::Stamp>, Vec<Change>) {
+        let Backend::Files(files) = &self.shared.backend else {
+            return (seen, Vec::new());
+        };
+        let listed = match watch::list(dir) {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot list the certificate store directory");
+                return (seen, Vec::new());
+            }
+        };
+        let mut stamps = HashMap::with_capacity(listed.len());
+        let mut present = HashSet::with_capacity(listed.len());
+        let mut changes = Vec::new();
+        for (stem, (path, stamp)) in listed {
+            let changed = seen.get(&stem) != Some(&stamp);
+            stamps.insert(stem.clone(), stamp);
+            let Ok(agent_id) = AgentId::parse(&stem) else {
+                if changed {
+                    tracing::warn!(path = %path.display(), reason = "file name is not an agent id", "skipped file in certificate store");
+                }
+                continue;
+            };
+            if !changed {
+                present.insert(agent_id);
+                continue;
+            }
+            match files.load_one(&path, &stem) {
+                Ok(cert) => {
+                    let cert = Arc::new(cert);
+                    let old = self.write().insert(cert.clone());
+                    match old {
+                        Some(old) if old.fingerprint != cert.fingerprint => {
+                            changes.push(Change {
+                                agent_id: agent_id.clone(),
+                                old: old.fingerprint,
+                                new: Some(cert.fingerprint),
+                            });
+                        }
+                        Some(_) => {}
+                        None => tracing::info!(
+                            agent_id = %agent_id, fingerprint = %cert.fingerprint,
+                            "certificate added in the store directory"
+                        ),
+                    }
+                    present.insert(agent_id);
+                }
+                // Not present: a file that no longer holds a valid certificate for its
+                // agent revokes the one it held.
+                Err(reason) => {
+                    tracing::warn!(path = %path.display(), %reason, "skipped file in certificate store");
+                }
+            }
+        }
+        let gone: Vec<AgentId> = self
+            .read()
+            .by_agent
+            .keys()
+            .filter(|id| !present.contains(*id))
+            .cloned()
+            .collect();
+        for agent_id in gone {
+            if let Some(old) = self.write().remove(&agent_id) {
+                changes.push(Change {
+                    agent_id,
+                    old: old.fingerprint,
+                    new: None,
+                });
+            }
+        }
+        (stamps, changes)
     }
 
     /// The Redis side of the shared state, when clustered.
