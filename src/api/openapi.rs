@@ -66,8 +66,8 @@ pub(crate) struct ApiDoc;
 /// - every operation with a JSON body (all go through `JsonBody`): 413 over
 ///   `MAX_BODY_BYTES`, 422 for a body that is not a JSON object of the documented shape,
 ///   400 when it cannot be read;
-/// - every operation behind the API key: 403 (no key, wrong key) and 400 (two
-///   Authorization fields).
+/// - every operation behind the API key: 403 (no key, wrong key), 400 (two
+///   Authorization fields) and 429 (too many failed attempts from the address).
 ///
 /// A status a handler documents itself keeps the handler's description.
 pub(crate) struct CommonErrors;
@@ -112,6 +112,10 @@ impl Modify for CommonErrors {
                 if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
                     add("400", "More than one Authorization field");
                     add("403", "No API key, or a key that is not one of `api_keys`");
+                    add(
+                        "429",
+                        "Too many failed API-key attempts from this address (`limits.api_key_failures`); see Retry-After",
+                    );
                 }
             }
         }

@@ -176,6 +176,10 @@ mod tests {
             clock: Clock::system(),
             requests: TaskTracker::new(),
             proxy,
+            api_key_failures: crate::limits::FailureWindow::new(
+                config.limits.api_key_failures,
+                config.limits.api_key_failure_window,
+            ),
         }
     }
 
