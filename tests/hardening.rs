@@ -1000,3 +1000,30 @@ async fn failed_api_key_attempts_from_one_address_get_429_with_retry_after() {
     );
     server.stop().await;
 }
+
+/// Every response of the TLS listener says `nosniff`, and with a real certificate (here
+/// `tls.mode = "files"`) carries HSTS: the HTTP-header findings of testssl.sh.
+#[tokio::test]
+async fn responses_carry_nosniff_and_hsts_with_a_real_certificate() {
+    let server = TestServer::start().await;
+    let mut conn = server.http(None).await.unwrap();
+    for (path, status) in [("/health", 200), ("/no-such-path", 404)] {
+        let r = conn.send("GET", path, &[], "").await.unwrap();
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+        assert_eq!(
+            r.headers
+                .get("x-content-type-options")
+                .map(|v| v.as_bytes()),
+            Some(&b"nosniff"[..]),
+            "{path}"
+        );
+        assert_eq!(
+            r.headers
+                .get("strict-transport-security")
+                .map(|v| v.as_bytes()),
+            Some(&b"max-age=31536000"[..]),
+            "{path}"
+        );
+    }
+    server.stop().await;
+}

@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, Method, header};
 use axum::middleware;
 use axum::routing::get;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
@@ -35,12 +36,28 @@ pub enum MetricsExposure {
 /// server wraps this router in more layers; see [`crate::server::Gateway::start`].
 pub fn router(state: AppState, cors_origins: &[String], metrics: MetricsExposure) -> Router {
     let (router, paths) = endpoints(&state, metrics).split_for_parts();
+    let self_signed = state.server_cert.is_self_signed();
     let mut router = router
         .merge(openapi::docs_router(openapi::document(paths)))
         .fallback(proxy)
         .with_state(state);
     if !cors_origins.is_empty() {
         router = router.layer(cors(cors_origins));
+    }
+    // On every response, proxied ones included unless the upstream set its own: no MIME
+    // sniffing of API bodies, and (with a real certificate: files or ACME) HSTS, so a
+    // browser that once reached the gateway never tries plain HTTP to it again. Not with
+    // the generated self-signed certificate, whose `localhost` would pin every local
+    // service of a developer's browser to HTTPS.
+    router = router.layer(SetResponseHeaderLayer::if_not_present(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    ));
+    if !self_signed {
+        router = router.layer(SetResponseHeaderLayer::if_not_present(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        ));
     }
     router
 }

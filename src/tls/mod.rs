@@ -136,6 +136,11 @@ impl ServerCert {
         }
     }
 
+    /// Whether the certificate is the generated self-signed one (no real host name).
+    pub fn is_self_signed(&self) -> bool {
+        matches!(self.source, CertSource::SelfSigned { .. })
+    }
+
     /// Re-reads the files (SIGHUP). On error the current certificate stays in service.
     pub fn reload(&self) -> Result<bool, ServerCertError> {
         match &self.source {
