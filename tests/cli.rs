@@ -13,27 +13,6 @@ fn agentgate() -> Command {
     common::agentgate_command()
 }
 
-/// A gateway process; killed when dropped.
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-}
-
 /// Waits until the server answers /health over TLS (trusting anything: just liveness).
 async fn wait_healthy(port: u16) {
     for _ in 0..100 {
