@@ -34,44 +34,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
-    --maxmemory-policy noeviction --dir "$work" --logfile "$work/redis.log" &
-pids+=($!)
-for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-
-config() {
-    local name=$1 port=$2 clustered=${3:-}
-    mkdir -p "$work/$name"
-    cat > "$work/$name/agentgate.toml" <<CONF
-listen = "127.0.0.1:$port"
-data_dir = "$work/$name/data"
-api_keys = ["$key"]
-max_connections = 100000
-[store]
-dir = "$work/$name/certs"
-[tls]
-mode = "self-signed"
-CONF
-    if [ -n "$clustered" ]; then
-        cat >> "$work/$name/agentgate.toml" <<CONF
-[cluster]
-redis_url = "redis://127.0.0.1:$redis_port"
-node_id = "$name"
-CONF
-    fi
-}
-
-start() {
-    local name=$1 port=$2
-    RUST_LOG=warn "$bin" serve --config "$work/$name/agentgate.toml" >/dev/null 2>>"$work/$name.log" &
-    local pid=$!
-    for _ in $(seq 100); do
-        curl -skf "https://127.0.0.1:$port/health" >/dev/null 2>&1 && { echo "$pid"; return 0; }
-        sleep 0.1
-    done
-    echo "gateway $name did not start; see $work/$name.log" >&2
-    exit 1
-}
+. scripts/bench/cluster-common.sh
 
 # storm TARGET PID COUNT PREFIX JSON: COUNT agents connect at once, then 2 s of heartbeats.
 storm() {
