@@ -58,6 +58,9 @@ const SHUTDOWN_NOTICE_FLUSH: Duration = Duration::from_millis(200);
 /// protection); the main listener's is `limits.http_idle_timeout_secs`.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The embedded database of a single node, in `data_dir` (see `store::db`).
+pub const DB_FILE: &str = "agentgate.db";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("certificate store {dir}: {source}")]
@@ -431,8 +434,9 @@ async fn open_store(config: &Config, metrics: &Metrics) -> Result<CertStore, Sta
         );
         return Ok(store);
     }
+    let db = config.data_dir.join(DB_FILE);
     let (store, skipped) =
-        CertStore::open(&config.store.dir).map_err(|source| StartError::Store {
+        CertStore::open_with_db(&config.store.dir, &db).map_err(|source| StartError::Store {
             dir: config.store.dir.display().to_string(),
             source,
         })?;

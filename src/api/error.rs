@@ -75,7 +75,10 @@ impl ApiError {
             Self::Store(StoreError::Redis(RedisError::Unavailable(_) | RedisError::NoState)) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::Store(StoreError::Io(_) | StoreError::Redis(RedisError::Protocol(_)))
+            // The disk or the database failed: nothing the client can fix.
+            Self::Store(
+                StoreError::Io(_) | StoreError::Redis(RedisError::Protocol(_)) | StoreError::Db(_),
+            )
             | Self::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -308,6 +311,13 @@ mod tests {
             ),
             (
                 StoreError::Redis(RedisError::Protocol("x".into())).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                StoreError::Db(crate::store::DbError::Stopped {
+                    path: "agentgate.db".into(),
+                })
+                .into(),
                 StatusCode::INTERNAL_SERVER_ERROR,
             ),
             (

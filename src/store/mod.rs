@@ -10,6 +10,7 @@
 //! ([`CertStore::on_remote_change`]) to close the sessions of revoked certificates.
 
 pub mod cert;
+pub(crate) mod db;
 pub(crate) mod file;
 pub mod import;
 pub(crate) mod redis;
@@ -23,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 pub use cert::{CertError, StoredCert};
+pub(crate) use db::Db;
+pub use db::DbError;
 use file::{FileBackend, Skipped};
 pub use redis::RedisError;
 use redis::{RedisState, Written};
@@ -52,6 +55,14 @@ struct Shared {
     /// Told of every change this node did not make itself (pub/sub, resync); the gateway
     /// closes the sessions of revoked certificates there.
     on_remote_change: OnceLock<ChangeHook>,
+    /// Files backend of a gateway: the embedded database for everything that is not a
+    /// certificate (see [`db`]). `None` on Redis, which holds that state itself, and for
+    /// stores opened by tools and tests with [`CertStore::open`].
+    #[allow(
+        dead_code,
+        reason = "read by install tokens, API tokens and routes, landing next"
+    )]
+    db: Option<Db>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -90,6 +101,8 @@ pub enum StoreError {
     Io(#[from] io::Error),
     #[error("shared state: {0}")]
     Redis(#[from] RedisError),
+    #[error("{0}")]
+    Db(#[from] DbError),
 }
 
 /// What `put` changed.
@@ -111,11 +124,27 @@ pub struct Change {
 }
 
 impl CertStore {
-    /// Opens the file store at `dir`, loading every certificate in it.
+    /// Opens the file store at `dir`, loading every certificate in it, without the
+    /// embedded database (tools and tests that need only certificates).
     pub fn open(dir: &Path) -> Result<(Self, Vec<Skipped>), StoreError> {
         let backend = FileBackend::open(dir)?;
         let (certs, skipped) = backend.load_all()?;
-        Ok((Self::from_parts(Backend::Files(backend), certs), skipped))
+        Ok((
+            Self::from_parts(Backend::Files(backend), certs, None),
+            skipped,
+        ))
+    }
+
+    /// A gateway's single-node store: the certificates in `dir`, everything else in the
+    /// embedded database at `db` (created and migrated if needed).
+    pub fn open_with_db(dir: &Path, db: &Path) -> Result<(Self, Vec<Skipped>), StoreError> {
+        let backend = FileBackend::open(dir)?;
+        let db = Db::open(db)?;
+        let (certs, skipped) = backend.load_all()?;
+        Ok((
+            Self::from_parts(Backend::Files(backend), certs, Some(db)),
+            skipped,
+        ))
     }
 
     /// Opens the shared store of `[cluster]`: connects to Redis (an error if it is
@@ -134,6 +163,7 @@ impl CertStore {
         let store = Self::from_parts(
             Backend::Redis(sync::RedisSync::new(redis, metrics)),
             Vec::new(),
+            None,
         );
         sync::start(&store, changes).await?;
         Ok(store)
@@ -148,10 +178,11 @@ impl CertStore {
         Ok(Self::from_parts(
             Backend::Files(FileBackend::open(dir)?),
             certs,
+            None,
         ))
     }
 
-    fn from_parts(backend: Backend, certs: Vec<StoredCert>) -> Self {
+    fn from_parts(backend: Backend, certs: Vec<StoredCert>, db: Option<Db>) -> Self {
         let mut index = Index::with_capacity(certs.len());
         for cert in certs {
             index.insert(Arc::new(cert));
@@ -161,6 +192,7 @@ impl CertStore {
             index: RwLock::new(index),
             write_lock: tokio::sync::Mutex::new(()),
             on_remote_change: OnceLock::new(),
+            db,
         };
         Self {
             shared: Arc::new(shared),
@@ -415,6 +447,15 @@ impl CertStore {
     }
 
     /// The Redis side of the shared state, when clustered.
+    /// The embedded database (single node opened by a gateway); see [`db`].
+    #[allow(
+        dead_code,
+        reason = "read by install tokens, API tokens and routes, landing next"
+    )]
+    pub(crate) fn db(&self) -> Option<&Db> {
+        self.shared.db.as_ref()
+    }
+
     pub(crate) fn redis(&self) -> Option<&sync::RedisSync> {
         match &self.shared.backend {
             Backend::Files(_) => None,
