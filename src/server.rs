@@ -184,7 +184,13 @@ impl Gateway {
             _ => None,
         };
         close_revoked_sessions(&store, &agents);
-        let api_keys = ApiKeys::new(&config.api_keys);
+        let api_keys = ApiKeys::new(
+            &config.api_keys,
+            crate::limits::FailureWindow::new(
+                config.limits.api_key_failures,
+                config.limits.api_key_failure_window,
+            ),
+        );
         let proxy = Proxy::new(
             &config,
             api_keys.clone(),
@@ -201,10 +207,7 @@ impl Gateway {
             clock,
             requests: TaskTracker::new(),
             proxy,
-            api_key_failures: crate::limits::FailureWindow::new(
-                config.limits.api_key_failures,
-                config.limits.api_key_failure_window,
-            ),
+            body_limits: config.limits.body,
         };
         let exposure = match config.metrics_listen {
             Some(_) => MetricsExposure::SeparateListener,
@@ -214,8 +217,9 @@ impl Gateway {
         // request meets, in order: `observe` (metrics, access log, in-flight tracking, so
         // every request is counted, refused ones too), `json_errors` (every 4xx and 5xx
         // below leaves as `{"detail": ...}`), the request head limits (414, 431), the
-        // session guard (a `/socket.io/` request carrying a `sid` must come from the
-        // identity that opened the session), the Socket.IO layer (which answers
+        // Engine.IO packet limit (413, before the guard reads a polling body), the session
+        // guard (a `/socket.io/` request carrying a `sid` must come from the identity that
+        // opened the session), the Socket.IO layer (which answers
         // `/socket.io/` itself), and then the API router (see `api::router` for the layers
         // inside it).
         let app = sio_layer
@@ -223,6 +227,13 @@ impl Gateway {
             .layer(axum::middleware::from_fn_with_state(
                 agents.bindings.clone(),
                 session_guard::guard,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                session_guard::PacketLimit {
+                    bytes: config.limits.max_packet_bytes,
+                    refusals: crate::limits::Refusals::new(metrics.clone()),
+                },
+                session_guard::packet_limit,
             ))
             .layer(axum::middleware::from_fn_with_state(
                 api::head_limits::HeadCheck {
