@@ -491,6 +491,11 @@ async fn api_bodies_over_their_endpoint_limit_get_413_naming_the_key() {
         detail.contains("limits.max_body_bytes") && detail.contains("1024"),
         "{detail}"
     );
+    assert_eq!(
+        r.headers["connection"], "close",
+        "the refused body was not read"
+    );
+    let mut conn = server.http(None).await.unwrap();
     // The register endpoint has its own limit: 1500 bytes reach its token check.
     let register = |n: usize| {
         serde_json::json!({"install_token": "unknown", "agent_id": "a1", "certificate": "x".repeat(n)})
@@ -525,8 +530,8 @@ async fn api_bodies_over_their_endpoint_limit_get_413_naming_the_key() {
     server.stop().await;
 }
 
-/// `limits.max_packet_bytes`: a polling POST over it gets 413 naming the key (counted),
-/// and a WebSocket message over it ends the session.
+/// `limits.max_packet_bytes`: a polling POST over it gets 413 naming the key, and a
+/// WebSocket message over it ends the session; both counted.
 #[tokio::test]
 async fn engine_io_payloads_over_the_packet_limit_are_refused() {
     use futures_util::{SinkExt, StreamExt};
@@ -572,6 +577,13 @@ async fn engine_io_payloads_over_the_packet_limit_are_refused() {
         sessions(),
         polling_only,
         "the WebSocket session is still registered"
+    );
+    // Read from the frame header, refused before its payload, and counted like the POST.
+    assert!(
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"max_packet_bytes\"}")
+            .await
+            >= 2.0
     );
     drop(conn);
     server.stop().await;

@@ -28,7 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ use socketioxide::{SendError, SocketError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::SessionBindings;
+use super::ws_frames::{FrameSizes, Oversized};
 use crate::metrics::Metrics;
 
 /// How often a waiting queue looks for room in the session's send buffer.
@@ -75,6 +76,26 @@ struct GateInner {
     /// Set when the session must end: reads fail, so the WebSocket reader ends the session.
     cut: AtomicBool,
     waker: AtomicWaker,
+    /// Set when the connection upgrades to a WebSocket: from then on [`Gated`] reads the
+    /// frame headers for the message size limit.
+    frames: OnceLock<FrameWatch>,
+}
+
+/// `limits.max_packet_bytes` on a WebSocket's incoming messages (see
+/// [`ws_frames`](super::ws_frames)), and where a refusal is told.
+pub(crate) struct FrameWatch {
+    pub(crate) limit: u64,
+    pub(crate) refusals: crate::limits::Refusals,
+    pub(crate) source: Option<std::net::IpAddr>,
+}
+
+impl std::fmt::Debug for FrameWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameWatch")
+            .field("limit", &self.limit)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ReadGate {
@@ -85,6 +106,12 @@ impl ReadGate {
     pub fn resume(&self) {
         self.0.paused.store(false, Ordering::Release);
         self.0.waker.wake();
+    }
+
+    /// Checks the size of every WebSocket message read from now on (the connection is
+    /// being upgraded); the first call wins.
+    pub(crate) fn watch_frames(&self, watch: FrameWatch) {
+        let _ = self.0.frames.set(watch);
     }
 
     /// Ends the connection at its next read (a transport error for the session).
@@ -111,15 +138,22 @@ impl ReadGate {
     }
 }
 
-/// A connection's IO whose reads wait while its [`ReadGate`] is paused; writes pass.
+/// A connection's IO whose reads wait while its [`ReadGate`] is paused, and, once it is a
+/// WebSocket, fail on a message over the size limit; writes pass.
 pub(crate) struct Gated<IO> {
     io: IO,
     gate: ReadGate,
+    /// Created at the first read after [`ReadGate::watch_frames`].
+    frames: Option<FrameSizes>,
 }
 
 impl<IO> Gated<IO> {
     pub fn new(io: IO, gate: ReadGate) -> Self {
-        Self { io, gate }
+        Self {
+            io,
+            gate,
+            frames: None,
+        }
     }
 }
 
@@ -130,7 +164,27 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Gated<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         ready!(self.gate.poll_open(cx))?;
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        let Some(watch) = this.gate.0.frames.get() else {
+            return Poll::Ready(Ok(()));
+        };
+        let frames = this
+            .frames
+            .get_or_insert_with(|| FrameSizes::new(watch.limit));
+        if let Err(Oversized(size)) = frames.feed(&buf.filled()[before..]) {
+            let text = format!(
+                "WebSocket message of {size} bytes or more exceeds the limit of {} bytes (limits.max_packet_bytes); closing the session",
+                watch.limit
+            );
+            watch
+                .refusals
+                .refused("max_packet_bytes", watch.source, &text);
+            this.gate.cut();
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, text)));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -8,6 +8,7 @@ pub(crate) mod heartbeat;
 pub(crate) mod io;
 pub mod registry;
 pub(crate) mod session_guard;
+pub(crate) mod ws_frames;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -117,17 +117,34 @@ pub(crate) struct PacketLimit {
 /// axum middleware in front of the Socket.IO layer: a polling POST whose declared length
 /// is over `limits.max_packet_bytes` gets a 413 naming the key before its body is read;
 /// one that turns out larger while engineioxide reads it (chunked) gets the same 413 in
-/// place of engineioxide's. Both are counted and logged as refusals of that limit. (A WebSocket message over it ends
+/// place of engineioxide's. Both are counted and logged as refusals of that limit. On a
+/// WebSocket upgrade it arms the connection's frame reader ([`ReadGate::watch_frames`]):
+/// a message over the limit ends the session, counted and logged the same way (tungstenite
+/// would refuse it too, but as a transport error that says nothing). (A WebSocket message over it ends
 /// the session: tungstenite refuses it, and the session ends with a transport error.)
 pub(crate) async fn packet_limit(
     State(limit): State<PacketLimit>,
     req: Request,
     next: Next,
 ) -> Response {
-    if !is_socket_io_path(req.uri().path()) || req.method() != Method::POST {
+    if !is_socket_io_path(req.uri().path()) {
         return next.run(req).await;
     }
     let source = req.extensions().get::<Peer>().map(|p| p.remote_addr.ip());
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if upgrade && let Some(gate) = req.extensions().get::<ReadGate>() {
+        gate.watch_frames(super::backpressure::FrameWatch {
+            limit: limit.bytes,
+            refusals: limit.refusals.clone(),
+            source,
+        });
+    }
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
