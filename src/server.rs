@@ -350,11 +350,22 @@ impl Gateway {
             http_idle_timeout: self.config.limits.http_idle_timeout,
             head_limits: self.config.limits.head,
         });
+        // Clients past `max_connections` wait in the listen backlog; each time the loop
+        // has to wait for a slot is counted, and logged once a minute.
+        let refusals = crate::limits::Refusals::new(self.metrics.clone());
+        let max_connections = self.config.max_connections;
         tracker.spawn(listener::accept_loop(
             listener,
-            self.config.max_connections,
+            max_connections,
             token.clone(),
             tracker.clone(),
+            move || {
+                refusals.refused(
+                    "max_connections",
+                    None,
+                    &format!("{max_connections} connections served at once (max_connections); further clients wait in the listen backlog"),
+                );
+            },
             move |tcp, remote, permit| conn.clone().serve(tcp, remote, permit),
         ));
         shutdown.await;
@@ -694,6 +705,7 @@ async fn serve_metrics(
         max_connections,
         shutdown,
         tracker,
+        || {},
         move |tcp, _peer, permit| {
             let service = TowerToHyperService::new(router.clone());
             let shutdown = conn_shutdown.clone();
