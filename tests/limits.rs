@@ -327,19 +327,9 @@ async fn an_agent_that_floods_events_past_its_rate_is_disconnected() {
         }
     });
     // Acks for the events within the limit, then the end of the session.
-    let mut acks = 0;
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(m)) = stream.next().await {
-            match m {
-                Message::Text(t) if t.contains("heartbeat_ack") => acks += 1,
-                Message::Text(t) if t.as_str() == "41" => break,
-                Message::Close(_) => break,
-                _ => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the flooding session stayed open");
+    let acks = session_ends(&mut stream)
+        .await
+        .expect("the flooding session stayed open");
     assert_eq!(
         acks, 50,
         "every event within the limit, and none past it, is answered"
@@ -445,13 +435,10 @@ async fn an_agent_with_two_sessions_shares_one_event_budget() {
         session_ends(&mut stream_a).await.is_some(),
         "the first session of the agent stayed open"
     );
-    for _ in 0..200 {
-        if server.agents.registry.sessions_of(&id, None).is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(server.agents.registry.sessions_of(&id, None).is_empty());
+    common::cluster::wait_for("the agent's sessions to be gone", || {
+        server.agents.registry.sessions_of(&id, None).is_empty()
+    })
+    .await;
     assert_eq!(
         server
             .metric("agentgate_limit_refusals_total{limit=\"agent_events\"}")
@@ -567,17 +554,10 @@ async fn engine_io_payloads_over_the_packet_limit_are_refused() {
         session_ends(&mut stream).await.is_some(),
         "the session that sent an oversized message stayed open"
     );
-    for _ in 0..200 {
-        if sessions() == polling_only {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        sessions(),
-        polling_only,
-        "the WebSocket session is still registered"
-    );
+    common::cluster::wait_for("the WebSocket session to be unregistered", || {
+        sessions() == polling_only
+    })
+    .await;
     // Read from the frame header, refused before its payload, and counted like the POST.
     assert!(
         server
