@@ -143,6 +143,14 @@ fn route(text: &str) -> RawRoute {
     toml::from_str(text).unwrap()
 }
 
+/// `/svc` to `up`, for a key with the scope `proxy:svc`.
+fn svc_route(up: &Upstream) -> RawRoute {
+    route(&format!(
+        "name = \"svc\"\nprefix = \"/svc\"\nupstreams = [\"{}\"]\nauth = \"api_key\"\nscope = \"proxy:svc\"",
+        up.url
+    ))
+}
+
 /// An address where nothing listens.
 async fn closed_port() -> String {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -394,10 +402,7 @@ async fn proxied_bodies_over_the_limit_get_413_with_a_detail() {
 #[tokio::test]
 async fn failed_keys_on_an_api_key_route_share_the_api_budget_and_get_429() {
     let up = upstream("svc").await;
-    let r = route(&format!(
-        "name = \"svc\"\nprefix = \"/svc\"\nupstreams = [\"{}\"]\nauth = \"api_key\"\nscope = \"proxy:svc\"",
-        up.url
-    ));
+    let r = svc_route(&up);
     let server = TestServer::start_with(|c| {
         c.routes = vec![r];
         c.limits.api_key_failures = 4;
@@ -925,10 +930,7 @@ async fn health_check_takes_an_upstream_out_and_back() {
 #[tokio::test]
 async fn api_key_without_the_scope_gets_403_naming_it() {
     let up = upstream("svc").await;
-    let r = route(&format!(
-        "name = \"svc\"\nprefix = \"/svc\"\nupstreams = [\"{}\"]\nauth = \"api_key\"\nscope = \"proxy:svc\"",
-        up.url
-    ));
+    let r = svc_route(&up);
     let server = TestServer::start_with(|c| {
         c.api_keys.push(RawApiKey::Entry(RawApiKeyEntry {
             name: "reader".into(),
