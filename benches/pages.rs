@@ -124,10 +124,7 @@ fn router(rt: &tokio::runtime::Runtime, certs: usize, agents: usize) -> Router {
             .expect("self-signed server certificate"),
         clock: Clock::system(),
         requests: TaskTracker::new(),
-        api_key_failures: agentgate::limits::FailureWindow::new(
-            config.limits.api_key_failures,
-            config.limits.api_key_failure_window,
-        ),
+        body_limits: config.limits.body,
         proxy: agentgate::proxy::Proxy::new(
             &config,
             ApiKeys::all_scopes(&[KEY]),

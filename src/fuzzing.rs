@@ -115,6 +115,79 @@ pub fn socketio(data: &[u8]) {
     }
 }
 
+/// The JWT check of `auth = "jwt"` routes on an arbitrary token, with an HS256 secret and
+/// an RS256 and an ES256 public key configured (`fuzz/keys/`): never a panic, and a token
+/// it accepts verifies again the same way and carries a numeric `exp` (the check requires
+/// one; a token without it would never expire).
+pub fn jwt(data: &[u8]) {
+    let Ok(token) = std::str::from_utf8(data) else {
+        return;
+    };
+    let verifier = jwt_verifier();
+    let none = std::collections::BTreeMap::new();
+    let Ok(first) = verifier.verify(token, &none, NOW) else {
+        return;
+    };
+    let again = verifier
+        .verify(token, &none, NOW)
+        .expect("an accepted token is accepted again");
+    assert_eq!(first.jti, again.jti, "the same token read as another jti");
+    let payload = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok()
+        })
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .expect("an accepted token has a JSON payload");
+    assert!(
+        payload.get("exp").is_some_and(serde_json::Value::is_number),
+        "accepted without a numeric exp: {payload}"
+    );
+    // A route's claim rule on the same token: a decision, never a panic.
+    let rule = std::collections::BTreeMap::from([("project".to_owned(), vec!["fuzz".to_owned()])]);
+    let _ = verifier.verify(token, &rule, NOW);
+}
+
+/// The verifier of [`jwt`]: secret `fuzz-secret`, the public keys of `fuzz/keys/` written
+/// to a directory of this process and loaded as `[[jwt.keys]]` are.
+fn jwt_verifier() -> &'static crate::auth::JwtVerifier {
+    static ONE: OnceLock<crate::auth::JwtVerifier> = OnceLock::new();
+    ONE.get_or_init(|| {
+        use crate::config::{JwtConfig, JwtKeyConfig, PublicKeyAlg};
+        let dir = std::env::temp_dir().join(format!("agentgate-fuzz-jwt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let key = |name: &str, pem: &str, alg| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).expect("write a key file");
+            JwtKeyConfig {
+                alg,
+                pem_file: path,
+                kid: None,
+            }
+        };
+        let config = JwtConfig {
+            leeway: std::time::Duration::from_secs(60),
+            hs256_secret: Some("fuzz-secret".to_owned()),
+            keys: vec![
+                key(
+                    "rs256.pub.pem",
+                    include_str!("../fuzz/keys/rs256.pub.pem"),
+                    PublicKeyAlg::Rs256,
+                ),
+                key(
+                    "es256.pub.pem",
+                    include_str!("../fuzz/keys/es256.pub.pem"),
+                    PublicKeyAlg::Es256,
+                ),
+            ],
+            jwks_file: None,
+        };
+        crate::auth::JwtVerifier::load(&config, crate::auth::Revocations::new())
+            .expect("the fuzz keys load")
+    })
+}
+
 /// A verifier whose store holds one certificate made at start, its DER, and a moment in
 /// its validity.
 fn verifier_with_one_cert() -> &'static (AgentCertVerifier, Vec<u8>, UnixTime) {

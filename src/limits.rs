@@ -2,7 +2,8 @@
 //! fixed window, past which the source is refused until the window ends ([`FailureWindow`]:
 //! failed API-key attempts get `429` with `Retry-After`, failed handshakes get the
 //! connection closed at accept), and a count of things in progress per source
-//! ([`InFlight`]: unfinished TLS handshakes).
+//! ([`InFlight`]: unfinished TLS handshakes), and [`Refusals`], which counts a refusal by
+//! any limit and logs it once per source and window.
 //!
 //! Fixed windows rather than sliding ones: one timestamp and one counter per source, and
 //! the refusal ends at a time the client can be told (`Retry-After`). A source is logged
@@ -48,7 +49,7 @@ struct Window {
     failures: u32,
 }
 
-impl<K: Hash + Eq + Copy> FailureWindow<K> {
+impl<K: Hash + Eq + Clone> FailureWindow<K> {
     /// At most `max` failures per key in `window`.
     pub fn new(max: u32, window: Duration) -> Self {
         Self {
@@ -187,6 +188,38 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// How often a source refused by one limit is logged: once a minute, whatever the count.
+const LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// Counts refusals by limit in `agentgate_limit_refusals_total{limit}` and logs the first
+/// of each source and limit per minute, so that a client retrying in a loop writes one
+/// line, not one per request (cheap to clone).
+#[derive(Clone)]
+pub(crate) struct Refusals {
+    metrics: crate::metrics::Metrics,
+    logged: FailureWindow<(Option<IpAddr>, &'static str)>,
+}
+
+impl Refusals {
+    pub(crate) fn new(metrics: crate::metrics::Metrics) -> Self {
+        Self {
+            metrics,
+            logged: FailureWindow::new(1, LOG_WINDOW),
+        }
+    }
+
+    /// `limit` (the `[limits]` key, without `limits.`) refused a request of `source`.
+    pub(crate) fn refused(&self, limit: &'static str, source: Option<IpAddr>, detail: &str) {
+        self.metrics.limit_refusal(limit);
+        if self.logged.count((source, limit), Instant::now()) == 1 {
+            tracing::warn!(
+                source = ?source, limit, detail,
+                "request refused by a limit (logged once a minute per address and limit)"
+            );
+        }
+    }
+}
+
 /// `Retry-After` in whole seconds, rounded up so that a client that waits that long is
 /// let in.
 pub(crate) fn retry_after_secs(left: Duration) -> u64 {
@@ -229,6 +262,23 @@ mod tests {
         assert!(limit.enter(b).is_some(), "another source has its own count");
         drop(first);
         assert!(limit.enter(a).is_some(), "a finished one frees its place");
+    }
+
+    #[test]
+    fn a_refusal_is_logged_once_per_source_limit_and_window() {
+        let refusals = Refusals::new(crate::metrics::Metrics::new());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        assert_eq!(refusals.logged.count((Some(a), "max_body_bytes"), t0), 1);
+        assert_eq!(refusals.logged.count((Some(a), "max_body_bytes"), t0), 2);
+        assert_eq!(refusals.logged.count((Some(a), "max_uri_bytes"), t0), 1);
+        assert_eq!(
+            refusals
+                .logged
+                .count((Some(a), "max_body_bytes"), t0 + LOG_WINDOW),
+            1,
+            "logged again in the next window"
+        );
     }
 
     #[test]

@@ -60,13 +60,15 @@ pub fn accept_backoff(e: &io::Error) -> Option<Duration> {
 /// Accepts connections from `listener` until `shutdown` is cancelled and spawns
 /// `handle(tcp, peer, permit)` for each on `tracker`. At most `max_connections` are served
 /// at once: the permit is taken before the accept, so excess clients wait in the backlog,
-/// and is released when the task drops it. The listener is closed when this returns, so
-/// that new clients are refused at once rather than left in the backlog.
+/// and is released when the task drops it; `at_limit` is called each time the loop finds
+/// every permit taken and has to wait. The listener is closed when this returns, so that
+/// new clients are refused at once rather than left in the backlog.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     max_connections: usize,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    at_limit: impl Fn(),
     mut handle: F,
 ) where
     F: FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
@@ -74,12 +76,18 @@ pub async fn accept_loop<F, Fut>(
 {
     let limit = Arc::new(Semaphore::new(max_connections));
     loop {
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break, // the semaphore is never closed
-            },
-            _ = shutdown.cancelled() => break,
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                at_limit();
+                tokio::select! {
+                    permit = limit.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => break, // the semaphore is never closed
+                    },
+                    _ = shutdown.cancelled() => break,
+                }
+            }
         };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -163,6 +171,7 @@ mod tests {
             1,
             shutdown.clone(),
             tracker.clone(),
+            || {},
             move |_tcp, peer, _permit| {
                 let tx = tx.clone();
                 async move {

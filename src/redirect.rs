@@ -37,6 +37,7 @@ pub async fn serve(
         max_connections,
         shutdown,
         tracker,
+        || {},
         move |tcp, _peer, permit| {
             let shutdown = conn_shutdown.clone();
             async move {

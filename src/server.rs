@@ -187,7 +187,13 @@ impl Gateway {
             _ => None,
         };
         close_revoked_sessions(&store, &agents);
-        let api_keys = ApiKeys::new(&config.api_keys);
+        let api_keys = ApiKeys::new(
+            &config.api_keys,
+            crate::limits::FailureWindow::new(
+                config.limits.api_key_failures,
+                config.limits.api_key_failure_window,
+            ),
+        );
         let proxy = Proxy::new(
             &config,
             api_keys.clone(),
@@ -204,10 +210,7 @@ impl Gateway {
             clock,
             requests: TaskTracker::new(),
             proxy,
-            api_key_failures: crate::limits::FailureWindow::new(
-                config.limits.api_key_failures,
-                config.limits.api_key_failure_window,
-            ),
+            body_limits: config.limits.body,
         };
         let exposure = match config.metrics_listen {
             Some(_) => MetricsExposure::SeparateListener,
@@ -217,8 +220,9 @@ impl Gateway {
         // request meets, in order: `observe` (metrics, access log, in-flight tracking, so
         // every request is counted, refused ones too), `json_errors` (every 4xx and 5xx
         // below leaves as `{"detail": ...}`), the request head limits (414, 431), the
-        // session guard (a `/socket.io/` request carrying a `sid` must come from the
-        // identity that opened the session), the Socket.IO layer (which answers
+        // Engine.IO packet limit (413, before the guard reads a polling body), the session
+        // guard (a `/socket.io/` request carrying a `sid` must come from the identity that
+        // opened the session), the Socket.IO layer (which answers
         // `/socket.io/` itself), and then the API router (see `api::router` for the layers
         // inside it).
         let app = sio_layer
@@ -226,6 +230,13 @@ impl Gateway {
             .layer(axum::middleware::from_fn_with_state(
                 agents.bindings.clone(),
                 session_guard::guard,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                session_guard::PacketLimit {
+                    bytes: config.limits.max_packet_bytes,
+                    refusals: crate::limits::Refusals::new(metrics.clone()),
+                },
+                session_guard::packet_limit,
             ))
             .layer(axum::middleware::from_fn_with_state(
                 api::head_limits::HeadCheck {
@@ -342,11 +353,22 @@ impl Gateway {
             http_idle_timeout: self.config.limits.http_idle_timeout,
             head_limits: self.config.limits.head,
         });
+        // Clients past `max_connections` wait in the listen backlog; each time the loop
+        // has to wait for a slot is counted, and logged once a minute.
+        let refusals = crate::limits::Refusals::new(self.metrics.clone());
+        let max_connections = self.config.max_connections;
         tracker.spawn(listener::accept_loop(
             listener,
-            self.config.max_connections,
+            max_connections,
             token.clone(),
             tracker.clone(),
+            move || {
+                refusals.refused(
+                    "max_connections",
+                    None,
+                    &format!("{max_connections} connections served at once (max_connections); further clients wait in the listen backlog"),
+                );
+            },
             move |tcp, remote, permit| conn.clone().serve(tcp, remote, permit),
         ));
         shutdown.await;
@@ -687,6 +709,7 @@ async fn serve_metrics(
         max_connections,
         shutdown,
         tracker,
+        || {},
         move |tcp, _peer, permit| {
             let service = TowerToHyperService::new(router.clone());
             let shutdown = conn_shutdown.clone();

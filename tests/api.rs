@@ -303,7 +303,11 @@ async fn body_limits_and_malformed_json() {
         .await
         .unwrap();
     assert_eq!(r.status, 413);
-    assert!(detail(&r.json()).contains("exceeds 65536 bytes"));
+    let d = detail(&r.json()).to_owned();
+    assert!(
+        d.contains("limit of 65536 bytes") && d.contains("limits.max_body_bytes"),
+        "{d}"
+    );
     let mut conn = server.http(None).await.unwrap();
     for body in [
         "{not json",

@@ -28,7 +28,8 @@ const SECRET: &str = "gateway-test-secret-0123456789";
 
 /// A small upstream service: echoes what it received as JSON; `/slow` answers after 30 s,
 /// `/health` answers 200 or 503 as the test sets it, `/echo-body` streams the request body
-/// back, `/download?bytes=N` streams N bytes of a known pattern.
+/// back, `/count-body` reads the whole body before it answers its length,
+/// `/download?bytes=N` streams N bytes of a known pattern.
 struct Upstream {
     url: String,
     /// Requests other than health checks.
@@ -75,6 +76,12 @@ async fn serve_upstream(
     }
     if path.ends_with("/echo-body") {
         return Response::new(Body::new(req.into_body()));
+    }
+    if path.ends_with("/count-body") {
+        return match req.into_body().collect().await {
+            Ok(body) => body.to_bytes().len().to_string().into_response(),
+            Err(e) => (http::StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        };
     }
     if path.ends_with("/download") {
         let n: usize = req
@@ -134,6 +141,14 @@ where
 
 fn route(text: &str) -> RawRoute {
     toml::from_str(text).unwrap()
+}
+
+/// `/svc` to `up`, for a key with the scope `proxy:svc`.
+fn svc_route(up: &Upstream) -> RawRoute {
+    route(&format!(
+        "name = \"svc\"\nprefix = \"/svc\"\nupstreams = [\"{}\"]\nauth = \"api_key\"\nscope = \"proxy:svc\"",
+        up.url
+    ))
 }
 
 /// An address where nothing listens.
@@ -277,7 +292,11 @@ async fn large_body_streams_both_ways() {
         "name = \"big\"\nprefix = \"/big\"\nupstreams = [\"{}\"]\nstrip_prefix = true\nauth = \"none\"",
         up.url
     ));
-    let server = TestServer::start_with(|c| c.routes = vec![r]).await;
+    let server = TestServer::start_with(|c| {
+        c.routes = vec![r];
+        c.limits.proxy_max_body_bytes = 2 * SIZE as u64;
+    })
+    .await;
     let tls = server.tls(None).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
@@ -303,6 +322,134 @@ async fn large_body_streams_both_ways() {
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(check_pattern(resp.into_body()).await, SIZE);
+}
+
+/// `limits.proxy_max_body_bytes`: a declared length over it is refused before the
+/// upstream is called; a chunked body that grows past it while it streams (never
+/// buffered) is cut, and the client gets the 413 as the upstream had not answered.
+#[tokio::test]
+async fn proxied_bodies_over_the_limit_get_413_with_a_detail() {
+    const LIMIT: usize = 4096;
+    let up = upstream("small").await;
+    let r = route(&format!(
+        "name = \"small\"\nprefix = \"/small\"\nupstreams = [\"{}\"]\nauth = \"none\"",
+        up.url
+    ));
+    let server = TestServer::start_with(|c| {
+        c.routes = vec![r];
+        c.limits.proxy_max_body_bytes = LIMIT as u64;
+    })
+    .await;
+    let mut conn = server.http(None).await.unwrap();
+    let at_limit = "x".repeat(LIMIT);
+    let r = conn
+        .send("POST", "/small/count-body", &[], &at_limit)
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.text()), (200, LIMIT.to_string()));
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+
+    let over = "x".repeat(LIMIT + 1);
+    let r = conn
+        .send("POST", "/small/count-body", &[], &over)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(
+        detail(&r).contains("limits.proxy_max_body_bytes") && detail(&r).contains("4096"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1, "the upstream was called");
+
+    // Chunked (no Content-Length), 1 KiB at a time: cut after the limit.
+    let tls = server.tls(None).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let chunks = futures_util::stream::iter(
+        (0..16).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'y'; 1024]))),
+    );
+    let req = http::Request::post("/small/count-body")
+        .header("host", "localhost")
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("limits.proxy_max_body_bytes"),
+        "{body}"
+    );
+    assert!(
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"proxy_max_body_bytes\"}")
+            .await
+            >= 2.0
+    );
+}
+
+/// A wrong key on a proxied `api_key` route counts against the same per-address budget
+/// as the API's own key check: past `limits.api_key_failures` the address gets 429 with
+/// Retry-After on the route and on the API alike, the right key included, and the
+/// upstream sees none of those requests.
+#[tokio::test]
+async fn failed_keys_on_an_api_key_route_share_the_api_budget_and_get_429() {
+    let up = upstream("svc").await;
+    let r = svc_route(&up);
+    let server = TestServer::start_with(|c| {
+        c.routes = vec![r];
+        c.limits.api_key_failures = 4;
+        c.limits.api_key_failure_window_secs = 3600;
+    })
+    .await;
+    let mut conn = server.http(None).await.unwrap();
+    let wrong = [("authorization", "Bearer wrong-key")];
+    // Two failures on the API, two on the route: four from this address.
+    for _ in 0..2 {
+        let r = conn.send("GET", "/agents", &wrong, "").await.unwrap();
+        assert_eq!(r.status, 403, "{}", r.text());
+    }
+    for _ in 0..2 {
+        let r = conn.send("GET", "/svc/x", &wrong, "").await.unwrap();
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
+    let right = format!("Bearer {API_KEY}");
+    for (path, auth) in [
+        ("/svc/x", "Bearer wrong-key"),
+        ("/svc/x", right.as_str()),
+        ("/agents", right.as_str()),
+    ] {
+        let r = conn
+            .send("GET", path, &[("authorization", auth)], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 429, "{path}: {}", r.text());
+        let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=3600).contains(&retry), "{path}: Retry-After {retry}");
+        assert!(
+            detail(&r).contains("limits.api_key_failures"),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        0,
+        "the upstream saw a refused request"
+    );
+    assert!(
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"api_key_failures\"}")
+            .await
+            >= 3.0
+    );
 }
 
 #[tokio::test]
@@ -783,10 +930,7 @@ async fn health_check_takes_an_upstream_out_and_back() {
 #[tokio::test]
 async fn api_key_without_the_scope_gets_403_naming_it() {
     let up = upstream("svc").await;
-    let r = route(&format!(
-        "name = \"svc\"\nprefix = \"/svc\"\nupstreams = [\"{}\"]\nauth = \"api_key\"\nscope = \"proxy:svc\"",
-        up.url
-    ));
+    let r = svc_route(&up);
     let server = TestServer::start_with(|c| {
         c.api_keys.push(RawApiKey::Entry(RawApiKeyEntry {
             name: "reader".into(),

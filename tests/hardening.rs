@@ -238,12 +238,14 @@ async fn every_error_response_carries_a_json_detail() {
     assert_detail("POST /health", &r, 405);
     assert_eq!(r.headers["allow"], "GET,HEAD");
 
-    // 413: an API body over its limit.
+    // 413: an API body over its limit, refused unread; the connection closes after it.
     let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(70 * 1024));
     let r = conn.send("POST", "/hello-world", &key, &big).await.unwrap();
     assert_detail("API body too large", &r, 413);
+    assert_eq!(r.headers["connection"], "close");
 
     // 414 and 431: the request head limits.
+    let mut conn = server.http(None).await.unwrap();
     let long = format!("/agents?after={}", "a".repeat(9000));
     let r = conn.send("GET", &long, &key, "").await.unwrap();
     assert_detail("long URI", &r, 414);
@@ -294,7 +296,7 @@ async fn every_error_response_carries_a_json_detail() {
     assert_detail("bad Engine.IO packet", &r, 400);
     // The engine closed that session on the bad packet; a new one for the next refusal.
     let session = Polling::handshake(&mut agent_conn).await;
-    let max = server.config.socketio.max_payload_bytes as usize;
+    let max = server.config.limits.max_packet_bytes as usize;
     let r = session
         .post(&mut agent_conn, &format!("4{}", "x".repeat(max + 1)))
         .await;
@@ -305,15 +307,6 @@ async fn every_error_response_carries_a_json_detail() {
         .unwrap();
     assert_detail("unknown transport", &r, 400);
     server.stop().await;
-}
-
-/// The value of one sample line of `GET /metrics` (0 when absent).
-async fn metric(server: &TestServer, sample: &str) -> f64 {
-    let mut conn = server.http(None).await.unwrap();
-    let text = conn.send("GET", "/metrics", &[], "").await.unwrap().text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -387,22 +380,18 @@ async fn every_heartbeat_is_acknowledged_and_a_malformed_one_also_gets_an_error(
         assert_eq!(sio.next_event_within(10).await.unwrap().0, "heartbeat_ack");
     }
     assert_eq!(
-        metric(
-            &server,
-            r#"agentgate_heartbeats_malformed_total{problem="wrong_type"}"#
-        )
-        .await,
+        server
+            .metric(r#"agentgate_heartbeats_malformed_total{problem="wrong_type"}"#)
+            .await,
         1.0
     );
     assert_eq!(
-        metric(
-            &server,
-            r#"agentgate_heartbeats_malformed_total{problem="not_an_object"}"#
-        )
-        .await,
+        server
+            .metric(r#"agentgate_heartbeats_malformed_total{problem="not_an_object"}"#)
+            .await,
         2.0
     );
-    assert_eq!(metric(&server, "agentgate_heartbeats_total").await, 4.0);
+    assert_eq!(server.metric("agentgate_heartbeats_total").await, 4.0);
     server.stop().await;
 }
 
@@ -585,15 +574,14 @@ async fn thirty_thousand_heartbeats_back_to_back_are_all_acknowledged() {
         }
     );
     // The buffer did fill, and the session was paused rather than its replies dropped.
-    assert!(metric(&server, "agentgate_socket_backpressure_total").await >= 1.0);
+    assert!(server.metric("agentgate_socket_backpressure_total").await >= 1.0);
     assert_eq!(
-        metric(&server, "agentgate_socket_overflow_disconnects_total").await,
+        server
+            .metric("agentgate_socket_overflow_disconnects_total")
+            .await,
         0.0
     );
-    assert_eq!(
-        metric(&server, "agentgate_heartbeats_total").await,
-        30_000.0
-    );
+    assert_eq!(server.metric("agentgate_heartbeats_total").await, 30_000.0);
     server.stop().await;
 }
 
@@ -615,20 +603,23 @@ async fn a_flood_after_the_upgrade_gets_every_event_and_callback_in_order() {
             ended: false
         }
     );
-    assert!(metric(&server, "agentgate_socket_backpressure_total").await >= 1.0);
+    assert!(server.metric("agentgate_socket_backpressure_total").await >= 1.0);
     server.stop().await;
 }
 
 /// Long-polling has no connection to stop reading: a client that posts heartbeats by the
 /// thousand and never polls for the answers has its session closed once its replies pass
-/// the per-session limit, with the metric, rather than losing replies without a word.
+/// the per-session limit (`limits.session_reply_queue`, small here), with the metric,
+/// rather than losing replies without a word.
 #[tokio::test]
 async fn a_polling_client_that_never_polls_is_disconnected_not_silently_shortened() {
     // A short ping interval: engineioxide ends the session at its next ping, which finds
     // the buffer full, and only then does the registry see the agent go.
+    const QUEUE: usize = 256;
     let server = TestServer::start_with(|c| {
         c.socketio.ping_interval_secs = 1;
         c.socketio.ping_timeout_secs = 1;
+        c.limits.session_reply_queue = QUEUE;
     })
     .await;
     let agent = server.pki.agent("flood-poll");
@@ -641,13 +632,13 @@ async fn a_polling_client_that_never_polls_is_disconnected_not_silently_shortene
         "42{}",
         json!(["heartbeat", {"cpu_usage": 0.5, "memory_usage": 256, "disk_usage": 1024}])
     );
-    let max = server.config.socketio.max_payload_bytes as usize;
+    let max = server.config.limits.max_packet_bytes as usize;
     let per_post = max / (packet.len() + 1);
     let batch = vec![packet.as_str(); per_post].join("\u{1e}");
     let mut posted = 0;
     let mut refused = None;
-    // Enough posts to pass the limit of queued replies (4096) several times over.
-    for _ in 0..(3 * 4096 / per_post + 3) {
+    // Enough posts to pass the configured limit of queued replies several times over.
+    for _ in 0..(3 * QUEUE / per_post + 3) {
         let r = polling.post(&mut conn, &batch).await;
         if r.status != 200 {
             refused = Some(r);
@@ -657,8 +648,16 @@ async fn a_polling_client_that_never_polls_is_disconnected_not_silently_shortene
     }
     let refused = refused.unwrap_or_else(|| panic!("{posted} heartbeats accepted, never polled"));
     assert_eq!(refused.status, 400, "{}", refused.text());
+    // One post holds more heartbeats than the configured queue (and buffer) take: the
+    // session overflowed within it, and the next post was refused.
+    assert!(
+        per_post > QUEUE + 128 && posted <= per_post,
+        "closed after {posted} heartbeats ({per_post} a post, queue {QUEUE})"
+    );
     assert_eq!(
-        metric(&server, "agentgate_socket_overflow_disconnects_total").await,
+        server
+            .metric("agentgate_socket_overflow_disconnects_total")
+            .await,
         1.0
     );
     // Every later request of the session is refused, polls included: with the reason
@@ -718,7 +717,7 @@ async fn a_command_to_an_agent_whose_buffer_fills_is_answered_with_an_error() {
         }
     });
     let paused = async {
-        while metric(&server, "agentgate_socket_backpressure_total").await < 1.0 {
+        while server.metric("agentgate_socket_backpressure_total").await < 1.0 {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     };
@@ -738,8 +737,12 @@ async fn a_command_to_an_agent_whose_buffer_fills_is_answered_with_an_error() {
     // caller is told, and the metric counts it.
     assert!(status == 502 || status == 504, "{status} {reply}");
     assert!(detail(&reply).contains("'reboot'"), "{reply}");
-    let failed = metric(&server, r#"agentgate_commands_total{outcome="failed"}"#).await;
-    let timeout = metric(&server, r#"agentgate_commands_total{outcome="timeout"}"#).await;
+    let failed = server
+        .metric(r#"agentgate_commands_total{outcome="failed"}"#)
+        .await;
+    let timeout = server
+        .metric(r#"agentgate_commands_total{outcome="timeout"}"#)
+        .await;
     assert_eq!(failed + timeout, 1.0);
 
     server.stop().await;
@@ -762,10 +765,7 @@ async fn python_agent_bursting_thirty_thousand_heartbeats_gets_every_ack() {
     let last = lines.last().cloned().unwrap_or_default();
     assert_eq!(code, 0, "{last}");
     assert_eq!(last, json!({"event": "burst", "acks": 30000}));
-    assert_eq!(
-        metric(&server, "agentgate_heartbeats_total").await,
-        30_000.0
-    );
+    assert_eq!(server.metric("agentgate_heartbeats_total").await, 30_000.0);
     server.stop().await;
 }
 
@@ -991,11 +991,9 @@ async fn failed_api_key_attempts_from_one_address_get_429_with_retry_after() {
         200
     );
     assert!(
-        metric(
-            &server,
-            "agentgate_limit_refusals_total{limit=\"api_key_failures\"}"
-        )
-        .await
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"api_key_failures\"}")
+            .await
             >= 2.0
     );
     server.stop().await;

@@ -1,6 +1,8 @@
 //! `[limits]` (issue 11, "Limits"): unfinished handshakes per source address, failed
-//! handshakes per source address, and 2,000 connections that never send a ClientHello
-//! next to a normal client. Sources other than 127.0.0.1 are other loopback addresses
+//! handshakes per source address, 2,000 connections that never send a ClientHello next
+//! to a normal client, the idle and request head limits, API body limits per endpoint,
+//! the Engine.IO packet size and per-session buffer, and the per-agent event rate (the
+//! proxied body limit and the shared API-key budget are in `tests/gateway.rs`). Sources other than 127.0.0.1 are other loopback addresses
 //! (127.0.0.0/8 all reach the gateway on Linux), so that one test holds several sources.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test stops loudly on failure
 
@@ -55,14 +57,6 @@ async fn closed_within(tcp: &mut TcpStream, wait: Duration) -> bool {
     }
 }
 
-async fn metric(server: &TestServer, sample: &str) -> f64 {
-    let mut conn = server.http(None).await.unwrap();
-    let text = conn.send("GET", "/metrics", &[], "").await.unwrap().text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_source_with_too_many_unfinished_handshakes_is_closed_at_accept() {
     let server = TestServer::start_with(|c| {
@@ -95,11 +89,9 @@ async fn a_source_with_too_many_unfinished_handshakes_is_closed_at_accept() {
         "another source is served"
     );
     assert!(
-        metric(
-            &server,
-            "agentgate_limit_refusals_total{limit=\"handshakes_per_source\"}"
-        )
-        .await
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"handshakes_per_source\"}")
+            .await
             >= 1.0
     );
     // One silent connection goes: its place is free again for a real client.
@@ -144,11 +136,9 @@ async fn a_source_past_its_failed_handshakes_is_closed_at_accept_until_the_windo
         "another source is served"
     );
     assert!(
-        metric(
-            &server,
-            "agentgate_limit_refusals_total{limit=\"handshake_failures\"}"
-        )
-        .await
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"handshake_failures\"}")
+            .await
             >= 1.0
     );
     server.stop().await;
@@ -201,11 +191,9 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
     let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
     assert!(end.is_ok(), "the idle connection was still open after 10 s");
     assert!(
-        metric(
-            &server,
-            "agentgate_limit_refusals_total{limit=\"http_idle_timeout_secs\"}"
-        )
-        .await
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"http_idle_timeout_secs\"}")
+            .await
             >= 1.0
     );
     server.stop().await;
@@ -243,11 +231,9 @@ async fn request_head_limits_come_from_the_config() {
     assert_eq!(r.status, 431, "{}", r.text());
     assert!(r.text().contains("limits.max_header_bytes"), "{}", r.text());
     assert!(
-        metric(
-            &server,
-            "agentgate_limit_refusals_total{limit=\"max_uri_bytes\"}"
-        )
-        .await
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"max_uri_bytes\"}")
+            .await
             >= 1.0
     );
     server.stop().await;
@@ -276,6 +262,9 @@ async fn a_websocket_client_that_stops_reading_is_disconnected_not_buffered() {
     let server = TestServer::start_with(|c| {
         c.socketio.ping_interval_secs = 1;
         c.socketio.ping_timeout_secs = 1;
+        // A small configured send buffer: the gateway holds at most this many packets
+        // for the session before it stops reading it.
+        c.limits.session_send_buffer = 8;
     })
     .await;
     let agent = server.pki.agent("never-reads");
@@ -306,7 +295,7 @@ async fn a_websocket_client_that_stops_reading_is_disconnected_not_buffered() {
     );
     // The gateway stopped reading it before it went (backpressure), so what it held was
     // bounded by its send buffer, not by what the client sent.
-    assert!(metric(&server, "agentgate_socket_backpressure_total").await >= 1.0);
+    assert!(server.metric("agentgate_socket_backpressure_total").await >= 1.0);
     let sent = tokio::time::timeout(Duration::from_secs(30), writer)
         .await
         .expect("the writer was never stopped")
@@ -338,8 +327,49 @@ async fn an_agent_that_floods_events_past_its_rate_is_disconnected() {
         }
     });
     // Acks for the events within the limit, then the end of the session.
+    let acks = session_ends(&mut stream)
+        .await
+        .expect("the flooding session stayed open");
+    assert_eq!(
+        acks, 50,
+        "every event within the limit, and none past it, is answered"
+    );
+    assert!(server.agents.registry.sessions_of(&id, None).is_empty());
+    assert!(
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"agent_events\"}")
+            .await
+            >= 1.0
+    );
+    // The count is the agent's, not the session's: a new session of the same agent
+    // connects, and its first event within the window ends it.
+    let again = ws_session(&server, &agent).await;
+    let (mut sink, mut stream) = again.split();
+    sink.send(Message::text(frame)).await.unwrap();
+    assert!(
+        session_ends(&mut stream).await.is_some(),
+        "a reconnected session got a fresh budget"
+    );
+    writer.abort();
+    server.stop().await;
+}
+
+/// Reads `stream` until the session ends (a Socket.IO disconnect, a close frame, or the
+/// end of the connection), at most 10 s; the `heartbeat_ack`s read on the way, or `None`
+/// if it stayed open.
+async fn session_ends<S>(stream: &mut S) -> Option<usize>
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
     let mut acks = 0;
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+    tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(Ok(m)) = stream.next().await {
             match m {
                 Message::Text(t) if t.contains("heartbeat_ack") => acks += 1,
@@ -349,24 +379,193 @@ async fn an_agent_that_floods_events_past_its_rate_is_disconnected() {
             }
         }
     })
+    .await
+    .ok()
+    .map(|()| acks)
+}
+
+/// `limits.agent_events` is per agent: two sessions of one agent share one budget, so
+/// each staying under it alone does not keep them both connected; the event that passes
+/// it ends every session of the agent.
+#[tokio::test]
+async fn an_agent_with_two_sessions_shares_one_event_budget() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start_with(|c| {
+        c.limits.agent_events = 60;
+        c.limits.agent_event_window_secs = 3600;
+    })
     .await;
-    assert!(ended.is_ok(), "the flooding session stayed open");
-    assert_eq!(
-        acks, 50,
-        "every event within the limit, and none past it, is answered"
-    );
-    assert!(server.agents.registry.sessions_of(&id, None).is_empty());
-    assert!(
-        metric(
-            &server,
-            "agentgate_limit_refusals_total{limit=\"agent_events\"}"
-        )
+    let agent = server.pki.agent("twin");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let id: agentgate::identity::AgentId = "twin".parse().unwrap();
+    let (mut sink_a, mut stream_a) = ws_session(&server, &agent).await.split();
+    let (mut sink_b, mut stream_b) = ws_session(&server, &agent).await.split();
+    assert_eq!(server.agents.registry.sessions_of(&id, None).len(), 2);
+    let frame = r#"42["heartbeat",{"cpu_usage":0.5,"memory_usage":256,"disk_usage":1024}]"#;
+    // 40 on the first session: all answered, it stays open.
+    for _ in 0..40 {
+        sink_a.send(Message::text(frame)).await.unwrap();
+    }
+    let mut acks_a = 0;
+    while acks_a < 40 {
+        match tokio::time::timeout(Duration::from_secs(10), stream_a.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.contains("heartbeat_ack") => acks_a += 1,
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => {
+                sink_a.send(Message::text("3")).await.unwrap();
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the first session ended after {acks_a} acks: {other:?}"),
+        }
+    }
+    // 40 on the second: 20 fit the agent's budget, the 21st passes it.
+    for _ in 0..40 {
+        if sink_b.send(Message::text(frame)).await.is_err() {
+            break;
+        }
+    }
+    let acks_b = session_ends(&mut stream_b)
         .await
+        .expect("the second session stayed open past the agent's budget");
+    assert_eq!(
+        acks_b, 20,
+        "the agent's events within its budget are answered"
+    );
+    assert!(
+        session_ends(&mut stream_a).await.is_some(),
+        "the first session of the agent stayed open"
+    );
+    common::cluster::wait_for("the agent's sessions to be gone", || {
+        server.agents.registry.sessions_of(&id, None).is_empty()
+    })
+    .await;
+    assert_eq!(
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"agent_events\"}")
+            .await,
+        1.0,
+        "one refusal for the agent, however many sessions it had"
+    );
+    server.stop().await;
+}
+
+/// `limits.max_body_bytes` for the API's endpoints that take a key, and the separate
+/// `limits.register_body_bytes` of `POST /agent/register`: 413 with a detail naming the
+/// key, counted.
+#[tokio::test]
+async fn api_bodies_over_their_endpoint_limit_get_413_naming_the_key() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_body_bytes = 1024;
+        c.limits.register_body_bytes = 2048;
+    })
+    .await;
+    let mut conn = server.http(None).await.unwrap();
+    let auth = format!("Bearer {API_KEY}");
+    let key = [("authorization", auth.as_str())];
+    let hello = |n: usize| serde_json::json!({ "name": "x".repeat(n) }).to_string();
+    let r = conn
+        .send("POST", "/hello-world", &key, &hello(900))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = conn
+        .send("POST", "/hello-world", &key, &hello(1500))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(
+        detail.contains("limits.max_body_bytes") && detail.contains("1024"),
+        "{detail}"
+    );
+    assert_eq!(
+        r.headers["connection"], "close",
+        "the refused body was not read"
+    );
+    let mut conn = server.http(None).await.unwrap();
+    // The register endpoint has its own limit: 1500 bytes reach its token check.
+    let register = |n: usize| {
+        serde_json::json!({"install_token": "unknown", "agent_id": "a1", "certificate": "x".repeat(n)})
+            .to_string()
+    };
+    let r = conn
+        .send("POST", "/agent/register", &[], &register(1500))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = conn
+        .send("POST", "/agent/register", &[], &register(3000))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(
+        r.text().contains("limits.register_body_bytes"),
+        "{}",
+        r.text()
+    );
+    for limit in ["max_body_bytes", "register_body_bytes"] {
+        assert_eq!(
+            server
+                .metric(&format!(
+                    "agentgate_limit_refusals_total{{limit=\"{limit}\"}}"
+                ))
+                .await,
+            1.0,
+            "{limit}"
+        );
+    }
+    server.stop().await;
+}
+
+/// `limits.max_packet_bytes`: a polling POST over it gets 413 naming the key, and a
+/// WebSocket message over it ends the session; both counted.
+#[tokio::test]
+async fn engine_io_payloads_over_the_packet_limit_are_refused() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start_with(|c| c.limits.max_packet_bytes = 2048).await;
+    let agent = server.pki.agent("big-packets");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let id: agentgate::identity::AgentId = "big-packets".parse().unwrap();
+    let big = format!(
+        "42{}",
+        serde_json::json!(["heartbeat", {"cpu_usage": 0.5, "note": "x".repeat(3000)}])
+    );
+    let mut conn = server.http(Some(&agent)).await.unwrap();
+    let polling = Polling::handshake(&mut conn).await;
+    assert_eq!(polling.post(&mut conn, "40").await.status, 200);
+    let r = polling.post(&mut conn, &big).await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("limits.max_packet_bytes"), "{}", r.text());
+    assert!(
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"max_packet_bytes\"}")
+            .await
             >= 1.0
     );
-    // A new session of the same agent starts with a fresh count.
-    let _again = ws_session(&server, &agent).await;
-    writer.abort();
+    // The polling session was refused one POST and stays; a WebSocket session of the same
+    // agent next to it ends on its oversized message.
+    let sessions = || server.agents.registry.sessions_of(&id, None).len();
+    let polling_only = sessions();
+    let (mut sink, mut stream) = ws_session(&server, &agent).await.split();
+    assert_eq!(sessions(), polling_only + 1);
+    sink.send(Message::text(big)).await.unwrap();
+    assert!(
+        session_ends(&mut stream).await.is_some(),
+        "the session that sent an oversized message stayed open"
+    );
+    common::cluster::wait_for("the WebSocket session to be unregistered", || {
+        sessions() == polling_only
+    })
+    .await;
+    // Read from the frame header, refused before its payload, and counted like the POST.
+    assert!(
+        server
+            .metric("agentgate_limit_refusals_total{limit=\"max_packet_bytes\"}")
+            .await
+            >= 2.0
+    );
+    drop(conn);
     server.stop().await;
 }
 
@@ -389,5 +588,59 @@ async fn connections_closed_before_any_tls_record_are_not_failed_handshakes() {
         Some(200),
         "health checks counted as failed handshakes"
     );
+    server.stop().await;
+}
+
+/// `max_connections`: past it, a client waits in the listen backlog (it is not refused)
+/// until a connection ends; the wait is counted (`limit="max_connections"`).
+#[tokio::test]
+async fn a_client_past_max_connections_waits_until_a_connection_ends() {
+    let server = TestServer::start_with(|c| c.max_connections = 2).await;
+    let mut first = server.http(None).await.unwrap();
+    assert_eq!(
+        first.send("GET", "/health", &[], "").await.unwrap().status,
+        200
+    );
+    let mut second = server.http(None).await.unwrap();
+    let config = client_config(&server.pki, None);
+    let addr = server.addr;
+    let waiting = tokio::spawn(async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let mut conn = HttpConn::handshake(tls).await.unwrap();
+        conn.send("GET", "/health", &[], "").await.unwrap().status
+    });
+    // The held connections keep working; the metric read on one of them shows the wait.
+    let sample = "agentgate_limit_refusals_total{limit=\"max_connections\"}";
+    let mut counted = false;
+    for _ in 0..200 {
+        let text = second
+            .send("GET", "/metrics", &[], "")
+            .await
+            .unwrap()
+            .text();
+        if text.lines().any(|l| {
+            l.strip_prefix(sample)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|v| v >= 1.0)
+        }) {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(counted, "the wait for a connection slot was not counted");
+    assert!(!waiting.is_finished(), "a third connection was served");
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting client was never served")
+        .unwrap();
+    assert_eq!(status, 200);
+    drop(second);
     server.stop().await;
 }

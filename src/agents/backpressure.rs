@@ -2,7 +2,7 @@
 //! buffer is full; the session stops being read until they are out.
 //!
 //! engineioxide gives every session a bounded channel of packets to send
-//! (`max_buffer_size`, 128) and socketioxide's emits fail with
+//! (`max_buffer_size`, `limits.session_send_buffer`, default 128) and socketioxide's emits fail with
 //! `SocketError::InternalChannelFull` when it is full. A handler runs on the session's
 //! read loop and cannot wait, so before this module an agent that sent heartbeats faster
 //! than the connection carried the answers lost them without a word (about 400
@@ -17,8 +17,8 @@
 //! exists.
 //!
 //! A long-polling session has no connection of its own to stop (each POST may come on
-//! another one), and a POST carries up to `max_payload_bytes` of packets at once: its
-//! queue is bounded by [`MAX_QUEUED`]; past that the session is closed with a log line
+//! another one), and a POST carries up to `limits.max_packet_bytes` of packets at once:
+//! its queue is bounded by `limits.session_reply_queue`; past that the session is closed with a log line
 //! and `agentgate_socket_overflow_disconnects_total`, never shortened silently. Closing
 //! it cannot wait for room in its buffer (socketioxide's `disconnect` needs room for its
 //! packet): the session guard refuses its requests from then on ([`SessionBindings`]), and
@@ -28,7 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -42,25 +42,23 @@ use socketioxide::{SendError, SocketError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::SessionBindings;
+use super::ws_frames::{FrameSizes, Oversized};
 use crate::metrics::Metrics;
-
-/// Most replies one session may have waiting for room; a WebSocket session stops being
-/// read long before (it holds a few), so only a long-polling client that posts far more
-/// than it polls gets near it.
-pub(crate) const MAX_QUEUED: usize = 4096;
 
 /// How often a waiting queue looks for room in the session's send buffer.
 const RETRY: Duration = Duration::from_millis(1);
 
 /// Most replies a queue moves into the send buffer per [`RETRY`]: half of engineioxide's
-/// buffer (`max_buffer_size`, 128 packets). engineioxide's Engine.IO ping goes through the
+/// buffer (`max_buffer_size`, `limits.session_send_buffer` packets). engineioxide's Engine.IO ping goes through the
 /// same buffer and ends the session when it finds it full (`heartbeat_job`: `try_send` of
 /// the ping), so a queue that refilled it to the brim whenever the writer took a packet
 /// would keep it full while it drains. This lowers the odds, it cannot rule them out:
 /// socketioxide shows no buffer level, and the handler fills the buffer before it knows
 /// it is full. A ping due at such a moment ends the session (logged as a disconnect
 /// with reason "client did not send a PONG packet in time"); see the README.
-const BURST: usize = 64;
+fn burst(send_buffer: usize) -> usize {
+    (send_buffer / 2).max(1)
+}
 
 /// How often the disconnect of an overflowed polling session is tried again (it needs room
 /// in the buffer the client does not poll; engineioxide ends the session itself at its
@@ -78,6 +76,26 @@ struct GateInner {
     /// Set when the session must end: reads fail, so the WebSocket reader ends the session.
     cut: AtomicBool,
     waker: AtomicWaker,
+    /// Set when the connection upgrades to a WebSocket: from then on [`Gated`] reads the
+    /// frame headers for the message size limit.
+    frames: OnceLock<FrameWatch>,
+}
+
+/// `limits.max_packet_bytes` on a WebSocket's incoming messages (see
+/// [`ws_frames`](super::ws_frames)), and where a refusal is told.
+pub(crate) struct FrameWatch {
+    pub(crate) limit: u64,
+    pub(crate) refusals: crate::limits::Refusals,
+    pub(crate) source: Option<std::net::IpAddr>,
+}
+
+impl std::fmt::Debug for FrameWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameWatch")
+            .field("limit", &self.limit)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ReadGate {
@@ -88,6 +106,12 @@ impl ReadGate {
     pub fn resume(&self) {
         self.0.paused.store(false, Ordering::Release);
         self.0.waker.wake();
+    }
+
+    /// Checks the size of every WebSocket message read from now on (the connection is
+    /// being upgraded); the first call wins.
+    pub(crate) fn watch_frames(&self, watch: FrameWatch) {
+        let _ = self.0.frames.set(watch);
     }
 
     /// Ends the connection at its next read (a transport error for the session).
@@ -114,15 +138,22 @@ impl ReadGate {
     }
 }
 
-/// A connection's IO whose reads wait while its [`ReadGate`] is paused; writes pass.
+/// A connection's IO whose reads wait while its [`ReadGate`] is paused, and, once it is a
+/// WebSocket, fail on a message over the size limit; writes pass.
 pub(crate) struct Gated<IO> {
     io: IO,
     gate: ReadGate,
+    /// Created at the first read after [`ReadGate::watch_frames`].
+    frames: Option<FrameSizes>,
 }
 
 impl<IO> Gated<IO> {
     pub fn new(io: IO, gate: ReadGate) -> Self {
-        Self { io, gate }
+        Self {
+            io,
+            gate,
+            frames: None,
+        }
     }
 }
 
@@ -133,7 +164,27 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Gated<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         ready!(self.gate.poll_open(cx))?;
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        let Some(watch) = this.gate.0.frames.get() else {
+            return Poll::Ready(Ok(()));
+        };
+        let frames = this
+            .frames
+            .get_or_insert_with(|| FrameSizes::new(watch.limit));
+        if let Err(Oversized(size)) = frames.feed(&buf.filled()[before..]) {
+            let text = format!(
+                "WebSocket message of {size} bytes or more exceeds the limit of {} bytes (limits.max_packet_bytes); closing the session",
+                watch.limit
+            );
+            watch
+                .refusals
+                .refused("max_packet_bytes", watch.source, &text);
+            this.gate.cut();
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, text)));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -185,6 +236,12 @@ pub(crate) struct Outboxes(Arc<Shared>);
 struct Shared {
     /// Where an overflowed session is marked closed, so the guard refuses its requests.
     bindings: SessionBindings,
+    /// Most replies one session may have waiting for room (`limits.session_reply_queue`);
+    /// a WebSocket session stops being read long before (it holds a few), so only a
+    /// long-polling client that posts far more than it polls gets near it.
+    max_queued: usize,
+    /// Replies moved into the send buffer per [`RETRY`]: see [`burst`].
+    burst: usize,
     /// How many sessions have a queue: zero on the common path, which then takes no lock.
     active: AtomicUsize,
     /// A std Mutex: no `.await` while it is held.
@@ -206,9 +263,13 @@ enum Attempt {
 }
 
 impl Outboxes {
-    pub fn new(bindings: SessionBindings) -> Self {
+    /// Queues of at most `max_queued` replies each, for sessions whose send buffer holds
+    /// `send_buffer` packets.
+    pub fn new(bindings: SessionBindings, max_queued: usize, send_buffer: usize) -> Self {
         Self(Arc::new(Shared {
             bindings,
+            max_queued,
+            burst: burst(send_buffer),
             active: AtomicUsize::new(0),
             queues: Mutex::new(HashMap::new()),
         }))
@@ -287,7 +348,7 @@ impl Outboxes {
         if queue.closing {
             return true;
         }
-        if queue.replies.len() < MAX_QUEUED {
+        if queue.replies.len() < self.0.max_queued {
             queue.replies.push_back(reply());
             return true;
         }
@@ -310,7 +371,8 @@ impl Outboxes {
     ) {
         metrics.socket_overflow_disconnect();
         tracing::warn!(
-            sid = %socket.id, queued = dropped, limit = MAX_QUEUED,
+            sid = %socket.id, queued = dropped, limit = "session_reply_queue",
+            max = self.0.max_queued,
             "agent sends faster than it reads its replies; closing the session"
         );
         self.0.bindings.close(&socket.id.to_string());
@@ -352,7 +414,7 @@ impl Outboxes {
     async fn drain<A: Adapter>(self, socket: Arc<Socket<A>>) {
         let mut burst = 0;
         loop {
-            if burst == BURST {
+            if burst == self.0.burst {
                 burst = 0;
                 tokio::time::sleep(RETRY).await;
             }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use socketioxide::ParserError;
+use socketioxide::SocketError;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{MaybeHttpExtension, SocketRef, State, TryData};
 use socketioxide::handler::{FromMessageParts, MessageHandler, Value as ParserValue};
@@ -13,9 +14,9 @@ use socketioxide::socket::{DisconnectReason, Socket};
 use super::backpressure::ReadGate;
 use super::heartbeat;
 use super::registry::{Heartbeat, Session};
-use super::{AgentsState, AnonymousAgents};
+use super::{AgentsState, AnonymousAgents, EventSource};
 use crate::clock::rfc3339;
-use crate::identity::Peer;
+use crate::identity::{AgentIdentity, Peer};
 
 /// Why a Socket.IO connect was refused; the client receives the text as its
 /// `connect_error` message.
@@ -145,20 +146,14 @@ fn on_heartbeat<A: Adapter>(
 ) {
     let identity = peer.and_then(|p| p.identity);
     // Backpressure already throttles a flood to what the agent reads of its replies; past
-    // `limits.agent_events` per window the session is cut.
-    let count = state.event_rate.count(socket.id, std::time::Instant::now());
+    // `limits.agent_events` per window, counted over all the agent's sessions, they are cut.
+    let source = match &identity {
+        Some(id) => EventSource::Agent(id.agent_id.clone()),
+        None => EventSource::Session(socket.id),
+    };
+    let count = state.event_rate.count(source, std::time::Instant::now());
     if count > state.event_rate.max() {
-        // Events already read past the limit are dropped; the first of them ends the
-        // session and is the one logged.
-        if count == state.event_rate.max() + 1 {
-            state.metrics.limit_refusal("agent_events");
-            tracing::warn!(
-                agent_id = ?identity.as_ref().map(|i| i.agent_id.as_str()), sid = %socket.id,
-                limit = "agent_events", window_secs = state.event_rate.window().as_secs(),
-                "agent sent more events than limits.agent_events allows in one window; disconnecting"
-            );
-            super::backpressure::disconnect(SocketRef::from(socket.clone()));
-        }
+        over_event_rate(socket, identity.as_ref(), count, &state);
         return;
     }
     let gate = || session_gate(socket, &state);
@@ -195,6 +190,63 @@ fn on_heartbeat<A: Adapter>(
     state
         .outboxes
         .ack(socket, ack_id, &reply, gate, &state.metrics);
+}
+
+/// An event past `limits.agent_events`: dropped, and its session ended. The first one of
+/// the window is logged and counted, and ends every session of the agent on this node
+/// (the others of the window meet a session of it opened since, or one already closing).
+fn over_event_rate<A: Adapter>(
+    socket: &Arc<Socket<A>>,
+    identity: Option<&AgentIdentity>,
+    count: u32,
+    state: &AgentsState,
+) {
+    let this = SocketRef::from(socket.clone());
+    if count != state.event_rate.max().saturating_add(1) {
+        end_session(this, state);
+        return;
+    }
+    state.metrics.limit_refusal("agent_events");
+    let sessions = match identity {
+        Some(id) => this.within(super::agent_room(&id.agent_id)).sockets(),
+        None => vec![this.clone()],
+    };
+    tracing::warn!(
+        agent_id = ?identity.map(|i| i.agent_id.as_str()), sid = %socket.id,
+        sessions = sessions.len(), limit = "agent_events",
+        window_secs = state.event_rate.window().as_secs(),
+        "agent sent more events than limits.agent_events allows in one window; disconnecting all its sessions"
+    );
+    end_session(this, state);
+    for other in sessions.into_iter().filter(|s| s.id != socket.id) {
+        end_session(other, state);
+    }
+}
+
+/// Ends a session: a Socket.IO disconnect written after the replies already in its send
+/// buffer, so the agent reads every answer it was given and then why it was cut. A
+/// session whose buffer is full (it floods faster than it reads) has its WebSocket's
+/// connection cut instead, and a polling one is disconnected as soon as there is room.
+fn end_session<A: Adapter>(socket: SocketRef<A>, state: &AgentsState) {
+    if !socket.connected() {
+        return;
+    }
+    match socket.clone().disconnect() {
+        Ok(()) | Err(SocketError::Closed) => {}
+        Err(SocketError::InternalChannelFull) => {
+            let sid = socket.id.to_string();
+            if state.bindings.is_closed(&sid) {
+                return;
+            }
+            state.bindings.close(&sid);
+            match session_gate(&socket, state) {
+                Some(gate) => gate.cut(),
+                None => {
+                    super::backpressure::disconnect(socket);
+                }
+            }
+        }
+    }
 }
 
 /// The connection a session's WebSocket runs on: recorded by the session guard when the
@@ -235,7 +287,9 @@ async fn on_disconnect<A: Adapter>(
         .disconnect(identity.as_ref().map(|i| &i.agent_id), socket.id);
     state.bindings.unbind(&socket.id.to_string());
     state.outboxes.forget(socket.id);
-    state.event_rate.forget(&socket.id);
+    // An agent's count outlives its sessions (a reconnect does not start a new budget);
+    // an anonymous session's ends with it.
+    state.event_rate.forget(&EventSource::Session(socket.id));
     match identity {
         Some(id) => {
             tracing::info!(agent_id = %id.agent_id, sid = %socket.id, %reason, "agent disconnected")

@@ -8,6 +8,7 @@ pub(crate) mod heartbeat;
 pub(crate) mod io;
 pub mod registry;
 pub(crate) mod session_guard;
+pub(crate) mod ws_frames;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -90,8 +91,18 @@ pub struct AgentsState {
     pub(crate) outboxes: backpressure::Outboxes,
     pub anonymous: AnonymousAgents,
     pub metrics: Metrics,
-    /// Events per session per window (`limits.agent_events`): past it, disconnected.
-    pub(crate) event_rate: crate::limits::FailureWindow<socketioxide::socket::Sid>,
+    /// Events per agent per window (`limits.agent_events`): past it, every session of the
+    /// agent is disconnected.
+    pub(crate) event_rate: crate::limits::FailureWindow<EventSource>,
+}
+
+/// Whose events [`AgentsState::event_rate`] counts: an agent over all its sessions, so
+/// that opening more sessions does not multiply its budget; an anonymous session (the
+/// development switch) alone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum EventSource {
+    Agent(AgentId),
+    Session(Sid),
 }
 
 impl AgentsState {
@@ -105,7 +116,11 @@ impl AgentsState {
             metrics,
             registry: AgentRegistry::new(clock, config.agents.stale_after),
             bindings: bindings.clone(),
-            outboxes: backpressure::Outboxes::new(bindings),
+            outboxes: backpressure::Outboxes::new(
+                bindings,
+                config.limits.session_reply_queue,
+                config.limits.session_send_buffer,
+            ),
             anonymous: if config.allow_anonymous_agents {
                 AnonymousAgents::AllowWithWarning
             } else {
@@ -129,12 +144,13 @@ fn builder<A: Adapter>(config: &Config, builder: SocketIoBuilder<A>) -> SocketIo
     builder
         .ping_interval(config.socketio.ping_interval)
         .ping_timeout(config.socketio.ping_timeout)
-        .max_payload(config.socketio.max_payload_bytes)
+        .max_payload(config.limits.max_packet_bytes)
         // engineioxide's WebSocket limits are 64 MiB a message and 16 MiB a frame,
         // whatever `max_payload` says (it bounds polling bodies only); one limit for
         // both transports bounds what a heartbeat can make us store.
-        .ws_max_message_size(ws_limit(config.socketio.max_payload_bytes))
-        .ws_max_frame_size(ws_limit(config.socketio.max_payload_bytes))
+        .ws_max_message_size(ws_limit(config.limits.max_packet_bytes))
+        .ws_max_frame_size(ws_limit(config.limits.max_packet_bytes))
+        .max_buffer_size(config.limits.session_send_buffer)
         .ws_read_buffer_size(WS_READ_BUFFER)
 }
 
@@ -294,7 +310,7 @@ impl Agents {
     }
 }
 
-/// `max_payload_bytes` as the WebSocket message limit (a `usize`; saturates on targets
+/// `limits.max_packet_bytes` as the WebSocket message limit (a `usize`; saturates on targets
 /// where it does not fit, where the limit would be moot anyway).
 fn ws_limit(max_payload: u64) -> usize {
     usize::try_from(max_payload).unwrap_or(usize::MAX)

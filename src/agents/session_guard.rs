@@ -75,7 +75,7 @@ impl SessionBindings {
         }
     }
 
-    fn is_closed(&self, sid: &str) -> bool {
+    pub(crate) fn is_closed(&self, sid: &str) -> bool {
         self.lock().get(sid).is_some_and(|b| b.closed)
     }
 
@@ -105,6 +105,74 @@ impl SessionBindings {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Binding>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// What [`packet_limit`] needs: `limits.max_packet_bytes` and where refusals are told.
+#[derive(Clone)]
+pub(crate) struct PacketLimit {
+    pub(crate) bytes: u64,
+    pub(crate) refusals: crate::limits::Refusals,
+}
+
+/// axum middleware in front of the Socket.IO layer: a polling POST whose declared length
+/// is over `limits.max_packet_bytes` gets a 413 naming the key before its body is read;
+/// one that turns out larger while engineioxide reads it (chunked) gets the same 413 in
+/// place of engineioxide's. Both are counted and logged as refusals of that limit. On a
+/// WebSocket upgrade it arms the connection's frame reader ([`ReadGate::watch_frames`]):
+/// a message over the limit ends the session, counted and logged the same way (tungstenite
+/// would refuse it too, but as a transport error that says nothing). (A WebSocket message over it ends
+/// the session: tungstenite refuses it, and the session ends with a transport error.)
+pub(crate) async fn packet_limit(
+    State(limit): State<PacketLimit>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if !is_socket_io_path(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let source = req.extensions().get::<Peer>().map(|p| p.remote_addr.ip());
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if upgrade && let Some(gate) = req.extensions().get::<ReadGate>() {
+        gate.watch_frames(super::backpressure::FrameWatch {
+            limit: limit.bytes,
+            refusals: limit.refusals.clone(),
+            source,
+        });
+    }
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let text = |n: Option<u64>| {
+        let size = n.map_or_else(String::new, |n| format!(" of {n} bytes"));
+        format!(
+            "Engine.IO payload{size} exceeds the limit of {} bytes (limits.max_packet_bytes)",
+            limit.bytes
+        )
+    };
+    if let Some(n) = declared.filter(|n| *n > limit.bytes) {
+        let text = text(Some(n));
+        limit.refusals.refused("max_packet_bytes", source, &text);
+        let mut response = crate::api::detail(StatusCode::PAYLOAD_TOO_LARGE, &text);
+        crate::api::body_left_unread(&mut response);
+        return response;
+    }
+    let response = next.run(req).await;
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return response;
+    }
+    let text = text(None);
+    limit.refusals.refused("max_packet_bytes", source, &text);
+    let mut response = crate::api::detail(StatusCode::PAYLOAD_TOO_LARGE, &text);
+    crate::api::body_left_unread(&mut response);
+    response
 }
 
 /// axum middleware in front of the Socket.IO layer.

@@ -11,7 +11,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
-use super::MAX_BODY_BYTES;
 use crate::agents::commands::CommandError;
 use crate::enroll::{RegisterError, TokenError};
 use crate::store::{CertError, RedisError, StoreError};
@@ -26,8 +25,9 @@ pub enum ApiError {
     MissingScope(&'static str),
     #[error("{0}")]
     NotFound(String),
-    #[error("request body exceeds {MAX_BODY_BYTES} bytes")]
-    BodyTooLarge,
+    /// Over the endpoint's body limit; `key` is the `[limits]` key that sets it.
+    #[error("request body exceeds the limit of {limit} bytes (limits.{key})")]
+    BodyTooLarge { limit: usize, key: &'static str },
     #[error("{0}")]
     BadBody(String),
     #[error("{0}")]
@@ -57,7 +57,7 @@ impl ApiError {
         match self {
             Self::Forbidden(_) | Self::MissingScope(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::InvalidJson(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -114,8 +114,21 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        detail(status, &text)
+        let mut response = detail(status, &text);
+        if let Self::BodyTooLarge { .. } = self {
+            body_left_unread(&mut response);
+        }
+        response
     }
+}
+
+/// Marks a response to a request whose body was refused unread (a 413): the connection
+/// closes after it (`Connection: close`, RFC 9112 §9.6), as nginx closes after its 413,
+/// since the rest of the body would otherwise be read as the next request.
+pub(crate) fn body_left_unread(response: &mut Response) {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// `{"detail": "..."}` with `status`: the shape of every error response, including those
@@ -243,7 +256,13 @@ mod tests {
             ),
             (ApiError::MissingScope("agents:read"), StatusCode::FORBIDDEN),
             (ApiError::NotFound("x".into()), StatusCode::NOT_FOUND),
-            (ApiError::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+            (
+                ApiError::BodyTooLarge {
+                    limit: 1,
+                    key: "max_body_bytes",
+                },
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
             (ApiError::BadBody("x".into()), StatusCode::BAD_REQUEST),
             (
                 ApiError::InvalidJson("x".into()),

@@ -2,13 +2,12 @@
 //! ([`ApiQuery`]), agent ids from paths ([`agent_id`]), and the paging parameters and
 //! helper both list endpoints share ([`PageQuery`], [`Page`]).
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
-use axum::http::{StatusCode, request::Parts};
+use axum::http::request::Parts;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
 
-use super::{ApiError, MAX_BODY_BYTES};
+use super::ApiError;
 use crate::agents::registry::AgentStatus;
 use crate::identity::AgentId;
 
@@ -31,7 +30,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-/// A JSON object body with this API's errors: 413 over [`MAX_BODY_BYTES`], 422 for
+/// The body limit of the endpoint a request is for: put into the request by the router
+/// (`limits.max_body_bytes` on every endpoint, `limits.register_body_bytes` on the one
+/// that takes a body without an API key), read by [`JsonBody`].
+#[derive(Clone)]
+pub(crate) struct BodyLimit {
+    pub(crate) bytes: usize,
+    /// The `[limits]` key that sets it, without `limits.`.
+    pub(crate) key: &'static str,
+    pub(crate) refusals: crate::limits::Refusals,
+}
+
+/// A JSON object body with this API's errors: 413 over the endpoint's [`BodyLimit`] (or,
+/// on a router that sets none, the default of `limits.max_body_bytes`), 422 for
 /// malformed JSON, missing fields or a body that is not an object (as FastAPI answered),
 /// whatever the Content-Type says.
 ///
@@ -43,19 +54,48 @@ pub struct JsonBody<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let req = req
-            .map(|body| axum::body::Body::new(http_body_util::Limited::new(body, MAX_BODY_BYTES)));
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::BodyTooLarge
-            } else {
-                ApiError::BadBody(format!(
-                    "could not read the request body: {}",
-                    rejection.body_text()
-                ))
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req.extensions().get::<BodyLimit>().cloned();
+        let (bytes, key) = limit.as_ref().map_or(
+            (
+                crate::config::RawLimits::default().max_body_bytes,
+                "max_body_bytes",
+            ),
+            |l| (l.bytes, l.key),
+        );
+        let source = req
+            .extensions()
+            .get::<crate::identity::Peer>()
+            .map(|p| p.remote_addr.ip());
+        let too_large = || {
+            let e = ApiError::BodyTooLarge { limit: bytes, key };
+            if let Some(limit) = &limit {
+                limit.refusals.refused(key, source, &e.to_string());
             }
-        })?;
+            e
+        };
+        // A declared length over the limit is refused before a byte of the body is read.
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > bytes as u64) {
+            return Err(too_large());
+        }
+        // Read here rather than with axum's `Bytes`, whose own default limit (2 MB) would
+        // answer first for a larger configured one.
+        let limited = http_body_util::Limited::new(req.into_body(), bytes);
+        let bytes = http_body_util::BodyExt::collect(limited)
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    too_large()
+                } else {
+                    ApiError::BadBody(format!("could not read the request body: {e}"))
+                }
+            })?
+            .to_bytes();
         if let Some(kind) = not_an_object(&bytes) {
             return Err(ApiError::InvalidJson(format!(
                 "invalid JSON body: the request body must be a JSON object, got {kind}"

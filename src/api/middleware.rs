@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::{ApiError, AppState};
-use crate::auth::{ApiKey, BearerError, bearer_of};
+use crate::auth::{ApiKey, KeyRefusal};
 use crate::identity::Peer;
 use crate::proxy::forward::Proxied;
 use axum::extract::{MatchedPath, Request, State};
@@ -19,43 +19,33 @@ pub async fn require_api_key(
     mut req: Request,
     next: Next,
 ) -> Response {
-    // A source past its failed attempts is refused before its key is looked at, so that
-    // guessing stops there even with the right key among the guesses.
+    // The same check as the gateway's `api_key` routes, failed attempts included.
     let source = req.extensions().get::<Peer>().map(|p| p.remote_addr.ip());
-    let now = std::time::Instant::now();
-    if let Some(left) = source.and_then(|ip| state.api_key_failures.refused(ip, now)) {
-        state.metrics.limit_refusal("api_key_failures");
-        return too_many_failures(left);
-    }
-    let key = match bearer_of(req.headers()) {
-        Err(BearerError::Missing) => {
+    let key = match state
+        .api_keys
+        .check(req.headers(), source, std::time::Instant::now())
+    {
+        Ok(key) => key.clone(),
+        Err(KeyRefusal::TooManyFailures { retry_after }) => {
+            state.metrics.limit_refusal("api_key_failures");
+            return too_many_failures(retry_after);
+        }
+        Err(KeyRefusal::Missing) => {
             return ApiError::Forbidden(
                 "Not authenticated: send 'Authorization: Bearer <API key>'",
             )
             .into_response();
         }
-        Err(BearerError::Duplicate) => {
+        Err(KeyRefusal::Duplicate) => {
             return ApiError::BadRequest(
                 "more than one Authorization header field; send exactly one 'Authorization: Bearer <API key>'"
                     .into(),
             )
             .into_response();
         }
-        Ok(presented) => match state.api_keys.find(presented) {
-            Some(key) => key.clone(),
-            None => {
-                if let Some(ip) = source
-                    && state.api_key_failures.fail(ip, now)
-                {
-                    tracing::warn!(
-                        source = %ip, limit = "api_key_failures",
-                        window_secs = state.api_key_failures.window().as_secs(),
-                        "source reached the failed API-key attempts limit; refused with 429 until the window ends"
-                    );
-                }
-                return ApiError::Forbidden("Invalid API key").into_response();
-            }
-        },
+        Err(KeyRefusal::Invalid) => {
+            return ApiError::Forbidden("Invalid API key").into_response();
+        }
     };
     req.extensions_mut().insert(key.clone());
     let mut response = next.run(req).await;
@@ -67,12 +57,10 @@ pub async fn require_api_key(
 /// API-key attempts.
 fn too_many_failures(left: std::time::Duration) -> Response {
     let secs = crate::limits::retry_after_secs(left);
-    let mut response = super::error::detail(
-        http::StatusCode::TOO_MANY_REQUESTS,
-        &format!(
-            "too many failed API-key attempts from this address; retry after {secs} s (limits.api_key_failures)"
-        ),
-    );
+    let refusal = crate::auth::AuthError::TooManyKeyFailures {
+        retry_after_secs: secs,
+    };
+    let mut response = super::error::detail(refusal.status(), &refusal.to_string());
     response
         .headers_mut()
         .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));

@@ -40,14 +40,12 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::CertStore;
 use crate::tls::ServerCert;
-pub(crate) use error::json_errors;
 pub use error::{ApiError, detail};
+pub(crate) use error::{body_left_unread, json_errors};
+pub(crate) use extract::BodyLimit;
 pub use extract::{ApiQuery, JsonBody, Page, PageQuery, agent_id};
 pub use middleware::observe;
 pub use router::{MetricsExposure, metrics_router, router};
-
-/// Largest request body the API reads (an agent certificate is 1-2 KiB of PEM).
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Shared by every handler; cheap to clone.
 #[derive(Clone)]
@@ -55,6 +53,8 @@ pub struct AppState {
     pub store: CertStore,
     /// Connected agents; staleness (`agents.stale_after_secs`) is decided by its registry.
     pub agents: Agents,
+    /// The keys, and the failed attempts per source address (`limits.api_key_failures`)
+    /// that the gateway's `api_key` routes count into too.
     pub api_keys: ApiKeys,
     pub metrics: Metrics,
     pub enrollment: Enrollment,
@@ -66,6 +66,7 @@ pub struct AppState {
     pub requests: TaskTracker,
     /// The gateway half: routes to upstream services (the router's fallback).
     pub proxy: Proxy,
-    /// Failed API-key attempts per source address (`[limits]`).
-    pub api_key_failures: crate::limits::FailureWindow,
+    /// `limits.max_body_bytes` and `limits.register_body_bytes`, applied per endpoint by
+    /// the router.
+    pub body_limits: crate::config::BodyLimits,
 }

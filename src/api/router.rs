@@ -5,17 +5,19 @@
 
 use std::time::Duration;
 
-use axum::Router;
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware;
 use axum::routing::get;
+use axum::{Extension, Router};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
 use super::middleware::{require_api_key, require_scope};
-use super::{ApiError, AppState, agents, certificate, cluster, enroll, hello, openapi, ops};
+use super::{
+    ApiError, AppState, BodyLimit, agents, certificate, cluster, enroll, hello, openapi, ops,
+};
 
 /// Where `GET /metrics` is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +72,14 @@ pub fn router(state: AppState, cors_origins: &[String], metrics: MetricsExposure
 /// A plain `.route(..)` would be routed but not documented: the unit test below walks the
 /// built router and fails on it.
 fn endpoints(state: &AppState, metrics: MetricsExposure) -> OpenApiRouter<AppState> {
+    let refusals = crate::limits::Refusals::new(state.metrics.clone());
+    let body_limit = |bytes, key| {
+        Extension(BodyLimit {
+            bytes,
+            key,
+            refusals: refusals.clone(),
+        })
+    };
     let protected = OpenApiRouter::new()
         // Any valid key: the smoke test of the system agentgate replaces.
         .routes(routes!(hello::hello_world))
@@ -87,12 +97,19 @@ fn endpoints(state: &AppState, metrics: MetricsExposure) -> OpenApiRouter<AppSta
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
-        ));
+        ))
+        .route_layer(body_limit(state.body_limits.api, "max_body_bytes"));
+    // The one body read before any key is checked gets its own, smaller limit.
+    let (schemas, paths, register) = routes!(enroll::register);
+    let register = register.route_layer(body_limit(
+        state.body_limits.register,
+        "register_body_bytes",
+    ));
     let mut public = OpenApiRouter::new()
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::ping))
-        .routes(routes!(enroll::register));
+        .routes((schemas, paths, register));
     if metrics == MetricsExposure::MainListener {
         public = public.routes(routes!(ops::metrics));
     }
@@ -175,7 +192,13 @@ mod tests {
         let (store, _) = CertStore::open(&dir.join("certs")).unwrap();
         let metrics = Metrics::new();
         let (_layer, agents) = Agents::build(&config, metrics.clone(), Clock::system());
-        let api_keys = ApiKeys::new(&config.api_keys);
+        let api_keys = ApiKeys::new(
+            &config.api_keys,
+            crate::limits::FailureWindow::new(
+                config.limits.api_key_failures,
+                config.limits.api_key_failure_window,
+            ),
+        );
         let proxy = crate::proxy::Proxy::new(
             &config,
             api_keys.clone(),
@@ -193,10 +216,7 @@ mod tests {
             clock: Clock::system(),
             requests: TaskTracker::new(),
             proxy,
-            api_key_failures: crate::limits::FailureWindow::new(
-                config.limits.api_key_failures,
-                config.limits.api_key_failure_window,
-            ),
+            body_limits: config.limits.body,
         }
     }
 

@@ -1,18 +1,42 @@
-//! Bearer API keys with names and scopes (`api_keys` in the configuration).
+//! Bearer API keys with names and scopes (`api_keys` in the configuration), and the one
+//! key check ([`ApiKeys::check`]) that the API and the gateway's `api_key` routes share,
+//! with the failed attempts per source address (`limits.api_key_failures`) counted in one
+//! place, so a guess on either side uses up the same budget.
 //!
 //! Keys are held as SHA-256 digests and every presented key is compared with every digest
 //! in constant time, so neither the match nor its position leaks through timing.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use subtle::ConstantTimeEq;
 
 use crate::config::{ApiKeyConfig, Scopes};
 use crate::digest::sha256;
+use crate::limits::FailureWindow;
 
-/// The accepted keys; cheap to clone.
+/// The accepted keys and the failed attempts per source address; cheap to clone (every
+/// clone counts into the same window).
 #[derive(Clone)]
-pub struct ApiKeys(Arc<[Entry]>);
+pub struct ApiKeys {
+    entries: Arc<[Entry]>,
+    failures: FailureWindow,
+}
+
+/// Why [`ApiKeys::check`] let a request not through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// No `Authorization: Bearer <key>` field.
+    Missing,
+    /// More than one `Authorization` field (RFC 9110 §5.3).
+    Duplicate,
+    /// A key that is none of ours; counted against the source address.
+    Invalid,
+    /// The source address used up its failed attempts (`limits.api_key_failures`): refused
+    /// whatever the key, until the window ends.
+    TooManyFailures { retry_after: Duration },
+}
 
 struct Entry {
     digest: [u8; 32],
@@ -27,9 +51,11 @@ pub struct ApiKey {
 }
 
 impl ApiKeys {
-    pub fn new(keys: &[ApiKeyConfig]) -> Self {
-        Self(
-            keys.iter()
+    /// `keys`, with at most `failures.max()` failed attempts per source address and window.
+    pub fn new(keys: &[ApiKeyConfig], failures: FailureWindow) -> Self {
+        Self {
+            entries: keys
+                .iter()
                 .map(|k| Entry {
                     digest: k.secret.digest(),
                     key: ApiKey {
@@ -38,13 +64,17 @@ impl ApiKeys {
                     },
                 })
                 .collect(),
-        )
+            failures,
+        }
     }
 
-    /// Plain keys with every scope (benchmarks and tests that need no scopes).
+    /// Plain keys with every scope and the default failure limit (benchmarks and tests that
+    /// need no scopes).
     pub fn all_scopes<S: AsRef<str>>(keys: &[S]) -> Self {
-        Self(
-            keys.iter()
+        let defaults = crate::config::RawLimits::default();
+        Self {
+            entries: keys
+                .iter()
                 .enumerate()
                 .map(|(i, k)| Entry {
                     digest: sha256(k.as_ref().as_bytes()),
@@ -54,14 +84,51 @@ impl ApiKeys {
                     },
                 })
                 .collect(),
-        )
+            failures: FailureWindow::new(
+                defaults.api_key_failures,
+                Duration::from_secs(defaults.api_key_failure_window_secs),
+            ),
+        }
+    }
+
+    /// The key check of every place that takes an API key: a `source` past its failed
+    /// attempts is refused before its key is looked at (so guessing stops there, the
+    /// right key among the guesses included); a wrong key counts against `source`, and
+    /// the one that reaches the limit is logged (once per window). Counting the refusals
+    /// in the metrics is the caller's, which knows its own metrics.
+    pub fn check(
+        &self,
+        headers: &http::HeaderMap,
+        source: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<&ApiKey, KeyRefusal> {
+        if let Some(left) = source.and_then(|ip| self.failures.refused(ip, now)) {
+            return Err(KeyRefusal::TooManyFailures { retry_after: left });
+        }
+        let presented = bearer_of(headers).map_err(|e| match e {
+            BearerError::Missing => KeyRefusal::Missing,
+            BearerError::Duplicate => KeyRefusal::Duplicate,
+        })?;
+        if let Some(key) = self.find(presented) {
+            return Ok(key);
+        }
+        if let Some(ip) = source
+            && self.failures.fail(ip, now)
+        {
+            tracing::warn!(
+                source = %ip, limit = "api_key_failures",
+                window_secs = self.failures.window().as_secs(),
+                "source reached the failed API-key attempts limit; refused with 429 until the window ends"
+            );
+        }
+        Err(KeyRefusal::Invalid)
     }
 
     /// The key `presented` is, if any. Every digest is compared (no early exit).
     pub fn find(&self, presented: &str) -> Option<&ApiKey> {
         let d = sha256(presented.as_bytes());
         let mut found = None;
-        for entry in self.0.iter() {
+        for entry in self.entries.iter() {
             if bool::from(entry.digest.ct_eq(&d)) {
                 found = Some(&entry.key);
             }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, StatusCode};
 
-pub use api_key::{ApiKey, ApiKeys, BearerError, bearer, bearer_of};
+pub use api_key::{ApiKey, ApiKeys, BearerError, KeyRefusal, bearer, bearer_of};
 pub use jwt::{JwtKeyError, JwtVerifier, TokenError, VerifiedToken};
 pub use revocations::Revocations;
 
@@ -60,6 +60,11 @@ pub enum AuthError {
     Token(#[from] TokenError),
     #[error("Invalid API key")]
     InvalidKey,
+    /// The source address used up its failed API-key attempts (`limits.api_key_failures`).
+    #[error(
+        "too many failed API-key attempts from this address; retry after {retry_after_secs} s (limits.api_key_failures)"
+    )]
+    TooManyKeyFailures { retry_after_secs: u64 },
     #[error("API key lacks the scope '{0}'")]
     MissingScope(String),
     #[error("this route requires a verified agent certificate (mutual TLS)")]
@@ -71,6 +76,7 @@ impl AuthError {
         match self {
             Self::MissingBearer | Self::InvalidKey => StatusCode::UNAUTHORIZED,
             Self::DuplicateAuthorization => StatusCode::BAD_REQUEST,
+            Self::TooManyKeyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Token(TokenError::Claim { .. }) => StatusCode::FORBIDDEN,
             Self::Token(_) => StatusCode::UNAUTHORIZED,
             Self::MissingScope(_) | Self::NoAgentCertificate => StatusCode::FORBIDDEN,
@@ -79,6 +85,8 @@ impl AuthError {
 }
 
 /// The route's decision for a request with `headers` from `peer`; `now` in Unix seconds.
+/// An `api_key` route takes the key through [`ApiKeys::check`], the API's own check, so
+/// its failed attempts count against the same per-address budget.
 pub fn authorize(
     auth: &RouteAuth,
     headers: &HeaderMap,
@@ -100,7 +108,17 @@ pub fn authorize(
             .map(|id| Caller::Agent(id.agent_id.clone()))
             .ok_or(AuthError::NoAgentCertificate),
         RouteAuth::ApiKey { scope } => {
-            let key = keys.find(presented()?).ok_or(AuthError::InvalidKey)?;
+            let source = peer.map(|p| p.remote_addr.ip());
+            let key = keys
+                .check(headers, source, std::time::Instant::now())
+                .map_err(|refusal| match refusal {
+                    KeyRefusal::Missing => AuthError::MissingBearer,
+                    KeyRefusal::Duplicate => AuthError::DuplicateAuthorization,
+                    KeyRefusal::Invalid => AuthError::InvalidKey,
+                    KeyRefusal::TooManyFailures { retry_after } => AuthError::TooManyKeyFailures {
+                        retry_after_secs: crate::limits::retry_after_secs(retry_after),
+                    },
+                })?;
             if !key.allows(scope) {
                 return Err(AuthError::MissingScope(scope.clone()));
             }

@@ -109,8 +109,24 @@ pub struct LimitsConfig {
     pub handshake_failure_window: Duration,
     pub http_idle_timeout: Duration,
     pub head: crate::api::head_limits::HeadLimits,
+    /// Per agent (an anonymous session counts alone).
     pub agent_events: u32,
     pub agent_event_window: Duration,
+    /// API bodies (`max_body_bytes`, `register_body_bytes`) and proxied ones.
+    pub body: BodyLimits,
+    /// Largest Engine.IO payload (polling body, WebSocket message); at least 1024.
+    pub max_packet_bytes: u64,
+    /// engineioxide's per-session packet buffer; at least 2.
+    pub session_send_buffer: usize,
+    pub session_reply_queue: usize,
+}
+
+/// The request body limits of `[limits]`, in bytes; each at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    pub api: usize,
+    pub register: usize,
+    pub proxy: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -180,8 +196,6 @@ pub struct SocketIoConfig {
     /// Both at least 1 s.
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
-    /// At least 1024.
-    pub max_payload_bytes: u64,
 }
 
 /// `[http_redirect]` when it has a `listen` address.
@@ -373,6 +387,12 @@ impl Config {
                 max_header_bytes: self.limits.head.header_bytes,
                 agent_events: self.limits.agent_events,
                 agent_event_window_secs: self.limits.agent_event_window.as_secs(),
+                max_body_bytes: self.limits.body.api,
+                register_body_bytes: self.limits.body.register,
+                proxy_max_body_bytes: self.limits.body.proxy,
+                max_packet_bytes: self.limits.max_packet_bytes,
+                session_send_buffer: self.limits.session_send_buffer,
+                session_reply_queue: self.limits.session_reply_queue,
             },
             tls: RawTls {
                 mode,
@@ -384,7 +404,7 @@ impl Config {
             socketio: RawSocketIo {
                 ping_interval_secs: self.socketio.ping_interval.as_secs(),
                 ping_timeout_secs: self.socketio.ping_timeout.as_secs(),
-                max_payload_bytes: self.socketio.max_payload_bytes,
+                max_payload_bytes: None,
             },
             http_redirect: match &self.http_redirect {
                 Some(r) => RawHttpRedirect {
@@ -458,8 +478,11 @@ impl RawConfig {
             return Err(err("metrics_listen", "must differ from listen"));
         }
         let agents = validate_agents(self.agents, origin)?;
+        let limits = validate_limits(
+            &packet_alias(self.limits, self.socketio.max_payload_bytes, origin)?,
+            origin,
+        )?;
         let socketio = validate_socketio(self.socketio, origin)?;
-        let limits = validate_limits(&self.limits, origin)?;
         let tls = validate_tls(self.tls, &self.data_dir, origin)?;
         let http_redirect = validate_http_redirect(self.http_redirect, self.listen, origin)?;
         let cluster = match self.cluster {
@@ -642,6 +665,8 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
             "limits.agent_event_window_secs",
             raw.agent_event_window_secs,
         ),
+        ("limits.proxy_max_body_bytes", raw.proxy_max_body_bytes),
+        ("limits.session_reply_queue", raw.session_reply_queue as u64),
     ] {
         if value == 0 {
             return Err(invalid(key, origin, "must be at least 1"));
@@ -652,6 +677,20 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
         ("limits.max_uri_bytes", raw.max_uri_bytes, 1 << 20),
         ("limits.max_header_fields", raw.max_header_fields, 10_000),
         ("limits.max_header_bytes", raw.max_header_bytes, 1 << 20),
+        // The API reads a JSON body whole before parsing it: bounded in memory.
+        ("limits.max_body_bytes", raw.max_body_bytes, 64 << 20),
+        (
+            "limits.register_body_bytes",
+            raw.register_body_bytes,
+            64 << 20,
+        ),
+        // engineioxide allocates the buffer per session, and backpressure moves half of
+        // it per step (`agents::backpressure`).
+        (
+            "limits.session_send_buffer",
+            raw.session_send_buffer,
+            1 << 16,
+        ),
     ] {
         if !(1..=max).contains(&value) {
             return Err(invalid_owned(
@@ -660,6 +699,20 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
                 format!("must be between 1 and {max}"),
             ));
         }
+    }
+    if raw.session_send_buffer < 2 {
+        return Err(invalid(
+            "limits.session_send_buffer",
+            origin,
+            "must be at least 2 (a reply and the Engine.IO ping)",
+        ));
+    }
+    if raw.max_packet_bytes < 1024 {
+        return Err(invalid(
+            "limits.max_packet_bytes",
+            origin,
+            "must be at least 1024",
+        ));
     }
     Ok(LimitsConfig {
         api_key_failures: raw.api_key_failures,
@@ -675,7 +728,42 @@ fn validate_limits(raw: &RawLimits, origin: &str) -> Result<LimitsConfig, Config
         },
         agent_events: raw.agent_events,
         agent_event_window: Duration::from_secs(raw.agent_event_window_secs),
+        body: BodyLimits {
+            api: raw.max_body_bytes,
+            register: raw.register_body_bytes,
+            proxy: raw.proxy_max_body_bytes,
+        },
+        max_packet_bytes: raw.max_packet_bytes,
+        session_send_buffer: raw.session_send_buffer,
+        session_reply_queue: raw.session_reply_queue,
     })
+}
+
+/// `socketio.max_payload_bytes`, the old name of `limits.max_packet_bytes`, documented
+/// before the Engine.IO limits moved to `[limits]`: still read, so that a configuration
+/// written for it keeps its limit. Written with a different value next to a
+/// `limits.max_packet_bytes` that is not the default, it is refused rather than guessed.
+fn packet_alias(
+    mut limits: RawLimits,
+    old: Option<u64>,
+    origin: &str,
+) -> Result<RawLimits, ConfigError> {
+    let Some(old) = old else {
+        return Ok(limits);
+    };
+    let default = RawLimits::default().max_packet_bytes;
+    if limits.max_packet_bytes != default && limits.max_packet_bytes != old {
+        return Err(invalid_owned(
+            "socketio.max_payload_bytes".to_owned(),
+            origin,
+            format!(
+                "is the old name of limits.max_packet_bytes, which is set to {} here; keep only limits.max_packet_bytes",
+                limits.max_packet_bytes
+            ),
+        ));
+    }
+    limits.max_packet_bytes = old;
+    Ok(limits)
 }
 
 fn validate_socketio(raw: RawSocketIo, origin: &str) -> Result<SocketIoConfig, ConfigError> {
@@ -686,17 +774,9 @@ fn validate_socketio(raw: RawSocketIo, origin: &str) -> Result<SocketIoConfig, C
             "ping interval and timeout must be at least 1 second",
         ));
     }
-    if raw.max_payload_bytes < 1024 {
-        return Err(invalid(
-            "socketio.max_payload_bytes",
-            origin,
-            "must be at least 1024",
-        ));
-    }
     Ok(SocketIoConfig {
         ping_interval: Duration::from_secs(raw.ping_interval_secs),
         ping_timeout: Duration::from_secs(raw.ping_timeout_secs),
-        max_payload_bytes: raw.max_payload_bytes,
     })
 }
 
@@ -1169,6 +1249,36 @@ mod tests {
                 assert_same_keys(d, e, &format!("{prefix}{k}."));
             }
         }
+    }
+
+    /// `socketio.max_payload_bytes`, documented before the Engine.IO limits moved to
+    /// `[limits]`, still sets the packet limit; it is refused only next to a different
+    /// non-default `limits.max_packet_bytes`, and never written back.
+    #[test]
+    fn the_old_packet_limit_key_is_read_as_limits_max_packet_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let path = write(dir.path(), &format!("api_keys = [\"k\"]\n{text}"));
+            Config::load_with_env(Some(&path), env_of(&[]), false)
+        };
+        let c = load("[socketio]\nmax_payload_bytes = 50000\n").unwrap();
+        assert_eq!(c.limits.max_packet_bytes, 50_000);
+        assert!(!c.to_masked_toml().contains("max_payload_bytes"));
+        assert_eq!(c.to_raw().validate("again").unwrap(), c);
+        let c = load("[socketio]\nmax_payload_bytes = 50000\n[limits]\nmax_packet_bytes = 50000\n")
+            .unwrap();
+        assert_eq!(c.limits.max_packet_bytes, 50_000);
+        let e = load("[socketio]\nmax_payload_bytes = 50000\n[limits]\nmax_packet_bytes = 60000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`socketio.max_payload_bytes`") && e.contains("agentgate.toml"),
+            "{e}"
+        );
+        let e = load("[socketio]\nmax_payload_bytes = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`limits.max_packet_bytes`"), "{e}");
     }
 
     /// `to_raw` is the inverse of `validate`, so `check-config` shows what runs.

@@ -182,8 +182,10 @@ pub struct RawSocketIo {
     /// Engine.IO ping interval (the client is expected to answer within the timeout).
     pub ping_interval_secs: u64,
     pub ping_timeout_secs: u64,
-    /// Largest Engine.IO payload accepted from an agent.
-    pub max_payload_bytes: u64,
+    /// The old name of `limits.max_packet_bytes`, still read (README, "Limits"); `None`
+    /// when not written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_payload_bytes: Option<u64>,
 }
 
 impl Default for RawConfig {
@@ -238,10 +240,27 @@ pub struct RawLimits {
     pub max_header_fields: usize,
     /// Largest sum of header field names and values, in bytes: `431` past it.
     pub max_header_bytes: usize,
-    /// Events one Socket.IO session may send per window; past it, it is disconnected
-    /// (backpressure throttles it before that).
+    /// Events one agent may send per window, over all its Socket.IO sessions; past it,
+    /// every session of the agent is disconnected (backpressure throttles it before that).
     pub agent_events: u32,
     pub agent_event_window_secs: u64,
+    /// Largest JSON request body of the API's endpoints that take an API key: `413` past it.
+    pub max_body_bytes: usize,
+    /// Largest request body of `POST /agent/register`, the one endpoint that takes a body
+    /// without an API key.
+    pub register_body_bytes: usize,
+    /// Largest request body proxied to a route's upstream, counted while it streams:
+    /// nginx's `client_max_body_size`, Caddy's `request_body max_size`.
+    pub proxy_max_body_bytes: u64,
+    /// Largest Engine.IO payload an agent may send (a polling POST body, a WebSocket
+    /// message); `socketio.max_payload_bytes` is its old name.
+    pub max_packet_bytes: u64,
+    /// Packets waiting to be written to one Engine.IO session (engineioxide's
+    /// `max_buffer_size`); a full buffer pauses reading the session.
+    pub session_send_buffer: usize,
+    /// Replies one session may have waiting for room in its send buffer; past it, the
+    /// session is closed.
+    pub session_reply_queue: usize,
 }
 
 impl Default for RawLimits {
@@ -258,6 +277,12 @@ impl Default for RawLimits {
             max_header_bytes: 32 * 1024,
             agent_events: 100_000,
             agent_event_window_secs: 10,
+            max_body_bytes: 64 * 1024,
+            register_body_bytes: 32 * 1024,
+            proxy_max_body_bytes: 10 * 1024 * 1024,
+            max_packet_bytes: 100_000,
+            session_send_buffer: 128,
+            session_reply_queue: 4096,
         }
     }
 }
@@ -302,7 +327,7 @@ impl Default for RawSocketIo {
         Self {
             ping_interval_secs: 25,
             ping_timeout_secs: 20,
-            max_payload_bytes: 100_000,
+            max_payload_bytes: None,
         }
     }
 }

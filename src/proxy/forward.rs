@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use super::table::{Route, upstream_path};
 use super::upstream::PASSIVE_EJECTION;
 use super::{Proxy, ProxyError};
-use crate::auth::{Caller, authorize};
+use crate::auth::{AuthError, Caller, authorize};
 use crate::config::RouteAuth;
 use crate::identity::Peer;
 
@@ -80,17 +80,41 @@ pub async fn handle(proxy: Proxy, mut req: Request) -> Response {
         now,
     );
     let (result, caller) = match authorized {
+        Ok(_) if declared_length(req.headers()).is_some_and(|n| n > proxy.inner.max_body) => (
+            Err((
+                ProxyError::BodyTooLarge {
+                    limit: proxy.inner.max_body,
+                },
+                None,
+            )),
+            "-".to_owned(),
+        ),
         Ok(caller) => {
             let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
             let r = forward(&proxy, &route, req, peer.as_ref(), &caller, &request_id).await;
             let r = r.map(|(resp, upstream)| (upgrade_or_plain(resp, client_upgrade), upstream));
             (r, caller.describe())
         }
-        Err(e) => (Err((ProxyError::from(e), None)), "-".to_owned()),
+        Err(e) => {
+            if matches!(e, AuthError::TooManyKeyFailures { .. }) {
+                proxy.inner.metrics.limit_refusal("api_key_failures");
+            }
+            (Err((ProxyError::from(e), None)), "-".to_owned())
+        }
     };
     let (mut response, upstream) = match result {
         Ok((response, upstream)) => (response, Some(upstream)),
-        Err((e, upstream)) => (e.into_response(), upstream),
+        Err((e, upstream)) => {
+            if let ProxyError::BodyTooLarge { .. } = e {
+                let source = peer.as_ref().map(|p| p.remote_addr.ip());
+                let detail = e.to_string();
+                proxy
+                    .inner
+                    .refusals
+                    .refused("proxy_max_body_bytes", source, &detail);
+            }
+            (e.into_response(), upstream)
+        }
     };
     let upstream = upstream.as_deref().unwrap_or("-");
     let status = response.status().as_u16();
@@ -138,7 +162,10 @@ async fn forward(
     } else {
         1
     };
-    let mut body = Some(body);
+    // Counted while it streams, never buffered: past the limit the body ends in an error,
+    // which fails the upstream request (a 413 below) unless the upstream answered first.
+    let limit = usize::try_from(proxy.inner.max_body).unwrap_or(usize::MAX);
+    let mut body = Some(Body::new(http_body_util::Limited::new(body, limit)));
     let deadline = tokio::time::Instant::now() + route.config.timeout;
     let mut tried = Vec::new();
     let mut last = None;
@@ -184,6 +211,14 @@ async fn forward(
                 ));
             }
             Ok(Ok(response)) => return Ok((response, label)),
+            Ok(Err(e)) if body_over_limit(&e) => {
+                return Err((
+                    ProxyError::BodyTooLarge {
+                        limit: proxy.inner.max_body,
+                    },
+                    Some(label),
+                ));
+            }
             Ok(Err(e)) => {
                 let error = if connection_refused(&e) {
                     let ejection = route
@@ -363,6 +398,29 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     // SystemRandom fails only when the OS has no randomness; a fixed id then still works.
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
     HeaderValue::from_str(&crate::digest::hex(&bytes)).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// The `Content-Length` the client declared, if it declared a valid one (hyper refuses a
+/// request with an invalid one before it gets here).
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Whether the upstream request failed because the client's body passed the limit.
+fn body_over_limit(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Whether the connection to the upstream was refused (nothing listens there).

@@ -58,6 +58,10 @@ pub enum ProxyError {
     Timeout { upstream: String, ms: u128 },
     #[error("cannot build the upstream request: {0}")]
     BadRequest(String),
+    /// The body is, or grew while it streamed, larger than `limits.proxy_max_body_bytes`
+    /// before the upstream answered.
+    #[error("request body exceeds the limit of {limit} bytes (limits.proxy_max_body_bytes)")]
+    BodyTooLarge { limit: u64 },
 }
 
 impl ProxyError {
@@ -69,6 +73,7 @@ impl ProxyError {
             Self::Refused { .. } | Self::Failed { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 }
@@ -77,6 +82,16 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut response = crate::api::detail(status, &self.to_string());
+        if let Self::BodyTooLarge { .. } = self {
+            crate::api::body_left_unread(&mut response);
+        }
+        if let Self::Auth(AuthError::TooManyKeyFailures { retry_after_secs }) = self {
+            // RFC 9110 §10.2.3, in seconds, as the API's own 429 says it.
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(retry_after_secs),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             // RFC 6750 §3: a 401 for a bearer-protected resource names the scheme.
             response.headers_mut().insert(
@@ -101,6 +116,9 @@ struct Shared {
     client: UpstreamClient,
     keys: ApiKeys,
     metrics: Metrics,
+    /// `limits.proxy_max_body_bytes` (read at start, not on reload).
+    max_body: u64,
+    refusals: crate::limits::Refusals,
     /// The running health checks (cancelled and replaced on reload) and the parent they
     /// hang off (cancelled at shutdown). A std Mutex: no `.await` while held.
     checks: Mutex<Option<(CancellationToken, CancellationToken)>>,
@@ -123,6 +141,8 @@ impl Proxy {
                 revocations,
                 client,
                 keys,
+                max_body: config.limits.body.proxy,
+                refusals: crate::limits::Refusals::new(metrics.clone()),
                 metrics,
                 checks: Mutex::new(None),
             }),
@@ -258,6 +278,13 @@ mod tests {
             (AuthError::MissingBearer.into(), StatusCode::UNAUTHORIZED),
             (AuthError::InvalidKey.into(), StatusCode::UNAUTHORIZED),
             (
+                AuthError::TooManyKeyFailures {
+                    retry_after_secs: 7,
+                }
+                .into(),
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+            (
                 AuthError::Token(TokenError::Expired).into(),
                 StatusCode::UNAUTHORIZED,
             ),
@@ -301,6 +328,10 @@ mod tests {
                 StatusCode::GATEWAY_TIMEOUT,
             ),
             (ProxyError::BadRequest("x".into()), StatusCode::BAD_REQUEST),
+            (
+                ProxyError::BodyTooLarge { limit: 1 },
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
         ];
         for (error, status) in table {
             let shown = format!("{error:?}");

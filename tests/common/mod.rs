@@ -240,6 +240,16 @@ impl TestServer {
         (resp.status, resp.json())
     }
 
+    /// The value of one sample line of `GET /metrics`, e.g.
+    /// `agentgate_limit_refusals_total{limit="max_body_bytes"}` (0 when absent).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let mut conn = self.http(None).await.unwrap();
+        let text = conn.send("GET", "/metrics", &[], "").await.unwrap().text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub async fn upload(&self, agent: &AgentCert) -> (u16, Value) {
         self.api(
             "POST",
