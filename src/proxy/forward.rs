@@ -183,7 +183,10 @@ async fn forward(
                     Some(label),
                 ));
             }
-            Ok(Ok(response)) => return Ok((response, label)),
+            Ok(Ok(response)) => {
+                upstream.answered();
+                return Ok((response, label));
+            }
             Ok(Err(e)) => {
                 let error = if connection_refused(&e) {
                     let ejection = route

@@ -24,6 +24,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ApiKeys, AuthError, JwtKeyError, JwtVerifier, Revocations};
+use crate::clock::Clock;
 use crate::config::{Config, RouteAuth};
 use crate::metrics::Metrics;
 pub use client::ClientError;
@@ -101,6 +102,8 @@ struct Shared {
     client: UpstreamClient,
     keys: ApiKeys,
     metrics: Metrics,
+    /// Times passive ejections (a manual clock in tests).
+    clock: Clock,
     /// The running health checks (cancelled and replaced on reload) and the parent they
     /// hang off (cancelled at shutdown). A std Mutex: no `.await` while held.
     checks: Mutex<Option<(CancellationToken, CancellationToken)>>,
@@ -114,16 +117,29 @@ impl Proxy {
         revocations: Revocations,
         metrics: Metrics,
     ) -> Result<Self, ProxyBuildError> {
+        Self::new_with_clock(config, keys, revocations, metrics, Clock::system())
+    }
+
+    /// [`Proxy::new`] with the clock that times passive ejections.
+    pub fn new_with_clock(
+        config: &Config,
+        keys: ApiKeys,
+        revocations: Revocations,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> Result<Self, ProxyBuildError> {
         let client = client::build(config.upstream_ca_file.as_deref())?;
         let jwt = JwtVerifier::load(&config.jwt, revocations.clone())?;
+        let table = RouteTable::new(&config.routes, None, &metrics, &clock);
         Ok(Self {
             inner: Arc::new(Shared {
-                table: ArcSwap::from_pointee(RouteTable::new(&config.routes, None, &metrics)),
+                table: ArcSwap::from_pointee(table),
                 jwt: ArcSwap::from_pointee(jwt),
                 revocations,
                 client,
                 keys,
                 metrics,
+                clock,
                 checks: Mutex::new(None),
             }),
         })
@@ -161,6 +177,7 @@ impl Proxy {
             &config.routes,
             Some(&self.inner.table.load()),
             &self.inner.metrics,
+            &self.inner.clock,
         ));
         self.inner.jwt.store(Arc::new(jwt));
         self.inner.table.store(table.clone());
