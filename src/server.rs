@@ -133,8 +133,9 @@ impl Gateway {
         Self::start_with_clock(config, Clock::system()).await
     }
 
-    /// [`Gateway::start`] with the clock the API, the agent registry and the enrollment
-    /// store read "now" from (a manual one in tests of expiry and staleness).
+    /// [`Gateway::start`] with the clock the API, the agent registry, the enrollment store
+    /// and the proxy's passive ejections read "now" from (a manual one in tests of expiry,
+    /// staleness and ejection).
     pub async fn start_with_clock(config: Config, clock: Clock) -> Result<Self, StartError> {
         let metrics = match config.cluster {
             Some(_) => Metrics::clustered(),
@@ -194,11 +195,12 @@ impl Gateway {
                 config.limits.api_key_failure_window,
             ),
         );
-        let proxy = Proxy::new(
+        let proxy = Proxy::new_with_clock(
             &config,
             api_keys.clone(),
             crate::auth::Revocations::new(),
             metrics.clone(),
+            clock.clone(),
         )?;
         let state = AppState {
             store: store.clone(),

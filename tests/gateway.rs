@@ -927,6 +927,169 @@ async fn health_check_takes_an_upstream_out_and_back() {
     assert_eq!(seen.len(), 2, "b is back in the rotation: {seen:?}");
 }
 
+/// An upstream that can be taken down (its port then refuses connections) and brought
+/// back on the same port. Every connection closes after its response, so no pooled
+/// connection of the gateway outlives a stop.
+struct Restartable {
+    name: &'static str,
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Restartable {
+    async fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut up = Self {
+            name,
+            addr: listener.local_addr().unwrap(),
+            hits: Arc::new(AtomicUsize::new(0)),
+            task: None,
+        };
+        up.serve(listener);
+        up
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let (name, hits) = (self.name, self.hits.clone());
+        let healthy = Arc::new(AtomicBool::new(true));
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let (hits, healthy) = (hits.clone(), healthy.clone());
+            async move { serve_upstream(name, req, &hits, &healthy).await }
+        });
+        self.task = Some(tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(
+                            hyper_util::rt::TokioIo::new(tcp),
+                            hyper_util::service::TowerToHyperService::new(app),
+                        )
+                        .await;
+                });
+            }
+        }));
+    }
+
+    /// Closes the listener: connections to the port are refused from now on.
+    async fn stop(&mut self) {
+        let task = self.task.take().unwrap();
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+    }
+
+    async fn restart(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+}
+
+/// Sends `method /pair/x` (a POST with a body, a GET without: retriable) and returns which
+/// upstream answered (every answer must be 200).
+async fn answered_by(conn: &mut HttpConn, method: &str) -> String {
+    let body = if method == "POST" { "{}" } else { "" };
+    let r = conn.send(method, "/pair/x", &[], body).await.unwrap();
+    assert_eq!(r.status, 200, "{method}: {}", r.text());
+    r.json()["upstream"].as_str().unwrap().to_owned()
+}
+
+/// Whether `GET /routes` shows `upstream` of route `pair` in the rotation.
+async fn in_rotation(server: &TestServer, upstream: &str) -> bool {
+    let (_, listing) = server.api("GET", "/routes", None).await;
+    let route = listing["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "pair")
+        .unwrap();
+    let u = route["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["url"] == upstream)
+        .unwrap();
+    u["healthy"].as_bool().unwrap()
+}
+
+async fn health_gauge(server: &TestServer, upstream: &str) -> String {
+    let metrics = get(server, "/metrics", &[]).await.text();
+    let prefix = format!("agentgate_upstream_healthy{{route=\"pair\",upstream=\"{upstream}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {metrics}"))
+        .to_owned()
+}
+
+/// Passive ejection on a route without a health check: an upstream that refuses a
+/// connection leaves the rotation at once; when the ejection has run out (10 s on the
+/// gateway's clock, stepped over with a manual clock) it is tried again, ejected again
+/// while still down, and back in the rotation for good once it answers.
+#[tokio::test]
+async fn refused_upstream_leaves_the_rotation_and_returns_after_it_recovers_without_a_health_check()
+{
+    let steady = upstream("steady").await;
+    let mut flaky = Restartable::start("flaky").await;
+    let r = route(&format!(
+        "name = \"pair\"\nprefix = \"/pair\"\nupstreams = [\"{}\", \"{}\"]\nauth = \"none\"\nretries = 1",
+        flaky.url(),
+        steady.url
+    ));
+    let clock = agentgate::clock::ManualClock::starting_now();
+    let server = TestServer::start_with_clock(|c| c.routes = vec![r], &clock).await;
+    let mut conn = server.http(None).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(answered_by(&mut conn, "GET").await);
+    }
+    assert_eq!(seen.len(), 2, "round-robin over both: {seen:?}");
+    assert_eq!(health_gauge(&server, &flaky.url()).await, "1");
+
+    // Down: of two GETs one picks it (round-robin), is refused and retried on the other.
+    flaky.stop().await;
+    for _ in 0..2 {
+        assert_eq!(answered_by(&mut conn, "GET").await, "steady");
+    }
+    assert!(!in_rotation(&server, &flaky.url()).await);
+    assert_eq!(health_gauge(&server, &flaky.url()).await, "0");
+    // Out of the rotation: POSTs, which are never retried, all reach the other upstream.
+    for _ in 0..4 {
+        assert_eq!(answered_by(&mut conn, "POST").await, "steady");
+    }
+
+    // The ejection runs out while it is still down: tried again, refused, out again.
+    clock.advance(Duration::from_secs(11));
+    assert!(in_rotation(&server, &flaky.url()).await);
+    for _ in 0..2 {
+        assert_eq!(answered_by(&mut conn, "GET").await, "steady");
+    }
+    assert!(!in_rotation(&server, &flaky.url()).await);
+
+    // Back on its port: out until this ejection has run out too, then in the rotation.
+    flaky.restart().await;
+    let hits = flaky.hits.load(Ordering::SeqCst);
+    for _ in 0..4 {
+        assert_eq!(answered_by(&mut conn, "POST").await, "steady");
+    }
+    assert_eq!(flaky.hits.load(Ordering::SeqCst), hits);
+    clock.advance(Duration::from_secs(11));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(answered_by(&mut conn, "POST").await);
+    }
+    assert_eq!(seen.len(), 2, "flaky is back in the rotation: {seen:?}");
+    assert!(flaky.hits.load(Ordering::SeqCst) > hits);
+    assert!(in_rotation(&server, &flaky.url()).await);
+    assert_eq!(health_gauge(&server, &flaky.url()).await, "1");
+}
+
 #[tokio::test]
 async fn api_key_without_the_scope_gets_403_naming_it() {
     let up = upstream("svc").await;

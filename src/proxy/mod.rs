@@ -24,6 +24,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ApiKeys, AuthError, JwtKeyError, JwtVerifier, Revocations};
+use crate::clock::Clock;
 use crate::config::{Config, RouteAuth};
 use crate::metrics::Metrics;
 pub use client::ClientError;
@@ -119,6 +120,8 @@ struct Shared {
     /// `limits.proxy_max_body_bytes` (read at start, not on reload).
     max_body: u64,
     refusals: crate::limits::Refusals,
+    /// Times passive ejections (a manual clock in tests).
+    clock: Clock,
     /// The running health checks (cancelled and replaced on reload) and the parent they
     /// hang off (cancelled at shutdown). A std Mutex: no `.await` while held.
     checks: Mutex<Option<(CancellationToken, CancellationToken)>>,
@@ -132,11 +135,23 @@ impl Proxy {
         revocations: Revocations,
         metrics: Metrics,
     ) -> Result<Self, ProxyBuildError> {
+        Self::new_with_clock(config, keys, revocations, metrics, Clock::system())
+    }
+
+    /// [`Proxy::new`] with the clock that times passive ejections.
+    pub fn new_with_clock(
+        config: &Config,
+        keys: ApiKeys,
+        revocations: Revocations,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> Result<Self, ProxyBuildError> {
         let client = client::build(config.upstream_ca_file.as_deref())?;
         let jwt = JwtVerifier::load(&config.jwt, revocations.clone())?;
+        let table = RouteTable::new(&config.routes, None, &metrics, &clock);
         Ok(Self {
             inner: Arc::new(Shared {
-                table: ArcSwap::from_pointee(RouteTable::new(&config.routes, None, &metrics)),
+                table: ArcSwap::from_pointee(table),
                 jwt: ArcSwap::from_pointee(jwt),
                 revocations,
                 client,
@@ -144,6 +159,7 @@ impl Proxy {
                 max_body: config.limits.body.proxy,
                 refusals: crate::limits::Refusals::new(metrics.clone()),
                 metrics,
+                clock,
                 checks: Mutex::new(None),
             }),
         })
@@ -181,6 +197,7 @@ impl Proxy {
             &config.routes,
             Some(&self.inner.table.load()),
             &self.inner.metrics,
+            &self.inner.clock,
         ));
         self.inner.jwt.store(Arc::new(jwt));
         self.inner.table.store(table.clone());

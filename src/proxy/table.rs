@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::upstream::Upstream;
+use crate::clock::Clock;
 use crate::config::{RESERVED_SEGMENTS, RouteConfig};
 use crate::metrics::Metrics;
 
@@ -17,7 +18,12 @@ pub(crate) struct Route {
 impl Route {
     /// `previous`: the same-named route of the table being replaced, whose upstreams keep
     /// their health state when their URL is unchanged.
-    fn new(config: RouteConfig, previous: Option<&Route>, metrics: &Metrics) -> Self {
+    fn new(
+        config: RouteConfig,
+        previous: Option<&Route>,
+        metrics: &Metrics,
+        clock: &Clock,
+    ) -> Self {
         let upstreams = config
             .upstreams
             .iter()
@@ -26,7 +32,12 @@ impl Route {
                     .and_then(|p| p.upstreams.iter().find(|o| o.base == *u))
                     .cloned()
                     .unwrap_or_else(|| {
-                        Arc::new(Upstream::new(&config.name, u.clone(), metrics.clone()))
+                        Arc::new(Upstream::new(
+                            &config.name,
+                            u.clone(),
+                            metrics.clone(),
+                            clock.clone(),
+                        ))
                     })
             })
             .collect();
@@ -64,15 +75,21 @@ pub(crate) struct RouteTable {
 
 impl RouteTable {
     /// The table for `configs`; upstreams unchanged since `previous` (same route name and
-    /// URL) keep their place in or out of the rotation across a reload.
-    pub fn new(configs: &[RouteConfig], previous: Option<&RouteTable>, metrics: &Metrics) -> Self {
+    /// URL) keep their place in or out of the rotation across a reload. Passive ejections
+    /// are timed on `clock`.
+    pub fn new(
+        configs: &[RouteConfig],
+        previous: Option<&RouteTable>,
+        metrics: &Metrics,
+        clock: &Clock,
+    ) -> Self {
         let mut routes: Vec<Arc<Route>> = configs
             .iter()
             .map(|c| {
                 let old = previous
                     .and_then(|t| t.routes.iter().find(|r| r.config.name == c.name))
                     .map(|r| r.as_ref());
-                Arc::new(Route::new(c.clone(), old, metrics))
+                Arc::new(Route::new(c.clone(), old, metrics, clock))
             })
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
@@ -128,6 +145,7 @@ mod tests {
             &[route("a", "/p"), route("b", "/p/q"), route("root", "/")],
             None,
             &Metrics::new(),
+            &Clock::system(),
         );
         let name = |path| t.find(path).map(|r| r.config.name.clone());
         assert_eq!(name("/p/q/r").as_deref(), Some("b"));

@@ -31,11 +31,12 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The server certificate in use and how to refresh it.
+/// The server certificate in use and how to refresh it. Cheap to clone (every API and
+/// proxied request clones the state that holds it): the source, with its paths, is shared.
 #[derive(Debug, Clone)]
 pub struct ServerCert {
     pub resolver: Arc<dyn ResolvesServerCert>,
-    source: CertSource,
+    source: Arc<CertSource>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -97,14 +98,14 @@ impl ServerCert {
         };
         Ok(Self {
             resolver,
-            source,
+            source: Arc::new(source),
             provider,
         })
     }
 
     /// The ACME machinery, in `mode = "acme"` on a single node.
     pub fn acme(&self) -> Option<&Acme> {
-        match &self.source {
+        match self.source.as_ref() {
             CertSource::Acme(acme) => Some(acme),
             _ => None,
         }
@@ -112,7 +113,7 @@ impl ServerCert {
 
     /// The ACME machinery, in `mode = "acme"` with `[cluster]`.
     pub fn cluster_acme(&self) -> Option<&ClusterAcme> {
-        match &self.source {
+        match self.source.as_ref() {
             CertSource::ClusterAcme { acme, .. } => Some(acme),
             _ => None,
         }
@@ -121,7 +122,7 @@ impl ServerCert {
     /// Runs what keeps the certificate fresh (ACME orders and renewals) until `shutdown`,
     /// in tasks of `tracker` so that the gateway's drain waits for them.
     pub(crate) fn spawn_background(&self, shutdown: CancellationToken, tracker: &TaskTracker) {
-        match &self.source {
+        match self.source.as_ref() {
             CertSource::Acme(acme) => {
                 tracker.spawn(acme.clone().run(shutdown));
             }
@@ -138,12 +139,12 @@ impl ServerCert {
 
     /// Whether the certificate is the generated self-signed one (no real host name).
     pub fn is_self_signed(&self) -> bool {
-        matches!(self.source, CertSource::SelfSigned { .. })
+        matches!(*self.source, CertSource::SelfSigned { .. })
     }
 
     /// Re-reads the files (SIGHUP). On error the current certificate stays in service.
     pub fn reload(&self) -> Result<bool, ServerCertError> {
-        match &self.source {
+        match self.source.as_ref() {
             CertSource::Files {
                 cert,
                 key,
@@ -163,7 +164,7 @@ impl ServerCert {
     /// Whether a certificate is available for handshakes: always for files and
     /// self-signed, once the cache or an order provided one for ACME.
     pub fn is_ready(&self) -> bool {
-        match &self.source {
+        match self.source.as_ref() {
             CertSource::SelfSigned { .. } | CertSource::Files { .. } => true,
             CertSource::Acme(acme) => acme.has_certificate(),
             CertSource::ClusterAcme { acme, .. } => acme.status().borrow().has_certificate(),
@@ -171,7 +172,7 @@ impl ServerCert {
     }
 
     pub fn describe(&self) -> String {
-        match &self.source {
+        match self.source.as_ref() {
             CertSource::SelfSigned { path } => format!("self-signed ({})", path.display()),
             CertSource::Files { cert, .. } => format!("files ({})", cert.display()),
             CertSource::Acme(acme) => acme.describe(),
@@ -236,7 +237,7 @@ impl Acceptor {
     pub fn new(main: Arc<ServerConfig>, server_cert: &ServerCert) -> Self {
         Self {
             main,
-            acme_challenge: match &server_cert.source {
+            acme_challenge: match server_cert.source.as_ref() {
                 CertSource::Acme(acme) => Some(Challenge::Local(acme.challenge_config())),
                 CertSource::ClusterAcme { acme, .. } => Some(Challenge::Cluster(acme.challenge())),
                 CertSource::SelfSigned { .. } | CertSource::Files { .. } => None,
