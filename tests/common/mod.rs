@@ -116,7 +116,8 @@ impl TestServer {
         Self::start_in_with_clock(pki, dir, config, Clock::system()).await
     }
 
-    async fn start_in_with_clock(
+    /// [`TestServer::start_in`] with the clock the API reads (restart tests over an expiry).
+    pub async fn start_in_with_clock(
         pki: Arc<TestPki>,
         dir: Arc<tempfile::TempDir>,
         config: Config,
