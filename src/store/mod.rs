@@ -8,6 +8,12 @@
 //! a failed write never leaves an agent half-stored. On Redis, changes made by other
 //! nodes reach the index through pub/sub, and the gateway is told of each
 //! ([`CertStore::on_remote_change`]) to close the sessions of revoked certificates.
+//!
+//! The other state of a node lives beside the certificates on the same backend: `db`
+//! (one node's SQLite database), with `install` (install tokens and agent metadata) and
+//! `tokens` (API tokens, revocations, audit) each holding its database side and its
+//! Redis side together. The store also holds the in-memory set of revoked JWT ids
+//! ([`CertStore::revocations`]) that `tokens` keeps in step.
 
 pub mod cert;
 pub(crate) mod db;
