@@ -686,13 +686,23 @@ async fn install_tokens_issued_before_the_upgrade_still_redeem_after_it() {
 }
 
 async fn cluster_node(pki: &Arc<TestPki>, redis: &str, node_id: &str, up: &str) -> TestServer {
+    cluster_node_in(pki, redis, node_id, up, ClusterMode::Standalone).await
+}
+
+async fn cluster_node_in(
+    pki: &Arc<TestPki>,
+    redis: &str,
+    node_id: &str,
+    up: &str,
+    mode: ClusterMode,
+) -> TestServer {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let config = test_config(pki, dir.path(), |c| {
         configure(c, up);
         c.cluster = Some(RawCluster {
             redis_url: Some(redis.to_owned()),
             node_id: Some(node_id.to_owned()),
-            mode: ClusterMode::Standalone,
+            mode,
             ..RawCluster::default()
         });
     });
@@ -834,4 +844,50 @@ async fn redis_down_is_503_and_nothing_is_half_written() {
         401
     );
     a.stop().await;
+}
+
+/// On a Redis Cluster (every key in the `{state}` slot, sharded pub/sub): issue, paged
+/// listing, revocation reaching the other node, audit.
+#[tokio::test]
+async fn tokens_work_on_a_redis_cluster() {
+    let redis = common::redis::RedisCluster::start();
+    let seed = redis.urls()[1].clone();
+    let (up, _) = upstream().await;
+    let pki = Arc::new(TestPki::new());
+    let a = cluster_node_in(&pki, &seed, "node-a", &up, ClusterMode::Cluster).await;
+    let b = cluster_node_in(&pki, &seed, "node-b", &up, ClusterMode::Cluster).await;
+    let mut issued = Vec::new();
+    for _ in 0..3 {
+        issued.push(issue(&a, json!({"project": "captionacc", "service": "prefect"})).await);
+    }
+    let jti = |i: usize| issued[i]["jti"].as_str().unwrap().to_owned();
+    let first = listed(&b, "?limit=2").await;
+    let after = first["next_after"].as_str().unwrap();
+    let rest = listed(&b, &format!("?limit=2&after={after}")).await;
+    let mut seen = jtis(&first);
+    seen.extend(jtis(&rest));
+    let mut all = vec![jti(0), jti(1), jti(2)];
+    all.sort();
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(sorted, all, "each token once over the pages: {seen:?}");
+    assert!(rest["next_after"].is_null());
+
+    revoke(&b, &jti(1), "leaked").await;
+    wait_for("node A to hear of the revocation", || {
+        a.proxy.revocations().is_revoked(&jti(1))
+    })
+    .await;
+    assert_eq!(
+        use_token(&a, issued[1]["token"].as_str().unwrap()).await.0,
+        401
+    );
+    assert_eq!(
+        use_token(&a, issued[0]["token"].as_str().unwrap()).await.0,
+        200
+    );
+    assert_eq!(listed(&a, "").await["tokens"].as_array().unwrap().len(), 2);
+    assert_eq!(audit(&a).await.len(), 4);
+    a.stop().await;
+    b.stop().await;
 }

@@ -410,7 +410,13 @@ impl TokenStore {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         match &self.side {
             Side::Db(db) => {
-                let after: Option<i64> = after.and_then(|a| a.parse().ok());
+                let after: Option<i64> = match after.map(str::parse) {
+                    None => None,
+                    Some(Ok(id)) => Some(id),
+                    // A cursor of the other backend (a Redis stream id): no row comes
+                    // after it here.
+                    Some(Err(_)) => return Ok(Vec::new()),
+                };
                 let rows = db
                     .call(move |conn| {
                         let mut stmt = conn.prepare_cached(
