@@ -162,25 +162,6 @@ async fn audit(server: &TestServer) -> Vec<Value> {
     v["records"].as_array().unwrap().clone()
 }
 
-/// A token minted the way the replaced gateway's function mints them: PyJWT, HS256, the
-/// shared secret, claims jti/project/service/iat/exp.
-fn pyjwt_token(jti: &str) -> String {
-    let script = "import jwt, time, sys\n\
-        now = int(time.time())\n\
-        print(jwt.encode({'jti': sys.argv[2], 'project': 'captionacc', 'service': 'prefect', \
-        'iat': now, 'exp': now + 90 * 86400}, sys.argv[1], algorithm='HS256'))\n";
-    let out = std::process::Command::new(python())
-        .args(["-c", script, SECRET, jti])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "PyJWT: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 fn db_count(server: &TestServer, sql: &str) -> i64 {
     let db = rusqlite::Connection::open(server.config.data_dir.join("agentgate.db")).unwrap();
     db.query_row(sql, [], |r| r.get(0)).unwrap()
@@ -306,7 +287,7 @@ async fn a_token_minted_elsewhere_is_refused_once_its_jti_is_revoked() {
     let (up, hits) = upstream().await;
     let server = TestServer::start_with(|c| configure(c, &up)).await;
     let jti = "4a1c6a1e-5b7e-4f0e-9d55-0c1f1e9a1b2c";
-    let token = pyjwt_token(jti);
+    let token = pyjwt_token(SECRET, "captionacc", "prefect", Some(jti));
     assert_eq!(use_token(&server, &token).await.0, 200);
     let r = revoke(&server, jti, "issued by the old gateway").await;
     let until = time::OffsetDateTime::parse(
@@ -624,7 +605,6 @@ async fn install_tokens_issued_before_the_upgrade_still_redeem_after_it() {
     assert!(!config.data_dir.join("enrollment.json").exists());
     assert!(config.data_dir.join("enrollment.json.migrated").exists());
 
-    let register = |token: &str, agent: &AgentCert| json!({"install_token": token, "agent_id": agent.agent_id, "certificate": agent.cert_pem});
     let valid_then = |id: &str| {
         pki.agent_with(
             id,
@@ -636,25 +616,11 @@ async fn install_tokens_issued_before_the_upgrade_still_redeem_after_it() {
         )
     };
     let unused = valid_then("upgrade-unused");
-    let (s, v) = call(
-        &server,
-        "",
-        "POST",
-        "/agent/register",
-        register(tokens["unused"]["install_token"].as_str().unwrap(), &unused),
-    )
-    .await;
+    let (s, v) = register(&server, &tokens["unused"], &unused).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["agent_id"], "upgrade-unused");
     let used = valid_then("upgrade-used");
-    let (s, v) = call(
-        &server,
-        "",
-        "POST",
-        "/agent/register",
-        register(tokens["used"]["install_token"].as_str().unwrap(), &used),
-    )
-    .await;
+    let (s, v) = register(&server, &tokens["used"], &used).await;
     assert_eq!(
         (s, v["detail"].as_str().unwrap()),
         (401, "install token has already been used")
@@ -668,14 +634,7 @@ async fn install_tokens_issued_before_the_upgrade_still_redeem_after_it() {
     let server = TestServer::start_in_with_clock(pki, dir, config, clock.clock())
         .await
         .unwrap();
-    let (s, v) = call(
-        &server,
-        "",
-        "POST",
-        "/agent/register",
-        register(tokens["unused"]["install_token"].as_str().unwrap(), &unused),
-    )
-    .await;
+    let (s, v) = register(&server, &tokens["unused"], &unused).await;
     assert_eq!(
         (s, v["detail"].as_str().unwrap()),
         (401, "install token has already been used")
@@ -683,6 +642,13 @@ async fn install_tokens_issued_before_the_upgrade_still_redeem_after_it() {
     let (_, v) = call(&server, API_KEY, "GET", "/agents/upgrade-used", Value::Null).await;
     assert_eq!(v["metadata"]["site"], "plant-4");
     server.stop().await;
+}
+
+/// `POST /agent/register` with `issued` (an answer of `POST /install-tokens`) for `agent`.
+async fn register(server: &TestServer, issued: &Value, agent: &AgentCert) -> (u16, Value) {
+    let body = json!({"install_token": issued["install_token"], "agent_id": agent.agent_id,
+        "certificate": agent.cert_pem});
+    call(server, "", "POST", "/agent/register", body).await
 }
 
 async fn cluster_node(pki: &Arc<TestPki>, redis: &str, node_id: &str, up: &str) -> TestServer {
@@ -767,7 +733,7 @@ async fn a_revocation_reaches_every_node_within_a_second() {
     assert_eq!(rest["records"][0]["action"], "issue");
     assert!(rest["next_after"].is_null());
 
-    let old = pyjwt_token("old-system-jti");
+    let old = pyjwt_token(SECRET, "captionacc", "prefect", Some("old-system-jti"));
     assert_eq!(use_token(&a, &old).await.0, 200);
     revoke(&b, "old-system-jti", "old").await;
     wait_for("node A to hear of the second revocation", || {

@@ -333,10 +333,12 @@ impl TokenStore {
         match &self.side {
             Side::Db(db) => {
                 let project = project.map(str::to_owned);
-                let after = after.cloned();
+                let cursor =
+                    after.map_or((None, None), |a| (Some(a.created_at), Some(a.jti.clone())));
                 let rows = db
                     .call(move |conn| {
-                        let mut stmt = conn.prepare_cached(
+                        rows(
+                            conn,
                             "SELECT jti, project, service, description, created_at, expires_at
                              FROM api_tokens
                              WHERE expires_at > ?1
@@ -345,10 +347,8 @@ impl TokenStore {
                                AND (?3 IS NULL OR created_at < ?3 OR (created_at = ?3 AND jti < ?4))
                              ORDER BY created_at DESC, jti DESC
                              LIMIT ?5",
-                        )?;
-                        let (c, j) = after.map_or((None, None), |a| (Some(a.created_at), Some(a.jti)));
-                        let rows = stmt
-                            .query_map(params![now, project, c, j, n as i64], |r| {
+                            params![now, project, cursor.0, cursor.1, n as i64],
+                            |r| {
                                 Ok(IssuedToken {
                                     jti: r.get(0)?,
                                     project: r.get(1)?,
@@ -357,9 +357,8 @@ impl TokenStore {
                                     created_at: r.get(4)?,
                                     expires_at: r.get(5)?,
                                 })
-                            })?
-                            .collect::<rusqlite::Result<Vec<_>>>()?;
-                        Ok(rows)
+                            },
+                        )
                     })
                     .await?;
                 Ok(rows)
@@ -372,13 +371,7 @@ impl TokenStore {
                     .arg(after.map_or(String::new(), |a| a.created_at.to_string()))
                     .arg(after.map_or("", |a| a.jti.as_str()))
                     .arg(n);
-                let rows: Vec<Vec<String>> = sync
-                    .redis
-                    .driver
-                    .query(&cmd)
-                    .await
-                    .map_err(RedisError::from)
-                    .inspect_err(|_| sync.metrics.state_redis_error())?;
+                let rows: Vec<Vec<String>> = read(sync, &cmd).await?;
                 rows.into_iter()
                     .map(|row| match <[String; 6]>::try_from(row) {
                         Ok([jti, project, service, description, created_at, expires_at]) => {
@@ -419,12 +412,12 @@ impl TokenStore {
                 };
                 let rows = db
                     .call(move |conn| {
-                        let mut stmt = conn.prepare_cached(
+                        rows(
+                            conn,
                             "SELECT id, at, actor, action, jti, project, service, detail FROM audit
                              WHERE ?1 IS NULL OR id < ?1 ORDER BY id DESC LIMIT ?2",
-                        )?;
-                        let rows = stmt
-                            .query_map(params![after, n as i64], |r| {
+                            params![after, n as i64],
+                            |r| {
                                 let action: String = r.get(3)?;
                                 Ok(AuditRecord {
                                     id: r.get::<_, i64>(0)?.to_string(),
@@ -442,9 +435,8 @@ impl TokenStore {
                                     service: r.get(6)?,
                                     detail: r.get(7)?,
                                 })
-                            })?
-                            .collect::<rusqlite::Result<Vec<_>>>()?;
-                        Ok(rows)
+                            },
+                        )
                     })
                     .await?;
                 Ok(rows)
@@ -459,13 +451,7 @@ impl TokenStore {
                     None => cmd.arg("+"),
                 };
                 cmd.arg("-").arg("COUNT").arg(n);
-                let entries: Vec<(String, Vec<(String, String)>)> = sync
-                    .redis
-                    .driver
-                    .query(&cmd)
-                    .await
-                    .map_err(RedisError::from)
-                    .inspect_err(|_| sync.metrics.state_redis_error())?;
+                let entries: Vec<(String, Vec<(String, String)>)> = read(sync, &cmd).await?;
                 entries
                     .into_iter()
                     .map(|(id, fields)| audit_entry(id, fields))
@@ -479,12 +465,12 @@ impl TokenStore {
         match &self.side {
             Side::Db(db) => Ok(db
                 .call(|conn| {
-                    let mut stmt =
-                        conn.prepare_cached("SELECT jti, expires_at FROM token_revocations")?;
-                    let rows = stmt
-                        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect::<rusqlite::Result<Vec<_>>>()?;
-                    Ok(rows)
+                    rows(
+                        conn,
+                        "SELECT jti, expires_at FROM token_revocations",
+                        [],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
                 })
                 .await?),
             Side::Redis(store) => {
@@ -520,17 +506,30 @@ impl TokenStore {
                     &[key("revoked"), key("apitokens"), key("apitokens:expiry")],
                 );
                 cmd.arg(now);
-                let n: usize = sync
-                    .redis
-                    .driver
-                    .query(&cmd)
-                    .await
-                    .map_err(RedisError::from)
-                    .inspect_err(|_| sync.metrics.state_redis_error())?;
+                let n: usize = read(sync, &cmd).await?;
                 Ok(n)
             }
         }
     }
+}
+
+/// Every row `sql` selects, each made by `f`.
+fn rows<T, P: rusqlite::Params>(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: P,
+    f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    conn.prepare_cached(sql)?.query_map(params, f)?.collect()
+}
+
+/// A read from Redis, counted as a Redis error when it fails.
+async fn read<T: redis::FromRedisValue>(
+    sync: &super::sync::RedisSync,
+    cmd: &redis::Cmd,
+) -> Result<T, StoreError> {
+    let answer = sync.redis.driver.query(cmd).await.map_err(RedisError::from);
+    Ok(answer.inspect_err(|_| sync.metrics.state_redis_error())?)
 }
 
 /// One audit row, inside the caller's transaction.
