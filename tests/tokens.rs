@@ -747,6 +747,10 @@ async fn a_revocation_reaches_every_node_within_a_second() {
     assert_eq!(use_token(&c, token).await.0, 401);
     assert_eq!(use_token(&c, &old).await.0, 401);
     assert_eq!(redis.cli(&["HLEN", "agentgate:{state}:revoked"]), "2");
+    assert!(
+        !a.config.data_dir.join("agentgate.db").exists(),
+        "a node of a cluster keeps no database"
+    );
     for node in [a, b, c] {
         node.stop().await;
     }

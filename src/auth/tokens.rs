@@ -98,7 +98,7 @@ impl ApiTokens {
         secret: Option<&str>,
         clock: Clock,
     ) -> Result<Self, StoreError> {
-        let tokens = TokenStore::new(store, store.db_or_open(data_dir)?);
+        let tokens = TokenStore::open(store, data_dir)?;
         let revocations = store.revocations().clone();
         if !store.is_shared() {
             let all = tokens.revocations().await?;

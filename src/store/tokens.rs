@@ -164,14 +164,15 @@ enum Side {
 }
 
 impl TokenStore {
-    /// The side that goes with `store`: Redis when it is shared, else `db`.
-    pub(crate) fn new(store: &CertStore, db: Db) -> Self {
+    /// The side that goes with `store`: Redis when it is shared, else its database (or,
+    /// for a store opened without one, the database in `data_dir`).
+    pub(crate) fn open(store: &CertStore, data_dir: &std::path::Path) -> Result<Self, StoreError> {
         let side = if store.is_shared() {
             Side::Redis(store.clone())
         } else {
-            Side::Db(db)
+            Side::Db(store.db_or_open(data_dir)?)
         };
-        Self { side }
+        Ok(Self { side })
     }
 
     /// Records an issued token and its audit record (`actor` issued it).
@@ -738,9 +739,8 @@ mod tests {
     #[tokio::test]
     async fn database_side_lists_revokes_audits_and_purges() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("agentgate.db")).unwrap();
         let store = CertStore::open_with_indexed(&dir.path().join("certs"), vec![]).unwrap();
-        let tokens = TokenStore::new(&store, db);
+        let tokens = TokenStore::open(&store, dir.path()).unwrap();
         for t in [
             token("a", "p1", 100, 1000),
             token("b", "p1", 200, 1000),
