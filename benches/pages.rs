@@ -112,14 +112,29 @@ fn router(rt: &tokio::runtime::Runtime, certs: usize, agents: usize) -> Router {
             },
         );
     }
-    let enrollment = Enrollment::open(&config.data_dir, Clock::system(), store.clone())
-        .expect("enrollment file");
+    let enrollment = rt
+        .block_on(Enrollment::open(
+            &config.data_dir,
+            Clock::system(),
+            store.clone(),
+        ))
+        .expect("enrollment database");
+    let tokens = rt
+        .block_on(agentgate::api::ApiTokens::open(
+            &store,
+            &config.data_dir,
+            None,
+            Clock::system(),
+        ))
+        .expect("token database");
+    let revocations = store.revocations().clone();
     let state = AppState {
         store,
         agents: handle,
         api_keys: ApiKeys::all_scopes(&[KEY]),
         metrics,
         enrollment,
+        tokens,
         server_cert: ServerCert::from_config(&config, agentgate::tls::provider())
             .expect("self-signed server certificate"),
         clock: Clock::system(),
@@ -128,7 +143,7 @@ fn router(rt: &tokio::runtime::Runtime, certs: usize, agents: usize) -> Router {
         proxy: agentgate::proxy::Proxy::new(
             &config,
             ApiKeys::all_scopes(&[KEY]),
-            agentgate::auth::Revocations::new(),
+            revocations,
             Metrics::new(),
         )
         .expect("gateway without routes"),

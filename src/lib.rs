@@ -12,8 +12,9 @@
 //! - [`store`]: the certificate store: the in-memory index the handshake reads, fed by
 //!   one of two backends (files for one node, Redis for a cluster, followed through
 //!   pub/sub), the upload rules, `store import`, and the watch of the store directory
-//!   (hand edits). Install tokens ([`enroll`]) live in
-//!   the same backend.
+//!   (hand edits); with one node, the embedded database (`<data_dir>/agentgate.db`,
+//!   SQLite) of install tokens, API tokens, revocations and their audit, which Redis
+//!   holds instead for a cluster.
 //! - [`identity`]: agent ids, fingerprints, the identity a handshake proves.
 //! - `digest`: SHA-256 and hex (fingerprints, API key digests, install token hashes).
 //! - [`clock`]: where "now" comes from (system, or manual in tests) and the one RFC 3339
@@ -26,8 +27,8 @@
 //! - [`api`]: the HTTP API: router, middleware, extractors, errors, one file per resource.
 //! - [`proxy`]: the API gateway: `[[routes]]` to upstream services (longest prefix,
 //!   round-robin over healthy upstreams, retries, timeouts, WebSocket pass-through).
-//! - [`auth`]: API keys with scopes, JWT verification, revoked token ids, and the
-//!   per-route decision (`jwt`, `api_key`, `agent`, `none`).
+//! - [`auth`]: API keys with scopes, JWT verification, revoked token ids, API tokens
+//!   (issue, revoke, purge), and the per-route decision (`jwt`, `api_key`, `agent`, `none`).
 //! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,
 //!   commands to agents.
 //! - [`enroll`]: one-time install tokens and registered agent metadata.

@@ -28,7 +28,7 @@ use tower::ServiceExt;
 
 use crate::agents::backpressure::{Gated, ReadGate};
 use crate::agents::{Agents, ClusterStartError, session_guard};
-use crate::api::{self, ApiKeys, AppState, MetricsExposure};
+use crate::api::{self, ApiKeys, ApiTokens, AppState, MetricsExposure};
 use crate::clock::Clock;
 use crate::cluster::fleet::FleetTiming;
 use crate::config::Config;
@@ -76,6 +76,8 @@ pub enum StartError {
     Tls(#[from] rustls::Error),
     #[error("enrollment state: {0}")]
     Enrollment(#[from] EnrollError),
+    #[error("API tokens: {0}")]
+    Tokens(StoreError),
     #[error("cluster: {0}")]
     Cluster(#[from] ClusterStartError),
     #[error("gateway: {0}")]
@@ -149,7 +151,15 @@ impl Gateway {
             provider.signature_verification_algorithms,
         ));
         let tls = tls::server_config(server_cert.resolver.clone(), verifier.clone(), provider)?;
-        let enrollment = Enrollment::open(&config.data_dir, clock.clone(), store.clone())?;
+        let enrollment = Enrollment::open(&config.data_dir, clock.clone(), store.clone()).await?;
+        let tokens = ApiTokens::open(
+            &store,
+            &config.data_dir,
+            config.jwt.hs256_secret.as_deref(),
+            clock.clone(),
+        )
+        .await
+        .map_err(StartError::Tokens)?;
         let (sio_layer, agents) = match &config.cluster {
             None => Agents::build(&config, metrics.clone(), clock.clone()),
             Some(cluster) => {
@@ -198,7 +208,7 @@ impl Gateway {
         let proxy = Proxy::new_with_clock(
             &config,
             api_keys.clone(),
-            crate::auth::Revocations::new(),
+            store.revocations().clone(),
             metrics.clone(),
             clock.clone(),
         )?;
@@ -208,6 +218,7 @@ impl Gateway {
             api_keys,
             metrics: metrics.clone(),
             enrollment,
+            tokens,
             server_cert: server_cert.clone(),
             clock,
             requests: TaskTracker::new(),
@@ -318,6 +329,7 @@ impl Gateway {
         self.server_cert.spawn_background(token.clone(), &tracker);
         self.state.proxy.start_health_checks(token.child_token());
         self.store.watch_dir(token.child_token());
+        self.state.tokens.spawn_purge(token.child_token());
         if let Some(redirect) = self.redirect.take() {
             // Without `[http_redirect]`, the port of the listener the caller gave.
             let https_port = self

@@ -481,10 +481,18 @@ async fn install_tokens_work_once_for_their_agent_until_expiry_and_survive_a_res
         403
     );
 
-    // Tokens survive a restart (and the token file holds only hashes).
+    // Tokens survive a restart (and the database holds only their hashes).
     let t6 = token(&server, "enr-6", 600).await;
-    let file = std::fs::read_to_string(server.config.data_dir.join("enrollment.json")).unwrap();
-    assert!(!file.contains(&t6));
+    let db = rusqlite::Connection::open(server.config.data_dir.join("agentgate.db")).unwrap();
+    let stored: Vec<String> = db
+        .prepare("SELECT token_sha256 FROM install_tokens")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!stored.is_empty() && !stored.contains(&t6));
+    assert!(!server.config.data_dir.join("enrollment.json").exists());
     let server = server.restart().await;
     let (status, body) = register(&server, &t6, &server.pki.agent("enr-6"), json!({})).await;
     assert_eq!(status, 200, "{body}");

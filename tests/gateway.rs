@@ -729,20 +729,7 @@ async fn token_minted_by_pyjwt_is_accepted() {
         c.routes = vec![r];
     })
     .await;
-    let script = "import jwt, time, uuid, sys\n\
-        now = int(time.time())\n\
-        print(jwt.encode({'jti': str(uuid.uuid4()), 'project': 'captionacc', 'service': 'prefect', \
-        'iat': now, 'exp': now + 90 * 86400}, sys.argv[1], algorithm='HS256'))\n";
-    let out = std::process::Command::new(python())
-        .args(["-c", script, SECRET])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "PyJWT: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let token = pyjwt_token(SECRET, "captionacc", "prefect", None);
     let r = get(
         &server,
         "/captionacc/prefect/api/flows",

@@ -51,9 +51,10 @@ async fn fetch_document(server: &TestServer) -> Value {
     doc
 }
 
-/// A request path for a documented path: `{agent_id}` filled in.
+/// A request path for a documented path: `{agent_id}` (and `{jti}`) filled in.
 fn concrete(path: &str, agent_id: &str) -> String {
     path.replace("{agent_id}", agent_id)
+        .replace("{jti}", agent_id)
 }
 
 /// Is this the router's fallback (no route for the path) rather than a handler's 404?
@@ -285,7 +286,9 @@ impl Calls<'_> {
 /// operation must be exercised with at least one success and one error.
 #[tokio::test]
 async fn real_responses_match_the_documented_schemas() {
-    let server = TestServer::start().await;
+    // With a JWT secret, so that `POST /tokens` can issue.
+    let server =
+        TestServer::start_with(|c| c.gateway_jwt_secret = Some("openapi-secret".into())).await;
     let doc = fetch_document(&server).await;
     let components = closed_components(&doc);
     let auth = format!("Bearer {API_KEY}");
@@ -528,6 +531,45 @@ async fn real_responses_match_the_documented_schemas() {
     let routes = c.call("GET", "/routes", "/routes", key, "", 200).await;
     assert_eq!(routes.json()["routes"], json!([]));
     c.call("GET", "/routes", "/routes", &[], "", 403).await;
+
+    let tokens = "/tokens";
+    let body = json!({"project": "p", "service": "s", "description": "d"}).to_string();
+    let issued = c.call("POST", tokens, tokens, key, body, 200).await.json();
+    let bad_days = json!({"project": "p", "service": "s", "expiresInDays": 0}).to_string();
+    c.call("POST", tokens, tokens, key, bad_days, 400).await;
+    let no_project = json!({"service": "s"}).to_string();
+    c.call("POST", tokens, tokens, key, no_project, 422).await;
+    c.call("GET", tokens, "/tokens?project=p&limit=1", key, "", 200)
+        .await;
+    c.call("GET", tokens, "/tokens?limit=0", key, "", 400).await;
+    let revoke = "/tokens/{jti}/revoke";
+    let jti = issued["jti"].as_str().unwrap();
+    let reason = json!({"reason": "r"}).to_string();
+    c.call(
+        "POST",
+        revoke,
+        format!("/tokens/{jti}/revoke"),
+        key,
+        reason.clone(),
+        200,
+    )
+    .await;
+    c.call(
+        "POST",
+        revoke,
+        format!("/tokens/{jti}/revoke"),
+        key,
+        "{}",
+        422,
+    )
+    .await;
+    c.call("POST", revoke, "/tokens/j%20x/revoke", key, reason, 400)
+        .await;
+    let audit = "/tokens/audit";
+    c.call("GET", audit, "/tokens/audit?limit=1", key, "", 200)
+        .await;
+    c.call("GET", audit, "/tokens/audit?after=x", key, "", 400)
+        .await;
 
     // Limits every operation shares: a request target over 8 KiB (414), header fields
     // over 32 KiB (431).

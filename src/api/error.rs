@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
 use crate::agents::commands::CommandError;
+use crate::auth::IssueError;
 use crate::enroll::{RegisterError, TokenError};
 use crate::store::{CertError, RedisError, StoreError};
 
@@ -25,6 +26,9 @@ pub enum ApiError {
     MissingScope(&'static str),
     #[error("{0}")]
     NotFound(String),
+    /// The request is valid but the gateway is not set up for it.
+    #[error("{0}")]
+    Conflict(String),
     /// Over the endpoint's body limit; `key` is the `[limits]` key that sets it.
     #[error("request body exceeds the limit of {limit} bytes (limits.{key})")]
     BodyTooLarge { limit: usize, key: &'static str },
@@ -57,6 +61,7 @@ impl ApiError {
         match self {
             Self::Forbidden(_) | Self::MissingScope(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::InvalidJson(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -80,6 +85,19 @@ impl ApiError {
                 StoreError::Io(_) | StoreError::Redis(RedisError::Protocol(_)) | StoreError::Db(_),
             )
             | Self::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<IssueError> for ApiError {
+    fn from(e: IssueError) -> Self {
+        match e {
+            IssueError::NoSecret => Self::Conflict(e.to_string()),
+            IssueError::Store(e) => e.into(),
+            IssueError::Sign(_) => Self::Io {
+                context: "token could not be signed",
+                source: std::io::Error::other(e.to_string()),
+            },
         }
     }
 }
@@ -256,6 +274,8 @@ mod tests {
             ),
             (ApiError::MissingScope("agents:read"), StatusCode::FORBIDDEN),
             (ApiError::NotFound("x".into()), StatusCode::NOT_FOUND),
+            (ApiError::Conflict("x".into()), StatusCode::CONFLICT),
+            (IssueError::NoSecret.into(), StatusCode::CONFLICT),
             (
                 ApiError::BodyTooLarge {
                     limit: 1,

@@ -172,7 +172,7 @@ impl StatusFilter {
     }
 }
 
-fn limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+pub(crate) fn limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     // Query values arrive as strings; a number is parsed from the text.
     let text = String::deserialize(d)?;
     match text.parse::<usize>() {
@@ -202,19 +202,19 @@ impl PageQuery {
     }
 }
 
-/// One page of a list ordered by agent id: at most `limit` items, and the cursor of the
-/// next page when there is one.
-pub struct Page<T> {
+/// One page of a list ordered by a key (an agent id, unless said otherwise): at most
+/// `limit` items, and the cursor of the next page when there is one.
+pub struct Page<T, K = AgentId> {
     pub items: Vec<T>,
-    pub next_after: Option<AgentId>,
+    pub next_after: Option<K>,
 }
 
-impl<T> Page<T> {
+impl<T, K: Clone> Page<T, K> {
     /// Cuts a page from the first `limit + 1` items after the cursor (fewer when the list
     /// ends): the extra item only tells that a next page exists. Every list endpoint
     /// fetches its items from an ordered index (`range(after..).take(limit + 1)`), so a page
     /// costs O(limit · log n) whatever the size of the list.
-    pub fn cut(mut fetched: Vec<T>, limit: usize, key: impl Fn(&T) -> &AgentId) -> Self {
+    pub fn cut(mut fetched: Vec<T>, limit: usize, key: impl Fn(&T) -> &K) -> Self {
         let next_after = if fetched.len() > limit {
             fetched.truncate(limit);
             fetched.last().map(|last| key(last).clone())

@@ -13,7 +13,8 @@
 //! - `openapi`: the OpenAPI 3.1 document (`GET /openapi.json`, from the handlers'
 //!   `#[utoipa::path]` annotations) and Swagger UI (`GET /docs`); `schema`: the response
 //!   shapes it names;
-//! - one file per resource: `agents`, `certificate`, `cluster`, `enroll`, `hello`, `ops`;
+//! - one file per resource: `agents`, `certificate`, `cluster`, `enroll`, `hello`, `ops`,
+//!   `tokens`;
 //! - paths no endpoint matches go to the gateway ([`crate::proxy`]).
 
 pub(crate) mod agents;
@@ -29,11 +30,12 @@ pub(crate) mod openapi;
 pub(crate) mod ops;
 pub(crate) mod router;
 pub(crate) mod schema;
+pub(crate) mod tokens;
 
 use tokio_util::task::TaskTracker;
 
 use crate::agents::Agents;
-pub use crate::auth::ApiKeys;
+pub use crate::auth::{ApiKeys, ApiTokens};
 use crate::clock::Clock;
 use crate::enroll::Enrollment;
 use crate::metrics::Metrics;
@@ -58,6 +60,8 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     pub metrics: Metrics,
     pub enrollment: Enrollment,
+    /// API tokens (`/tokens`) and the revocations the JWT check reads.
+    pub tokens: ApiTokens,
     pub server_cert: ServerCert,
     /// "Now" for certificate validity at upload and for the views; the same clock as the
     /// registry's and the enrollment store's.

@@ -55,6 +55,7 @@ which is the command's reply.\n\n\
         (name = "agents", description = "Connected agents and commands to them"),
         (name = "enrollment", description = "One-time install tokens; agents register their own certificate"),
         (name = "cluster", description = "The nodes of a cluster (with `[cluster]`)"),
+        (name = "tokens", description = "API tokens (JWTs for `auth = \"jwt\"` routes): issue, list, revoke, audit; scope `tokens:admin`"),
         (name = "operations", description = "Liveness, readiness, metrics (no API key)"),
         (name = "hello", description = "The API key check, kept from the replaced system"),
     ),

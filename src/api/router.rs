@@ -17,6 +17,7 @@ use utoipa_axum::routes;
 use super::middleware::{require_api_key, require_scope};
 use super::{
     ApiError, AppState, BodyLimit, agents, certificate, cluster, enroll, hello, openapi, ops,
+    tokens,
 };
 
 /// Where `GET /metrics` is served.
@@ -94,6 +95,9 @@ fn endpoints(state: &AppState, metrics: MetricsExposure) -> OpenApiRouter<AppSta
         .routes(scoped(routes!(enroll::issue), "certificates:write"))
         .routes(scoped(routes!(cluster::nodes), "agents:read"))
         .routes(scoped(routes!(ops::routes), "routes:admin"))
+        .routes(scoped(routes!(tokens::issue, tokens::list), "tokens:admin"))
+        .routes(scoped(routes!(tokens::revoke), "tokens:admin"))
+        .routes(scoped(routes!(tokens::audit), "tokens:admin"))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -181,7 +185,7 @@ mod tests {
     use crate::store::CertStore;
     use crate::tls::ServerCert;
 
-    fn state(dir: &std::path::Path) -> AppState {
+    async fn state(dir: &std::path::Path) -> AppState {
         let config = RawConfig {
             api_keys: vec!["k".into()],
             data_dir: dir.join("data"),
@@ -207,7 +211,12 @@ mod tests {
         )
         .unwrap();
         AppState {
-            enrollment: Enrollment::open(&config.data_dir, Clock::system(), store.clone()).unwrap(),
+            enrollment: Enrollment::open(&config.data_dir, Clock::system(), store.clone())
+                .await
+                .unwrap(),
+            tokens: crate::auth::ApiTokens::open(&store, &config.data_dir, None, Clock::system())
+                .await
+                .unwrap(),
             server_cert: ServerCert::from_config(&config, crate::tls::provider()).unwrap(),
             store,
             agents,
@@ -248,7 +257,7 @@ mod tests {
     #[tokio::test]
     async fn every_routed_path_is_documented() {
         let dir = tempfile::tempdir().unwrap();
-        let state = state(dir.path());
+        let state = state(dir.path()).await;
         for exposure in [
             MetricsExposure::MainListener,
             MetricsExposure::SeparateListener,

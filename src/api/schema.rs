@@ -229,6 +229,88 @@ pub(crate) struct RegisterResponse {
     message: String,
 }
 
+/// `POST /tokens`: the shape of the replaced `generate-gateway-token` function's answer.
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TokenIssued {
+    /// The HS256 JWT (claims `jti`, `project`, `service`, `iat`, `exp`); shown only here.
+    token: String,
+    /// A random UUID.
+    jti: String,
+    #[schema(format = DateTime)]
+    expires_at: String,
+    project: String,
+    service: String,
+}
+
+/// An active API token (never the token itself).
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TokenView {
+    jti: String,
+    project: String,
+    service: String,
+    description: String,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    expires_at: String,
+}
+
+/// `GET /tokens`.
+#[derive(ToSchema)]
+pub(crate) struct TokenList {
+    /// Newest first.
+    tokens: Vec<TokenView>,
+    /// The `after` of the next page; null on the last.
+    next_after: Option<String>,
+}
+
+/// `POST /tokens/{jti}/revoke`.
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TokenRevoked {
+    jti: String,
+    revoked: bool,
+    /// True when the jti was revoked before: nothing changed.
+    already_revoked: bool,
+    /// Until when the revocation is kept: the token's expiry, or for a jti this gateway
+    /// did not issue, 365 days after the revocation.
+    #[schema(format = DateTime)]
+    expires_at: String,
+}
+
+/// One audit record: who (the API key's name, never the key) issued or revoked what.
+#[derive(ToSchema)]
+pub(crate) struct AuditRecordView {
+    /// The record's cursor.
+    id: String,
+    #[schema(format = DateTime)]
+    at: String,
+    /// The name of the API key that made the change.
+    key: String,
+    /// `issue` or `revoke`.
+    #[schema(pattern = "^(issue|revoke)$")]
+    action: String,
+    jti: String,
+    /// Null for a jti this gateway did not issue.
+    project: Option<String>,
+    service: Option<String>,
+    /// `issue` only.
+    description: Option<String>,
+    /// `revoke` only.
+    reason: Option<String>,
+}
+
+/// `GET /tokens/audit`.
+#[derive(ToSchema)]
+pub(crate) struct AuditList {
+    /// Newest first.
+    records: Vec<AuditRecordView>,
+    /// The `after` of the next page; null on the last.
+    next_after: Option<String>,
+}
+
 /// A node of the cluster.
 #[derive(ToSchema)]
 pub(crate) struct NodeView {

@@ -5,11 +5,13 @@
 //! # Layout
 //! - `api_key`: named keys with scopes, compared in constant time;
 //! - `jwt`: token verification (HS256 secret, RS256/ES256/EdDSA public keys);
-//! - `revocations`: revoked `jti`s, fed by token management (issue 10, point 4).
+//! - `revocations`: revoked `jti`s, fed by token management;
+//! - `tokens`: API tokens (issue, list, revoke, audit, purge; issue 10, point 4).
 
 pub(crate) mod api_key;
 pub(crate) mod jwt;
 pub(crate) mod revocations;
+pub(crate) mod tokens;
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use http::{HeaderMap, StatusCode};
 pub use api_key::{ApiKey, ApiKeys, BearerError, KeyRefusal, bearer, bearer_of};
 pub use jwt::{JwtKeyError, JwtVerifier, TokenError, VerifiedToken};
 pub use revocations::Revocations;
+pub use tokens::{ApiTokens, IssueError};
 
 use crate::config::RouteAuth;
 use crate::identity::{AgentId, Peer};

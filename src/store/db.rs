@@ -47,7 +47,8 @@ const MIGRATIONS: &[&str] = &[
         expires_at  INTEGER NOT NULL,
         created_by  TEXT NOT NULL
     ) STRICT;
-    CREATE INDEX api_tokens_by_project ON api_tokens (project, expires_at);
+    CREATE INDEX api_tokens_by_created ON api_tokens (created_at, jti);
+    CREATE INDEX api_tokens_by_expiry ON api_tokens (expires_at);
     CREATE TABLE token_revocations (
         jti        TEXT PRIMARY KEY,
         expires_at INTEGER NOT NULL,
@@ -55,12 +56,15 @@ const MIGRATIONS: &[&str] = &[
         revoked_by TEXT NOT NULL,
         reason     TEXT NOT NULL
     ) STRICT;
+    CREATE INDEX token_revocations_by_expiry ON token_revocations (expires_at);
     CREATE TABLE audit (
         id      INTEGER PRIMARY KEY AUTOINCREMENT,
         at      INTEGER NOT NULL,
         actor   TEXT NOT NULL,
         action  TEXT NOT NULL,
-        subject TEXT NOT NULL,
+        jti     TEXT NOT NULL,
+        project TEXT,
+        service TEXT,
         detail  TEXT NOT NULL
     ) STRICT;
     CREATE TABLE routes (
@@ -115,13 +119,6 @@ pub enum DbError {
     Stopped { path: PathBuf },
 }
 
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "used by install tokens, API tokens and routes, landing next"
-    )
-)]
 impl Db {
     /// Opens (creating it if needed, readable by the owner only) and migrates the database
     /// at `path`, then starts its thread.

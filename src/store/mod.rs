@@ -8,13 +8,21 @@
 //! a failed write never leaves an agent half-stored. On Redis, changes made by other
 //! nodes reach the index through pub/sub, and the gateway is told of each
 //! ([`CertStore::on_remote_change`]) to close the sessions of revoked certificates.
+//!
+//! The other state of a node lives beside the certificates on the same backend: `db`
+//! (one node's SQLite database), with `install` (install tokens and agent metadata) and
+//! `tokens` (API tokens, revocations, audit) each holding its database side and its
+//! Redis side together. The store also holds the in-memory set of revoked JWT ids
+//! ([`CertStore::revocations`]) that `tokens` keeps in step.
 
 pub mod cert;
 pub(crate) mod db;
 pub(crate) mod file;
 pub mod import;
+pub(crate) mod install;
 pub(crate) mod redis;
 pub(crate) mod sync;
+pub(crate) mod tokens;
 pub(crate) mod watch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -31,6 +39,7 @@ pub use redis::RedisError;
 use redis::{RedisState, Written};
 pub(crate) use sync::unix_ms;
 
+use crate::auth::Revocations;
 use crate::config::ClusterConfig;
 use crate::identity::{AgentId, AgentIdentity, Fingerprint};
 use crate::metrics::Metrics;
@@ -58,11 +67,10 @@ struct Shared {
     /// Files backend of a gateway: the embedded database for everything that is not a
     /// certificate (see [`db`]). `None` on Redis, which holds that state itself, and for
     /// stores opened by tools and tests with [`CertStore::open`].
-    #[allow(
-        dead_code,
-        reason = "read by install tokens, API tokens and routes, landing next"
-    )]
     db: Option<Db>,
+    /// The revoked JWT ids every JWT check reads (memory only), fed from this store: the
+    /// database at start, Redis at every resync and through pub/sub (see [`tokens`]).
+    revocations: Revocations,
 }
 
 impl std::fmt::Debug for Shared {
@@ -193,6 +201,7 @@ impl CertStore {
             write_lock: tokio::sync::Mutex::new(()),
             on_remote_change: OnceLock::new(),
             db,
+            revocations: Revocations::new(),
         };
         Self {
             shared: Arc::new(shared),
@@ -446,16 +455,26 @@ impl CertStore {
         (stamps, changes)
     }
 
-    /// The Redis side of the shared state, when clustered.
     /// The embedded database (single node opened by a gateway); see [`db`].
-    #[allow(
-        dead_code,
-        reason = "read by install tokens, API tokens and routes, landing next"
-    )]
     pub(crate) fn db(&self) -> Option<&Db> {
         self.shared.db.as_ref()
     }
 
+    /// The store's database, or for a store opened without one (by tools, tests and
+    /// benchmarks) the one in `data_dir`, opened now.
+    pub(crate) fn db_or_open(&self, data_dir: &Path) -> Result<Db, DbError> {
+        match self.db() {
+            Some(db) => Ok(db.clone()),
+            None => Db::open(&data_dir.join(crate::server::DB_FILE)),
+        }
+    }
+
+    /// The revoked JWT ids, kept in step with this store (see [`tokens`]).
+    pub fn revocations(&self) -> &Revocations {
+        &self.shared.revocations
+    }
+
+    /// The Redis side of the shared state, when clustered.
     pub(crate) fn redis(&self) -> Option<&sync::RedisSync> {
         match &self.shared.backend {
             Backend::Files(_) => None,

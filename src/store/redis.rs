@@ -17,10 +17,12 @@
 //! | `agentgate:{state}:certs` | hash | agent id -> `<seq>:<certificate DER>` |
 //! | `agentgate:{state}:metadata` | hash | agent id -> metadata JSON (from registration) |
 //! | `agentgate:{state}:token:<sha256 hex>` | hash | `agent_id`, `created_at`, `expires_at`, `used_at`, `used_by`; expires 7 days after use or expiry |
+//! | `agentgate:{state}:apitoken:<jti>`, `...:apitokens`, `...:apitokens:expiry`, `...:revoked`, `...:audit` | | API tokens, revocations and their audit: see [`super::tokens`] |
 //!
 //! Changes are announced on `agentgate:{state}:changes` (`SPUBLISH` on a Redis Cluster) as
 //! `<epoch> <seq> <sent unix ms> <kind> <op> <key>\n<body>`; certificates are kind `cert`
-//! (`cert put <agent_id>` with the DER as body, `cert del <agent_id>`). A later kind of
+//! (`cert put <agent_id>` with the DER as body, `cert del <agent_id>`); revocations of API
+//! tokens are kind `token` (`token revoke <jti>` with the token's expiry as body). A later kind of
 //! shared state (API token revocations, routes) adds its own kind to the same channel and
 //! sequence, and a node that does not know a kind steps over it. The epoch tells a node that
 //! Redis holds another state than the one it followed (restored from an older backup,
@@ -150,9 +152,9 @@ pub(crate) type ScanEntry = Result<(AgentId, u64, Vec<u8>), String>;
 /// The connection and key layout of one node's shared state. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct RedisState {
-    driver: RedisDriver,
+    pub(super) driver: RedisDriver,
     /// `PUBLISH`, or `SPUBLISH` on a Redis Cluster (sharded pub/sub).
-    publish: &'static str,
+    pub(super) publish: &'static str,
     pub(crate) node_id: String,
 }
 
@@ -207,6 +209,8 @@ pub(crate) enum Changed {
         /// `None` for a deletion.
         der: Option<Vec<u8>>,
     },
+    /// A revocation of an API token (see [`super::tokens`]).
+    Token(super::tokens::TokenChange),
     /// A kind of state this version does not keep (written by a newer node).
     Unknown(String),
 }
@@ -458,7 +462,7 @@ impl RedisState {
     }
 
     /// Runs a state script, turning its `AGENTGATE_NOSTATE` refusal into [`RedisError::NoState`].
-    async fn script(&self, cmd: &redis::Cmd) -> Result<redis::Value, RedisError> {
+    pub(super) async fn script(&self, cmd: &redis::Cmd) -> Result<redis::Value, RedisError> {
         match self.driver.query::<redis::Value>(cmd).await {
             Ok(v) => Ok(v),
             Err(e) if e.to_string().contains(NO_STATE) => Err(RedisError::NoState),
@@ -495,6 +499,7 @@ impl ChangeMessage {
                 Changed::Cert { agent_id, der }
             }
             ("cert", _) => return Err(format!("header {header:?}: bad certificate change")),
+            ("token", rest) => Changed::Token(super::tokens::TokenChange::parse(rest, body)?),
             (other, _) => Changed::Unknown(other.to_owned()),
         };
         Ok(Self {
@@ -515,7 +520,7 @@ pub(crate) fn random_hex(bytes: usize) -> Result<String, RedisError> {
     Ok(hex(&buf))
 }
 
-fn key(name: &str) -> String {
+pub(super) fn key(name: &str) -> String {
     format!("{PREFIX}:{name}")
 }
 
@@ -523,13 +528,13 @@ fn token_key(token_hash: &str) -> String {
     format!("{PREFIX}:token:{token_hash}")
 }
 
-fn channel() -> String {
+pub(super) fn channel() -> String {
     key("changes")
 }
 
 /// `EVAL` with the script text: the scripts are a few hundred bytes, and `EVAL` needs no
 /// `NOSCRIPT` fallback after a Redis restart emptied the script cache.
-fn eval(script: &str, keys: &[String]) -> redis::Cmd {
+pub(super) fn eval(script: &str, keys: &[String]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(script).arg(keys.len());
     for k in keys {
@@ -544,7 +549,9 @@ fn written(answer: redis::Value) -> Result<Written, RedisError> {
     Ok(Written { epoch, seq })
 }
 
-fn from_value<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T, RedisError> {
+pub(super) fn from_value<T: redis::FromRedisValue>(
+    v: Option<redis::Value>,
+) -> Result<T, RedisError> {
     let v = v.ok_or_else(|| RedisError::Protocol("short answer from a script".into()))?;
     T::from_redis_value(v).map_err(|e| RedisError::Protocol(e.to_string()))
 }

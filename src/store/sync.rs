@@ -1,6 +1,6 @@
 //! How a node's index follows the shared state in Redis: every change arrives on the
 //! change channel and is applied in sequence order; a full resync (a scan of every
-//! certificate) runs at start, after every reconnection to Redis (messages published
+//! certificate, and the set of revoked API tokens) runs at start, after every reconnection to Redis (messages published
 //! while a node was cut off are lost: pub/sub does not queue), after a gap in the sequence
 //! numbers (a dropped message) and when Redis holds another epoch than the one followed.
 //!
@@ -214,6 +214,10 @@ fn apply_message(store: &CertStore, payload: &[u8]) -> bool {
     }
     let (agent_id, der) = match msg.change {
         Changed::Cert { agent_id, der } => (agent_id, der),
+        Changed::Token(change) => {
+            super::tokens::apply(store, change);
+            return true;
+        }
         Changed::Unknown(kind) => {
             tracing::debug!(
                 kind,
@@ -265,6 +269,7 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
         .scan_certs()
         .await
         .inspect_err(|_| sync.metrics.state_redis_error())?;
+    super::tokens::reload(store).await?;
     let parsed = tokio::task::spawn_blocking(move || parse_all(entries))
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;

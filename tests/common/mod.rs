@@ -116,7 +116,8 @@ impl TestServer {
         Self::start_in_with_clock(pki, dir, config, Clock::system()).await
     }
 
-    async fn start_in_with_clock(
+    /// [`TestServer::start_in`] with the clock the API reads (restart tests over an expiry).
+    pub async fn start_in_with_clock(
         pki: Arc<TestPki>,
         dir: Arc<tempfile::TempDir>,
         config: Config,
@@ -349,6 +350,27 @@ pub fn python() -> PathBuf {
         venv.display()
     );
     venv
+}
+
+/// A token minted the way the replaced gateway's token function mints them (PyJWT, HS256
+/// with `secret`, claims `jti`, `project`, `service`, `iat`, `exp` = now + 90 days); `jti`
+/// is a fresh UUID when not given.
+pub fn pyjwt_token(secret: &str, project: &str, service: &str, jti: Option<&str>) -> String {
+    let script = "import jwt, time, uuid, sys\n\
+        now = int(time.time())\n\
+        jti = sys.argv[4] or str(uuid.uuid4())\n\
+        print(jwt.encode({'jti': jti, 'project': sys.argv[2], 'service': sys.argv[3], \
+        'iat': now, 'exp': now + 90 * 86400}, sys.argv[1], algorithm='HS256'))\n";
+    let out = std::process::Command::new(python())
+        .args(["-c", script, secret, project, service, jti.unwrap_or("")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "PyJWT: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// Runs `tests/agents/agent.py` with `args` against `server`.
