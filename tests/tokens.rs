@@ -861,3 +861,39 @@ async fn tokens_work_on_a_redis_cluster() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Concurrent registrations with one install token on one node: the database runs their
+/// transactions one after the other, so exactly one stores its certificate.
+#[tokio::test]
+async fn concurrent_redemptions_of_one_install_token_store_exactly_one_certificate() {
+    let server = Arc::new(TestServer::start().await);
+    let (s, issued) = call(
+        &server,
+        API_KEY,
+        "POST",
+        "/install-tokens",
+        json!({"agent_id": "race-1"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{issued}");
+    let attempts: Vec<_> = (0..8)
+        .map(|_| {
+            let (server, issued) = (server.clone(), issued.clone());
+            tokio::spawn(async move {
+                let agent = server.pki.agent("race-1");
+                register(&server, &issued, &agent).await
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for attempt in attempts {
+        let (s, v) = attempt.await.unwrap();
+        if s != 200 {
+            assert_eq!(v["detail"], "install token has already been used", "{v}");
+        }
+        statuses.push(s);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 401, 401, 401, 401, 401, 401, 401]);
+    assert_eq!(server.store.len(), 1);
+}

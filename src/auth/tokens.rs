@@ -187,7 +187,7 @@ impl ApiTokens {
 
     /// Purges revocations of tokens expired by now, in storage and in memory, and expired
     /// tokens; returns how many revocations storage dropped.
-    pub async fn purge_expired(&self) -> Result<usize, StoreError> {
+    pub(crate) async fn purge_expired(&self) -> Result<usize, StoreError> {
         let now = self.clock.unix();
         let stored = self.store.purge(now).await?;
         let in_memory = self.revocations.purge_expired(now);

@@ -469,7 +469,7 @@ impl CertStore {
         }
     }
 
-    /// The revoked JWT ids, kept in step with this store (see [`tokens`]).
+    /// The revoked JWT ids, kept in step with this store (see `store::tokens`).
     pub fn revocations(&self) -> &Revocations {
         &self.shared.revocations
     }
