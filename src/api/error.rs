@@ -26,6 +26,9 @@ pub enum ApiError {
     MissingScope(&'static str),
     #[error("{0}")]
     NotFound(String),
+    /// The request contradicts what is stored (a name or a prefix already taken).
+    #[error("{0}")]
+    Conflict(String),
     #[error("request body exceeds {MAX_BODY_BYTES} bytes")]
     BodyTooLarge,
     #[error("{0}")]
@@ -57,6 +60,7 @@ impl ApiError {
         match self {
             Self::Forbidden(_) | Self::MissingScope(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::InvalidJson(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -243,6 +247,7 @@ mod tests {
             ),
             (ApiError::MissingScope("agents:read"), StatusCode::FORBIDDEN),
             (ApiError::NotFound("x".into()), StatusCode::NOT_FOUND),
+            (ApiError::Conflict("x".into()), StatusCode::CONFLICT),
             (ApiError::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
             (ApiError::BadBody("x".into()), StatusCode::BAD_REQUEST),
             (

@@ -13,7 +13,8 @@
 //! - `openapi`: the OpenAPI 3.1 document (`GET /openapi.json`, from the handlers'
 //!   `#[utoipa::path]` annotations) and Swagger UI (`GET /docs`); `schema`: the response
 //!   shapes it names;
-//! - one file per resource: `agents`, `certificate`, `cluster`, `enroll`, `hello`, `ops`;
+//! - one file per resource: `agents`, `certificate`, `cluster`, `enroll`, `hello`, `ops`,
+//!   `routes`;
 //! - paths no endpoint matches go to the gateway ([`crate::proxy`]).
 
 pub(crate) mod agents;
@@ -28,6 +29,7 @@ pub(crate) mod middleware;
 pub(crate) mod openapi;
 pub(crate) mod ops;
 pub(crate) mod router;
+pub(crate) mod routes;
 pub(crate) mod schema;
 
 use tokio_util::task::TaskTracker;

@@ -3,7 +3,7 @@
 //! WebSocket pass-through, metrics and an access-log line per request.
 //!
 //! # Layout
-//! - `table`: the routes in force and longest-prefix matching;
+//! - `table`: the routes in force (config and runtime) and longest-prefix matching;
 //! - `upstream`: an upstream's place in the rotation (active checks, passive ejection);
 //! - `health`: the active health-check tasks;
 //! - `client`: the pooled upstream client (TLS verified, never skipped);
@@ -15,7 +15,8 @@ pub(crate) mod health;
 pub(crate) mod table;
 pub(crate) mod upstream;
 
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use axum::http::StatusCode;
@@ -24,11 +25,13 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ApiKeys, AuthError, JwtKeyError, JwtVerifier, Revocations};
-use crate::config::{Config, RouteAuth};
+use crate::config::{
+    Config, JwtConfig, RawRoute, RouteAuth, RouteConfig, RouteError, validate_route,
+};
 use crate::metrics::Metrics;
 pub use client::ClientError;
 use client::UpstreamClient;
-use table::RouteTable;
+use table::{Route, RouteSource, RouteTable};
 
 /// Why the gateway could not be built from a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -101,9 +104,33 @@ struct Shared {
     client: UpstreamClient,
     keys: ApiKeys,
     metrics: Metrics,
-    /// The running health checks (cancelled and replaced on reload) and the parent they
-    /// hang off (cancelled at shutdown). A std Mutex: no `.await` while held.
-    checks: Mutex<Option<(CancellationToken, CancellationToken)>>,
+    /// What the table is built from. A std Mutex, held while a table is built and swapped
+    /// (no `.await`), so that two rebuilds never interleave.
+    sources: Mutex<Sources>,
+    /// The running health checks. A std Mutex: no `.await` while held.
+    checks: Mutex<HealthChecks>,
+}
+
+/// The two kinds of routes the table merges.
+struct Sources {
+    /// `[[routes]]` of the file (replaced on SIGHUP).
+    config: Vec<RouteConfig>,
+    /// `[jwt]` of the file, which runtime routes are validated against.
+    jwt: JwtConfig,
+    /// Registered at runtime, as stored (see `store::routes`).
+    runtime: Vec<RawRoute>,
+    /// Runtime routes left out of the table, with the reason, so that each reason is
+    /// logged once rather than at every rebuild.
+    left_out: BTreeMap<String, String>,
+}
+
+/// One task per route with a health check, kept across rebuilds while the route is
+/// unchanged.
+#[derive(Default)]
+struct HealthChecks {
+    /// Cancelled at shutdown; `None` until the checks are started.
+    parent: Option<CancellationToken>,
+    running: HashMap<String, (RouteConfig, CancellationToken)>,
 }
 
 impl Proxy {
@@ -118,13 +145,27 @@ impl Proxy {
         let jwt = JwtVerifier::load(&config.jwt, revocations.clone())?;
         Ok(Self {
             inner: Arc::new(Shared {
-                table: ArcSwap::from_pointee(RouteTable::new(&config.routes, None, &metrics)),
+                table: ArcSwap::from_pointee(RouteTable::new(
+                    config
+                        .routes
+                        .iter()
+                        .map(|r| (r.clone(), RouteSource::Config))
+                        .collect(),
+                    None,
+                    &metrics,
+                )),
                 jwt: ArcSwap::from_pointee(jwt),
                 revocations,
                 client,
                 keys,
                 metrics,
-                checks: Mutex::new(None),
+                sources: Mutex::new(Sources {
+                    config: config.routes.clone(),
+                    jwt: config.jwt.clone(),
+                    runtime: Vec::new(),
+                    left_out: BTreeMap::new(),
+                }),
+                checks: Mutex::new(HealthChecks::default()),
             }),
         })
     }
@@ -144,73 +185,232 @@ impl Proxy {
 
     /// Starts the active health checks; they stop when `shutdown` is cancelled.
     pub fn start_health_checks(&self, shutdown: CancellationToken) {
-        let current = shutdown.child_token();
-        health::spawn(&self.inner.table.load(), &self.inner.client, &current);
-        let mut checks = self.inner.checks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((old, _)) = checks.replace((current, shutdown)) {
-            old.cancel();
+        // No rebuild between reading the table and starting its checks.
+        let _sources = self.sources();
+        {
+            let mut checks = self.checks();
+            if let Some(old) = checks.parent.replace(shutdown) {
+                old.cancel();
+            }
+            checks.running.clear();
         }
+        self.sync_health_checks(&self.inner.table.load());
     }
 
-    /// Replaces the routes and JWT keys with those of `config` (SIGHUP). Requests in flight
-    /// finish on the routes they started with; connections are not touched; upstreams whose
-    /// route and URL are unchanged keep their health. On an error nothing changes.
+    /// Replaces the config routes and JWT keys with those of `config` (SIGHUP); the
+    /// runtime routes stay. Requests in flight finish on the routes they started with;
+    /// connections are not touched; upstreams whose route and URL are unchanged keep their
+    /// health. On an error nothing changes.
     pub fn reload(&self, config: &Config) -> Result<(), ProxyBuildError> {
         let jwt = JwtVerifier::load(&config.jwt, self.inner.revocations.clone())?;
+        let mut sources = self.sources();
+        sources.config = config.routes.clone();
+        sources.jwt = config.jwt.clone();
+        self.inner.jwt.store(Arc::new(jwt));
+        self.rebuild(&mut sources);
+        Ok(())
+    }
+
+    /// The runtime routes changed (this node's API, another node, a resync): rebuilds the
+    /// table from the config routes and `runtime`.
+    pub(crate) fn set_runtime_routes(&self, runtime: &[RawRoute]) {
+        let mut sources = self.sources();
+        sources.runtime = runtime.to_vec();
+        self.rebuild(&mut sources);
+    }
+
+    /// Checks a route for `POST /routes` with the code that checks `[[routes]]`, against
+    /// the `[jwt]` in force.
+    pub(crate) fn validate_runtime(&self, raw: RawRoute) -> Result<RouteConfig, RouteError> {
+        let jwt = self.sources().jwt.clone();
+        validate_route(raw, &jwt)
+    }
+
+    /// Why `route` cannot be registered at runtime beside the config routes: a config
+    /// route of that name or prefix (a config route belongs to the file).
+    pub(crate) fn config_conflict(&self, name: &str, prefix: Option<&str>) -> Option<String> {
+        let sources = self.sources();
+        if sources.config.iter().any(|c| c.name == name) {
+            return Some(format!(
+                "route {name:?} belongs to the configuration file; change it there (and send SIGHUP)"
+            ));
+        }
+        let prefix = prefix?;
+        sources.config.iter().find(|c| c.prefix == prefix).map(|c| {
+            format!(
+                "prefix {prefix:?} is already the prefix of route {:?} of the configuration file",
+                c.name
+            )
+        })
+    }
+
+    /// Builds the table from `sources` and swaps it in. A config route wins over a
+    /// runtime route of the same name or prefix (the runtime one is left out and logged as
+    /// shadowed, and comes back when the config route goes); a runtime route that the
+    /// configuration in force no longer allows (`auth = "jwt"` without a key) is left out
+    /// too.
+    fn rebuild(&self, sources: &mut Sources) {
+        let mut routes: Vec<(RouteConfig, RouteSource)> = sources
+            .config
+            .iter()
+            .map(|c| (c.clone(), RouteSource::Config))
+            .collect();
+        let mut left_out = BTreeMap::new();
+        for raw in &sources.runtime {
+            let reason = match validate_route(raw.clone(), &sources.jwt) {
+                Err(e) => Some(format!("not valid under the configuration in force: {e}")),
+                Ok(route) => match routes
+                    .iter()
+                    .find(|(o, _)| o.name == route.name || o.prefix == route.prefix)
+                {
+                    Some((o, source)) => Some(format!(
+                        "shadowed by {} route {:?} (same {})",
+                        source.as_str(),
+                        o.name,
+                        if o.name == route.name {
+                            "name"
+                        } else {
+                            "prefix"
+                        }
+                    )),
+                    None => {
+                        routes.push((route, RouteSource::Runtime));
+                        None
+                    }
+                },
+            };
+            if let Some(reason) = reason {
+                if sources.left_out.get(&raw.name) != Some(&reason) {
+                    tracing::warn!(route = %raw.name, %reason, "runtime route not served");
+                }
+                left_out.insert(raw.name.clone(), reason);
+            }
+        }
+        for name in sources.left_out.keys() {
+            if !left_out.contains_key(name)
+                && routes
+                    .iter()
+                    .any(|(r, s)| *s == RouteSource::Runtime && r.name == *name)
+            {
+                tracing::info!(route = %name, "runtime route served again");
+            }
+        }
+        sources.left_out = left_out;
         let table = Arc::new(RouteTable::new(
-            &config.routes,
+            routes,
             Some(&self.inner.table.load()),
             &self.inner.metrics,
         ));
-        self.inner.jwt.store(Arc::new(jwt));
         self.inner.table.store(table.clone());
-        let mut checks = self.inner.checks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((old, parent)) = checks.take() {
-            old.cancel();
-            let current = parent.child_token();
-            health::spawn(&table, &self.inner.client, &current);
-            *checks = Some((current, parent));
+        self.sync_health_checks(&table);
+    }
+
+    /// Keeps the health check of every route that is unchanged, stops those of routes
+    /// that changed or went, starts those of new or changed routes. A kept task goes on
+    /// updating the same upstreams: the new table took them over (same name and URL).
+    fn sync_health_checks(&self, table: &RouteTable) {
+        let mut checks = self.checks();
+        let Some(parent) = checks.parent.clone() else {
+            return;
+        };
+        let mut kept = HashMap::new();
+        for route in &table.routes {
+            if route.config.health_check.is_none() {
+                continue;
+            }
+            let name = route.config.name.clone();
+            match checks.running.remove(&name) {
+                Some((config, token)) if config == route.config => {
+                    kept.insert(name, (config, token));
+                }
+                old => {
+                    if let Some((_, token)) = old {
+                        token.cancel();
+                    }
+                    let token = parent.child_token();
+                    health::spawn(route.clone(), &self.inner.client, token.clone());
+                    kept.insert(name, (route.config.clone(), token));
+                }
+            }
         }
-        Ok(())
+        for (_, (_, token)) in checks.running.drain() {
+            token.cancel();
+        }
+        checks.running = kept;
+    }
+
+    fn sources(&self) -> MutexGuard<'_, Sources> {
+        // Poisoned only by a panic while building a table; the sources stay usable.
+        self.inner.sources.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn checks(&self) -> MutexGuard<'_, HealthChecks> {
+        self.inner.checks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `GET /routes`: each route with the health of each upstream.
     pub fn describe(&self) -> Vec<RouteView> {
-        self.inner
-            .table
-            .load()
-            .routes
-            .iter()
-            .map(|r| RouteView {
-                name: r.config.name.clone(),
-                prefix: r.config.prefix.clone(),
-                auth: r.config.auth.kind().as_str(),
-                scope: match &r.config.auth {
-                    RouteAuth::ApiKey { scope } => Some(scope.clone()),
-                    _ => None,
-                },
-                claims: match &r.config.auth {
-                    RouteAuth::Jwt { claims } => Some(claims.clone()),
-                    _ => None,
-                },
-                strip_prefix: r.config.strip_prefix,
-                preserve_host: r.config.preserve_host,
-                timeout_ms: r.config.timeout.as_millis(),
-                retries: r.config.retries,
-                health_check: r.config.health_check.as_ref().map(|h| HealthCheckView {
-                    path: h.path.clone(),
-                    interval_secs: h.interval.as_secs(),
-                }),
-                upstreams: r
+        self.inner.table.load().routes.iter().map(view).collect()
+    }
+
+    /// A runtime route just stored, as in force; as stored if it is no longer in the
+    /// table (deleted meanwhile), its upstreams then shown as new ones are: in the
+    /// rotation.
+    pub(crate) fn view_of(&self, route: &RouteConfig) -> RouteView {
+        let table = self.inner.table.load();
+        match table.routes.iter().find(|r| r.config.name == route.name) {
+            Some(r) => view(r),
+            None => view_from(
+                route,
+                RouteSource::Runtime,
+                route
                     .upstreams
                     .iter()
                     .map(|u| UpstreamView {
-                        url: u.label.clone(),
-                        healthy: u.in_rotation(),
+                        url: u.to_string().trim_end_matches('/').to_owned(),
+                        healthy: true,
                     })
                     .collect(),
-            })
-            .collect()
+            ),
+        }
+    }
+}
+
+fn view(r: &Arc<Route>) -> RouteView {
+    let upstreams = r
+        .upstreams
+        .iter()
+        .map(|u| UpstreamView {
+            url: u.label.clone(),
+            healthy: u.in_rotation(),
+        })
+        .collect();
+    view_from(&r.config, r.source, upstreams)
+}
+
+fn view_from(c: &RouteConfig, source: RouteSource, upstreams: Vec<UpstreamView>) -> RouteView {
+    RouteView {
+        name: c.name.clone(),
+        prefix: c.prefix.clone(),
+        source: source.as_str(),
+        auth: c.auth.kind().as_str(),
+        scope: match &c.auth {
+            RouteAuth::ApiKey { scope } => Some(scope.clone()),
+            _ => None,
+        },
+        claims: match &c.auth {
+            RouteAuth::Jwt { claims } => Some(claims.clone()),
+            _ => None,
+        },
+        strip_prefix: c.strip_prefix,
+        preserve_host: c.preserve_host,
+        timeout_ms: c.timeout.as_millis(),
+        retries: c.retries,
+        health_check: c.health_check.as_ref().map(|h| HealthCheckView {
+            path: h.path.clone(),
+            interval_secs: h.interval.as_secs(),
+        }),
+        upstreams,
     }
 }
 
@@ -218,6 +418,8 @@ impl Proxy {
 pub struct RouteView {
     pub name: String,
     pub prefix: String,
+    /// `config` (`[[routes]]` of the file) or `runtime` (`POST /routes`).
+    pub source: &'static str,
     pub auth: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,

@@ -1,5 +1,6 @@
-//! The routes in force: built from the validated configuration, matched by longest prefix
-//! on whole path segments, swapped as a whole on SIGHUP.
+//! The routes in force: built from the validated configuration and the runtime routes,
+//! matched by longest prefix on whole path segments, swapped as a whole on SIGHUP and on
+//! every runtime change.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,8 +9,25 @@ use super::upstream::Upstream;
 use crate::config::{RESERVED_SEGMENTS, RouteConfig};
 use crate::metrics::Metrics;
 
+/// Where a route comes from: `[[routes]]` of the file, or `POST /routes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RouteSource {
+    Config,
+    Runtime,
+}
+
+impl RouteSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Runtime => "runtime",
+        }
+    }
+}
+
 pub(crate) struct Route {
     pub config: RouteConfig,
+    pub source: RouteSource,
     pub upstreams: Vec<Arc<Upstream>>,
     next: AtomicUsize,
 }
@@ -17,7 +35,12 @@ pub(crate) struct Route {
 impl Route {
     /// `previous`: the same-named route of the table being replaced, whose upstreams keep
     /// their health state when their URL is unchanged.
-    fn new(config: RouteConfig, previous: Option<&Route>, metrics: &Metrics) -> Self {
+    fn new(
+        config: RouteConfig,
+        source: RouteSource,
+        previous: Option<&Route>,
+        metrics: &Metrics,
+    ) -> Self {
         let upstreams = config
             .upstreams
             .iter()
@@ -32,6 +55,7 @@ impl Route {
             .collect();
         Self {
             config,
+            source,
             upstreams,
             next: AtomicUsize::new(0),
         }
@@ -65,14 +89,18 @@ pub(crate) struct RouteTable {
 impl RouteTable {
     /// The table for `configs`; upstreams unchanged since `previous` (same route name and
     /// URL) keep their place in or out of the rotation across a reload.
-    pub fn new(configs: &[RouteConfig], previous: Option<&RouteTable>, metrics: &Metrics) -> Self {
+    pub fn new(
+        configs: Vec<(RouteConfig, RouteSource)>,
+        previous: Option<&RouteTable>,
+        metrics: &Metrics,
+    ) -> Self {
         let mut routes: Vec<Arc<Route>> = configs
-            .iter()
-            .map(|c| {
+            .into_iter()
+            .map(|(c, source)| {
                 let old = previous
                     .and_then(|t| t.routes.iter().find(|r| r.config.name == c.name))
                     .map(|r| r.as_ref());
-                Arc::new(Route::new(c.clone(), old, metrics))
+                Arc::new(Route::new(c, source, old, metrics))
             })
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
@@ -125,7 +153,11 @@ mod tests {
     #[test]
     fn longest_prefix_on_segment_boundaries() {
         let t = RouteTable::new(
-            &[route("a", "/p"), route("b", "/p/q"), route("root", "/")],
+            vec![
+                (route("a", "/p"), RouteSource::Config),
+                (route("b", "/p/q"), RouteSource::Runtime),
+                (route("root", "/"), RouteSource::Config),
+            ],
             None,
             &Metrics::new(),
         );

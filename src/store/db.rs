@@ -65,6 +65,7 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE TABLE routes (
         name       TEXT PRIMARY KEY,
+        prefix     TEXT NOT NULL UNIQUE,
         spec       TEXT NOT NULL,
         created_at INTEGER NOT NULL,
         updated_at INTEGER NOT NULL
@@ -115,13 +116,6 @@ pub enum DbError {
     Stopped { path: PathBuf },
 }
 
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "used by install tokens, API tokens and routes, landing next"
-    )
-)]
 impl Db {
     /// Opens (creating it if needed, readable by the owner only) and migrates the database
     /// at `path`, then starts its thread.
@@ -248,7 +242,7 @@ mod tests {
         let db = Db::open(&path).unwrap();
         db.call(|c| {
             c.execute(
-                "INSERT INTO routes (name, spec, created_at, updated_at) VALUES ('a', '{}', 1, 1)",
+                "INSERT INTO routes (name, prefix, spec, created_at, updated_at) VALUES ('a', '/a', '{}', 1, 1)",
                 [],
             )
         })

@@ -14,6 +14,7 @@ pub(crate) mod db;
 pub(crate) mod file;
 pub mod import;
 pub(crate) mod redis;
+pub(crate) mod routes;
 pub(crate) mod sync;
 pub(crate) mod watch;
 
@@ -58,11 +59,9 @@ struct Shared {
     /// Files backend of a gateway: the embedded database for everything that is not a
     /// certificate (see [`db`]). `None` on Redis, which holds that state itself, and for
     /// stores opened by tools and tests with [`CertStore::open`].
-    #[allow(
-        dead_code,
-        reason = "read by install tokens, API tokens and routes, landing next"
-    )]
     db: Option<Db>,
+    /// Routes registered at runtime, as stored (see [`routes`]).
+    routes: routes::RuntimeRoutes,
 }
 
 impl std::fmt::Debug for Shared {
@@ -193,6 +192,7 @@ impl CertStore {
             write_lock: tokio::sync::Mutex::new(()),
             on_remote_change: OnceLock::new(),
             db,
+            routes: routes::RuntimeRoutes::default(),
         };
         Self {
             shared: Arc::new(shared),
@@ -448,10 +448,6 @@ impl CertStore {
 
     /// The Redis side of the shared state, when clustered.
     /// The embedded database (single node opened by a gateway); see [`db`].
-    #[allow(
-        dead_code,
-        reason = "read by install tokens, API tokens and routes, landing next"
-    )]
     pub(crate) fn db(&self) -> Option<&Db> {
         self.shared.db.as_ref()
     }

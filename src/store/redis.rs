@@ -17,11 +17,14 @@
 //! | `agentgate:{state}:certs` | hash | agent id -> `<seq>:<certificate DER>` |
 //! | `agentgate:{state}:metadata` | hash | agent id -> metadata JSON (from registration) |
 //! | `agentgate:{state}:token:<sha256 hex>` | hash | `agent_id`, `created_at`, `expires_at`, `used_at`, `used_by`; expires 7 days after use or expiry |
+//! | `agentgate:{state}:routes` | hash | route name -> `<seq>:<route JSON>` (runtime routes, see `super::routes`) |
+//! | `agentgate:{state}:routes:last` | string | `<nonce> <seq> <outcome>` of the last route write (a retried script answers as the first run did) |
 //!
 //! Changes are announced on `agentgate:{state}:changes` (`SPUBLISH` on a Redis Cluster) as
 //! `<epoch> <seq> <sent unix ms> <kind> <op> <key>\n<body>`; certificates are kind `cert`
-//! (`cert put <agent_id>` with the DER as body, `cert del <agent_id>`). A later kind of
-//! shared state (API token revocations, routes) adds its own kind to the same channel and
+//! (`cert put <agent_id>` with the DER as body, `cert del <agent_id>`), runtime routes kind
+//! `route` (`route put <name>` with the route's JSON as body, `route del <name>`). A later
+//! kind of shared state (API token revocations) adds its own kind to the same channel and
 //! sequence, and a node that does not know a kind steps over it. The epoch tells a node that
 //! Redis holds another state than the one it followed (restored from an older backup,
 //! emptied by a restart without persistence); the sequence number orders changes and shows
@@ -150,9 +153,9 @@ pub(crate) type ScanEntry = Result<(AgentId, u64, Vec<u8>), String>;
 /// The connection and key layout of one node's shared state. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct RedisState {
-    driver: RedisDriver,
+    pub(super) driver: RedisDriver,
     /// `PUBLISH`, or `SPUBLISH` on a Redis Cluster (sharded pub/sub).
-    publish: &'static str,
+    pub(super) publish: &'static str,
     pub(crate) node_id: String,
 }
 
@@ -206,6 +209,12 @@ pub(crate) enum Changed {
         agent_id: AgentId,
         /// `None` for a deletion.
         der: Option<Vec<u8>>,
+    },
+    /// A runtime route (`route put <name>` with its JSON as body, `route del <name>`).
+    Route {
+        name: String,
+        /// `None` for a deletion.
+        spec: Option<Vec<u8>>,
     },
     /// A kind of state this version does not keep (written by a newer node).
     Unknown(String),
@@ -458,7 +467,7 @@ impl RedisState {
     }
 
     /// Runs a state script, turning its `AGENTGATE_NOSTATE` refusal into [`RedisError::NoState`].
-    async fn script(&self, cmd: &redis::Cmd) -> Result<redis::Value, RedisError> {
+    pub(super) async fn script(&self, cmd: &redis::Cmd) -> Result<redis::Value, RedisError> {
         match self.driver.query::<redis::Value>(cmd).await {
             Ok(v) => Ok(v),
             Err(e) if e.to_string().contains(NO_STATE) => Err(RedisError::NoState),
@@ -495,6 +504,15 @@ impl ChangeMessage {
                 Changed::Cert { agent_id, der }
             }
             ("cert", _) => return Err(format!("header {header:?}: bad certificate change")),
+            ("route", [op, name]) if !name.is_empty() => Changed::Route {
+                name: (*name).to_owned(),
+                spec: match *op {
+                    "put" => Some(body.to_vec()),
+                    "del" => None,
+                    other => return Err(format!("unknown route operation {other:?}")),
+                },
+            },
+            ("route", _) => return Err(format!("header {header:?}: bad route change")),
             (other, _) => Changed::Unknown(other.to_owned()),
         };
         Ok(Self {
@@ -515,7 +533,7 @@ pub(crate) fn random_hex(bytes: usize) -> Result<String, RedisError> {
     Ok(hex(&buf))
 }
 
-fn key(name: &str) -> String {
+pub(super) fn key(name: &str) -> String {
     format!("{PREFIX}:{name}")
 }
 
@@ -523,13 +541,13 @@ fn token_key(token_hash: &str) -> String {
     format!("{PREFIX}:token:{token_hash}")
 }
 
-fn channel() -> String {
+pub(super) fn channel() -> String {
     key("changes")
 }
 
 /// `EVAL` with the script text: the scripts are a few hundred bytes, and `EVAL` needs no
 /// `NOSCRIPT` fallback after a Redis restart emptied the script cache.
-fn eval(script: &str, keys: &[String]) -> redis::Cmd {
+pub(super) fn eval(script: &str, keys: &[String]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(script).arg(keys.len());
     for k in keys {
@@ -544,7 +562,9 @@ fn written(answer: redis::Value) -> Result<Written, RedisError> {
     Ok(Written { epoch, seq })
 }
 
-fn from_value<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T, RedisError> {
+pub(super) fn from_value<T: redis::FromRedisValue>(
+    v: Option<redis::Value>,
+) -> Result<T, RedisError> {
     let v = v.ok_or_else(|| RedisError::Protocol("short answer from a script".into()))?;
     T::from_redis_value(v).map_err(|e| RedisError::Protocol(e.to_string()))
 }
@@ -584,8 +604,19 @@ mod tests {
         let del = ChangeMessage::parse(b"e1 8 5 cert del a-1\n").unwrap();
         assert!(matches!(del.change, Changed::Cert { der: None, .. }));
         // A kind a newer node writes is stepped over, not an error.
-        let later = ChangeMessage::parse(b"e1 9 5 route put /api\n").unwrap();
-        assert_eq!(later.change, Changed::Unknown("route".into()));
+        let later = ChangeMessage::parse(b"e1 9 5 quota put a-1\n").unwrap();
+        assert_eq!(later.change, Changed::Unknown("quota".into()));
+        let route = ChangeMessage::parse(b"e1 10 5 route put api\n{}").unwrap();
+        assert_eq!(
+            route.change,
+            Changed::Route {
+                name: "api".into(),
+                spec: Some(b"{}".to_vec())
+            }
+        );
+        let gone = ChangeMessage::parse(b"e1 11 5 route del api\n").unwrap();
+        assert!(matches!(gone.change, Changed::Route { spec: None, .. }));
+        assert!(ChangeMessage::parse(b"e1 12 5 route zap api\n").is_err());
         assert!(ChangeMessage::parse(b"e1 8 5 cert del a-1").is_err());
         assert!(ChangeMessage::parse(b"e1 x 5 cert del a-1\n").is_err());
         assert!(ChangeMessage::parse(b"e1 8 5 cert zap a-1\n").is_err());
