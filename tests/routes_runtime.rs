@@ -359,6 +359,36 @@ async fn with_cluster_a_route_added_on_one_node_serves_on_the_other_and_a_delete
     }
 }
 
+/// Changes a node missed (Redis restored with other routes while it was cut off) arrive
+/// with the resync after the reconnection: a route added is served, a route removed is not.
+#[tokio::test]
+async fn with_cluster_route_changes_missed_during_an_outage_arrive_with_the_resync() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes"]);
+    let pki = Arc::new(TestPki::new());
+    let up = echo_upstream().await;
+    let node = start_node(&pki, &redis.url(), "node-a", ClusterMode::Standalone).await;
+    let (status, _) = node
+        .api("POST", "/routes", Some(spec("gone", "/gone", &up)))
+        .await;
+    assert_eq!(status, 201);
+    redis.kill();
+    let missed = format!("1000:{}", spec("missed", "/missed", &up));
+    redis.edit_offline(|port| {
+        common::redis::cli_at(port, &["HDEL", "agentgate:{state}:routes", "gone"]);
+        common::redis::cli_at(port, &["SET", "agentgate:{state}:seq", "1000"]);
+        common::redis::cli_at(
+            port,
+            &["HSET", "agentgate:{state}:routes", "missed", &missed],
+        );
+    });
+    redis.restart();
+    wait_route(&node, "missed", true).await;
+    wait_route(&node, "gone", false).await;
+    assert_eq!(get(&node, "/missed/x").await.1["path"], "/x");
+    assert_eq!(get(&node, "/gone/x").await.0, 404);
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn with_cluster_redis_down_is_503_and_nothing_is_half_written() {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes"]);

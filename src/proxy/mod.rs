@@ -449,6 +449,99 @@ pub struct UpstreamView {
 mod tests {
     use super::*;
     use crate::auth::TokenError;
+    use crate::config::RawConfig;
+
+    fn proxy_with(routes: Vec<RawRoute>) -> (Proxy, Config) {
+        let config = RawConfig {
+            api_keys: vec!["k".into()],
+            routes,
+            ..RawConfig::default()
+        }
+        .validate("test")
+        .unwrap();
+        let proxy = Proxy::new(
+            &config,
+            ApiKeys::new(&config.api_keys),
+            Revocations::new(),
+            Metrics::new(),
+        )
+        .unwrap();
+        (proxy, config)
+    }
+
+    fn raw(name: &str, prefix: &str, health: Option<&str>) -> RawRoute {
+        let mut spec = serde_json::json!({
+            "name": name, "prefix": prefix, "upstreams": ["http://127.0.0.1:1"], "auth": "none"
+        });
+        if let Some(path) = health {
+            spec["health_check"] = serde_json::json!({"path": path, "interval_secs": 3600});
+        }
+        serde_json::from_value(spec).unwrap()
+    }
+
+    fn served(proxy: &Proxy) -> Vec<(String, String, &'static str)> {
+        let mut routes: Vec<_> = proxy
+            .describe()
+            .into_iter()
+            .map(|r| (r.name, r.prefix, r.source))
+            .collect();
+        routes.sort();
+        routes
+    }
+
+    #[tokio::test]
+    async fn a_config_route_shadows_a_runtime_route_of_its_name_or_prefix_until_it_goes() {
+        let (proxy, _) = proxy_with(vec![raw("a", "/a", None)]);
+        proxy.set_runtime_routes(&[
+            raw("a", "/other", None),
+            raw("b", "/a", None),
+            raw("c", "/c", None),
+        ]);
+        let config = |name: &str, prefix: &str, source| (name.into(), prefix.into(), source);
+        assert_eq!(
+            served(&proxy),
+            vec![config("a", "/a", "config"), config("c", "/c", "runtime")]
+        );
+        // SIGHUP with a file without route `a`: both runtime routes are served again
+        // (the runtime routes are kept, and were never lost).
+        let (_, without) = proxy_with(vec![raw("z", "/z", None)]);
+        proxy.reload(&without).unwrap();
+        assert_eq!(
+            served(&proxy),
+            vec![
+                config("a", "/other", "runtime"),
+                config("b", "/a", "runtime"),
+                config("c", "/c", "runtime"),
+                config("z", "/z", "config"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_runtime_change_restarts_only_the_health_checks_of_changed_routes() {
+        let (proxy, _) = proxy_with(Vec::new());
+        let shutdown = CancellationToken::new();
+        proxy.start_health_checks(shutdown.clone());
+        let token = |name: &str| proxy.checks().running.get(name).map(|(_, t)| t.clone());
+        proxy.set_runtime_routes(&[raw("a", "/a", Some("/h")), raw("b", "/b", Some("/h"))]);
+        let (a, b) = (token("a").unwrap(), token("b").unwrap());
+        proxy.set_runtime_routes(&[
+            raw("a", "/a", Some("/h")),
+            raw("b", "/b", Some("/other")),
+            raw("c", "/c", None),
+        ]);
+        assert!(!a.is_cancelled(), "unchanged route's check was restarted");
+        assert!(b.is_cancelled(), "changed route's old check still runs");
+        let b2 = token("b").unwrap();
+        assert!(!b2.is_cancelled());
+        assert!(token("c").is_none(), "a check for a route without one");
+        proxy.set_runtime_routes(&[raw("a", "/a", Some("/h"))]);
+        assert!(b2.is_cancelled(), "deleted route's check still runs");
+        assert!(token("b").is_none());
+        assert_eq!(token("a").map(|t| t.is_cancelled()), Some(false));
+        shutdown.cancel();
+        assert!(a.is_cancelled(), "checks outlive the shutdown");
+    }
 
     /// Every variant with the status it must map to; a new variant fails to compile in
     /// `ProxyError::status` (no catch-all arm) and belongs here too.
