@@ -84,19 +84,52 @@ fn route(name: &str, prefix: &str, upstream: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_200_mb_body_streams_both_ways_in_bounded_memory() {
-    const SIZE: u64 = 200 * 1024 * 1024;
-    const CHUNK: usize = 256 * 1024;
+/// A gateway process whose file has one route, `name` on `prefix` (stripped) to an echo
+/// upstream, with a kept-alive connection to it.
+struct Running {
+    pki: TestPki,
+    dir: tempfile::TempDir,
+    up: String,
+    port: u16,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    proc: Proc,
+    conn: HttpConn,
+}
+
+async fn start_with_route(name: &str, prefix: &str) -> Running {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let up = echo_upstream().await;
     let port = free_port();
-    let config = write_config(dir.path(), &pki, port, &route("big", "/big", &up));
+    let config = write_config(dir.path(), &pki, port, &route(name, prefix, &up));
     let log = dir.path().join("gw.log");
     let proc = start(&config, &log);
+    let conn = connect(&pki, port).await;
+    Running {
+        pki,
+        dir,
+        up,
+        port,
+        config,
+        log,
+        proc,
+        conn,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mb_body_streams_both_ways_in_bounded_memory() {
+    const SIZE: u64 = 200 * 1024 * 1024;
+    const CHUNK: usize = 256 * 1024;
+    let Running {
+        pki,
+        port,
+        proc,
+        mut conn,
+        ..
+    } = start_with_route("big", "/big").await;
     // Warm up: TLS, the upstream pool, the allocator's first arenas.
-    let mut conn = connect(&pki, port).await;
     assert_eq!(
         conn.send("GET", "/big/x", &[], "").await.unwrap().status,
         200
@@ -174,14 +207,16 @@ async fn a_200_mb_body_streams_both_ways_in_bounded_memory() {
 
 #[tokio::test]
 async fn sighup_applies_a_valid_routes_file_and_refuses_a_broken_one() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let up = echo_upstream().await;
-    let port = free_port();
-    let config = write_config(dir.path(), &pki, port, &route("a", "/a", &up));
-    let log = dir.path().join("gw.log");
-    let proc = start(&config, &log);
-    let mut conn = connect(&pki, port).await;
+    let Running {
+        pki,
+        dir,
+        up,
+        port,
+        log,
+        proc,
+        mut conn,
+        ..
+    } = start_with_route("a", "/a").await;
     let r = conn.send("GET", "/a/x", &[], "").await.unwrap();
     assert_eq!((r.status, r.json()["path"].clone()), (200, json!("/x")));
     assert_eq!(conn.send("GET", "/b/x", &[], "").await.unwrap().status, 404);
@@ -229,14 +264,9 @@ async fn sighup_applies_a_valid_routes_file_and_refuses_a_broken_one() {
 /// survives a crash of the process: the next start on the same data directory serves it.
 #[tokio::test]
 async fn a_runtime_route_survives_sighup_and_a_restart_and_yields_to_a_config_route() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let up = echo_upstream().await;
-    let port = free_port();
-    let config = write_config(dir.path(), &pki, port, &route("a", "/a", &up));
-    let log = dir.path().join("gw.log");
-    let proc = start(&config, &log);
-    let mut conn = connect(&pki, port).await;
+    let run = start_with_route("a", "/a").await;
+    let (pki, dir, up, port) = (run.pki, run.dir, run.up, run.port);
+    let (proc, mut conn) = (run.proc, run.conn);
     let auth = format!("Bearer {API_KEY}");
     let body = json!({
         "name": "rt", "prefix": "/rt", "upstreams": [up], "strip_prefix": true, "auth": "none"
@@ -258,7 +288,7 @@ async fn a_runtime_route_survives_sighup_and_a_restart_and_yields_to_a_config_ro
     // SIGHUP: the config routes change, the runtime route stays.
     write_config(dir.path(), &pki, port, &route("b", "/b", &up));
     proc.signal("-HUP");
-    wait_log(&log, "SIGHUP: routes reloaded").await;
+    wait_log(&run.log, "SIGHUP: routes reloaded").await;
     assert_eq!(conn.send("GET", "/a/x", &[], "").await.unwrap().status, 404);
     let r = conn.send("GET", "/b/x", &[], "").await.unwrap();
     assert_eq!(path(r), (200, json!("/x")));
@@ -273,7 +303,7 @@ async fn a_runtime_route_survives_sighup_and_a_restart_and_yields_to_a_config_ro
     );
     write_config(dir.path(), &pki, port, &shadowing);
     proc.signal("-HUP");
-    let text = wait_log(&log, "runtime route not served").await;
+    let text = wait_log(&run.log, "runtime route not served").await;
     assert!(
         text.contains("route=rt") && text.contains("shadowed by config route \"files\""),
         "{text}"
@@ -304,7 +334,7 @@ async fn a_runtime_route_survives_sighup_and_a_restart_and_yields_to_a_config_ro
     drop(proc);
     write_config(dir.path(), &pki, port, &route("b", "/b", &up));
     let log = dir.path().join("gw-2.log");
-    let _proc = start(&config, &log);
+    let _proc = start(&run.config, &log);
     let mut conn = connect(&pki, port).await;
     let r = conn.send("GET", "/rt/x", &[], "").await.unwrap();
     assert_eq!(path(r), (200, json!("/x")));

@@ -542,34 +542,17 @@ async fn real_responses_match_the_documented_schemas() {
         json!({"name": name, "prefix": prefix, "upstreams": [up], "auth": "none"}).to_string()
     };
     let named = "/routes/{name}";
-    c.call("POST", "/routes", "/routes", key, route("svc", "/svc"), 201)
-        .await;
-    c.call("POST", "/routes", "/routes", key, route("svc", "/o"), 409)
-        .await;
-    c.call(
-        "POST",
-        "/routes",
-        "/routes",
-        key,
-        route("x", "/agents"),
-        422,
-    )
-    .await;
-    c.call("PUT", named, "/routes/svc", key, route("svc", "/svc"), 200)
-        .await;
-    c.call("PUT", named, "/routes/svc2", key, route("svc2", "/s2"), 201)
-        .await;
-    c.call(
-        "PUT",
-        named,
-        "/routes/svc2",
-        key,
-        route("svc2", "/svc"),
-        409,
-    )
-    .await;
-    c.call("PUT", named, "/routes/svc2", key, route("x", "/s2"), 422)
-        .await;
+    for (method, doc_path, path, body, want) in [
+        ("POST", "/routes", "/routes", route("svc", "/svc"), 201),
+        ("POST", "/routes", "/routes", route("svc", "/o"), 409),
+        ("POST", "/routes", "/routes", route("x", "/agents"), 422),
+        ("PUT", named, "/routes/svc", route("svc", "/svc"), 200),
+        ("PUT", named, "/routes/svc2", route("svc2", "/s2"), 201),
+        ("PUT", named, "/routes/svc2", route("svc2", "/svc"), 409),
+        ("PUT", named, "/routes/svc2", route("x", "/s2"), 422),
+    ] {
+        c.call(method, doc_path, path, key, body, want).await;
+    }
     let routes = c.call("GET", "/routes", "/routes", key, "", 200).await;
     assert_eq!(routes.json()["routes"][0]["source"], "runtime");
     c.call("DELETE", named, "/routes/svc", key, "", 204).await;

@@ -44,6 +44,23 @@ fn detail(body: &Value) -> &str {
     body["detail"].as_str().unwrap_or_default()
 }
 
+/// `method path` with the API key must answer `status` with a detail that says `says`.
+async fn refused(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    status: u16,
+    says: &str,
+) {
+    let (got, answer) = server.api(method, path, body.clone()).await;
+    assert_eq!(got, status, "{method} {path} {body:?} -> {answer}");
+    assert!(
+        detail(&answer).contains(says),
+        "{method} {path} {body:?}: the detail does not say {says:?}: {answer}"
+    );
+}
+
 /// The routes of `GET /routes` as `(name, source)`.
 async fn listed(server: &TestServer) -> Vec<(String, String)> {
     let (status, body) = server.api("GET", "/routes", None).await;
@@ -173,26 +190,16 @@ async fn invalid_bodies_are_422_naming_the_field_and_nothing_is_stored() {
         (with("colour", json!("blue")), "colour"),
     ];
     for (body, field) in cases {
-        let (status, answer) = server.api("POST", "/routes", Some(body.clone())).await;
-        assert_eq!(status, 422, "{body} -> {answer}");
-        assert!(
-            detail(&answer).contains(field),
-            "{body}: the detail does not name {field}: {answer}"
-        );
+        refused(&server, "POST", "/routes", Some(body.clone()), 422, field).await;
         // PUT checks the same way (a body without a name takes the path's, so that case
         // is a valid PUT and left out here).
         if body.get("name").is_some() {
-            let (status, answer) = server.api("PUT", "/routes/bad", Some(body.clone())).await;
-            assert_eq!(status, 422, "PUT {body} -> {answer}");
-            assert!(detail(&answer).contains(field), "PUT {body}: {answer}");
+            refused(&server, "PUT", "/routes/bad", Some(body), 422, field).await;
         }
     }
     // A name in the body that is not the path's.
-    let (status, answer) = server
-        .api("PUT", "/routes/other", Some(spec("bad", "/bad", &up)))
-        .await;
-    assert_eq!(status, 422);
-    assert!(detail(&answer).contains("name"), "{answer}");
+    let other = Some(spec("bad", "/bad", &up));
+    refused(&server, "PUT", "/routes/other", other, 422, "name").await;
     for body in ["[]", "not json", ""] {
         let mut conn = server.http(None).await.unwrap();
         let auth = format!("Bearer {API_KEY}");
@@ -228,23 +235,30 @@ async fn taken_names_and_prefixes_and_config_routes_are_409() {
         (spec("files-2", "/files", &up), "\"files\""),
     ];
     for (body, says) in conflicts {
-        let (status, answer) = server.api("POST", "/routes", Some(body.clone())).await;
-        assert_eq!(status, 409, "{body} -> {answer}");
-        assert!(detail(&answer).contains(says), "{body}: {answer}");
+        refused(&server, "POST", "/routes", Some(body), 409, says).await;
     }
-    let (status, answer) = server
-        .api("PUT", "/routes/files", Some(spec("files", "/files", &up)))
-        .await;
-    assert_eq!(status, 409, "{answer}");
-    assert!(detail(&answer).contains("configuration file"), "{answer}");
-    let (status, answer) = server.api("DELETE", "/routes/files", None).await;
-    assert_eq!(status, 409, "{answer}");
-    assert!(detail(&answer).contains("configuration file"), "{answer}");
+    let files = Some(spec("files", "/files", &up));
+    refused(
+        &server,
+        "PUT",
+        "/routes/files",
+        files,
+        409,
+        "configuration file",
+    )
+    .await;
+    refused(
+        &server,
+        "DELETE",
+        "/routes/files",
+        None,
+        409,
+        "configuration file",
+    )
+    .await;
     // PUT of another runtime route onto a taken prefix.
-    let (status, answer) = server
-        .api("PUT", "/routes/svc-3", Some(spec("svc-3", "/svc", &up)))
-        .await;
-    assert_eq!(status, 409, "{answer}");
+    let taken = Some(spec("svc-3", "/svc", &up));
+    refused(&server, "PUT", "/routes/svc-3", taken, 409, "\"svc\"").await;
     assert_eq!(stored_rows(&server), 1);
     assert_eq!(get(&server, "/files/x").await.1["path"], "/files/x");
     assert_eq!(get(&server, "/svc/x").await.1["path"], "/x");
@@ -289,16 +303,21 @@ async fn a_key_without_the_routes_admin_scope_gets_403_naming_it() {
     server.stop().await;
 }
 
-/// Polls `node`'s route table (no request, no Redis) until `name` is in it or not.
+/// Polls `node`'s route table (no request, no Redis) until `name` is in it or not, and
+/// prints how long that took (the propagation from the node that answered, when called
+/// right after another node's answer).
 async fn wait_route(node: &TestServer, name: &str, present: bool) {
     let what = format!(
-        "route {name} {} on a node",
-        if present { "served" } else { "gone" }
+        "route {name} {} on {}",
+        if present { "served" } else { "gone" },
+        node.addr
     );
+    let started = Instant::now();
     wait_for(&what, || {
         node.proxy.describe().iter().any(|r| r.name == name) == present
     })
     .await;
+    eprintln!("{what} after {:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -315,12 +334,7 @@ async fn with_cluster_a_route_added_on_one_node_serves_on_the_other_and_a_delete
     assert_eq!(status, 201, "{body}");
     // Served on A as it answers.
     assert_eq!(get(&a, "/svc/x").await.1["path"], "/x");
-    let posted = Instant::now();
     wait_route(&b, "svc", true).await;
-    eprintln!(
-        "route applied on node B {:?} after A answered",
-        posted.elapsed()
-    );
     let (status, body) = get(&b, "/svc/x").await;
     assert_eq!((status, body["path"].clone()), (200, json!("/x")), "{body}");
     // Stored once, in the hash, as `<seq>:<JSON>`.
@@ -331,12 +345,10 @@ async fn with_cluster_a_route_added_on_one_node_serves_on_the_other_and_a_delete
         "/svc"
     );
     // Node B refuses a second route with the same name or prefix, as A would.
-    let (status, body) = b.api("POST", "/routes", Some(spec("svc", "/o", &up))).await;
-    assert_eq!(status, 409, "{body}");
-    let (status, body) = b
-        .api("POST", "/routes", Some(spec("svc-b", "/svc", &up)))
-        .await;
-    assert_eq!(status, 409, "{body}");
+    let same_name = Some(spec("svc", "/o", &up));
+    refused(&b, "POST", "/routes", same_name, 409, "already exists").await;
+    let same_prefix = Some(spec("svc-b", "/svc", &up));
+    refused(&b, "POST", "/routes", same_prefix, 409, "\"svc\"").await;
     // A node that starts later loads it at start.
     let c = start_node(&pki, &redis.url(), "node-c", ClusterMode::Standalone).await;
     assert_eq!(get(&c, "/svc/y").await.1["path"], "/y");
@@ -344,12 +356,7 @@ async fn with_cluster_a_route_added_on_one_node_serves_on_the_other_and_a_delete
     let (status, _) = b.api("DELETE", "/routes/svc", None).await;
     assert_eq!(status, 204);
     assert_eq!(get(&b, "/svc/x").await.0, 404);
-    let deleted = Instant::now();
     wait_route(&a, "svc", false).await;
-    eprintln!(
-        "deletion applied on node A {:?} after B answered",
-        deleted.elapsed()
-    );
     let (status, body) = get(&a, "/svc/x").await;
     assert_eq!((status, detail(&body)), (404, "Not Found"));
     wait_route(&c, "svc", false).await;
@@ -359,19 +366,27 @@ async fn with_cluster_a_route_added_on_one_node_serves_on_the_other_and_a_delete
     }
 }
 
-/// Changes a node missed (Redis restored with other routes while it was cut off) arrive
-/// with the resync after the reconnection: a route added is served, a route removed is not.
-#[tokio::test]
-async fn with_cluster_route_changes_missed_during_an_outage_arrive_with_the_resync() {
+/// A node on a persistent Redis with the runtime route `name` on `/<name>`, then Redis
+/// killed; returns Redis (to restart), the node and the upstream's URL.
+async fn node_with_route_then_redis_killed(name: &str) -> (RedisServer, TestServer, String) {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes"]);
     let pki = Arc::new(TestPki::new());
     let up = echo_upstream().await;
     let node = start_node(&pki, &redis.url(), "node-a", ClusterMode::Standalone).await;
-    let (status, _) = node
-        .api("POST", "/routes", Some(spec("gone", "/gone", &up)))
+    let prefix = format!("/{name}");
+    let (status, body) = node
+        .api("POST", "/routes", Some(spec(name, &prefix, &up)))
         .await;
-    assert_eq!(status, 201);
+    assert_eq!(status, 201, "{body}");
     redis.kill();
+    (redis, node, up)
+}
+
+/// Changes a node missed (Redis restored with other routes while it was cut off) arrive
+/// with the resync after the reconnection: a route added is served, a route removed is not.
+#[tokio::test]
+async fn with_cluster_route_changes_missed_during_an_outage_arrive_with_the_resync() {
+    let (mut redis, node, up) = node_with_route_then_redis_killed("gone").await;
     let missed = format!("1000:{}", spec("missed", "/missed", &up));
     redis.edit_offline(|port| {
         common::redis::cli_at(port, &["HDEL", "agentgate:{state}:routes", "gone"]);
@@ -391,28 +406,13 @@ async fn with_cluster_route_changes_missed_during_an_outage_arrive_with_the_resy
 
 #[tokio::test]
 async fn with_cluster_redis_down_is_503_and_nothing_is_half_written() {
-    let mut redis = RedisServer::start_with(&["--appendonly", "yes"]);
-    let pki = Arc::new(TestPki::new());
-    let up = echo_upstream().await;
-    let node = start_node(&pki, &redis.url(), "node-a", ClusterMode::Standalone).await;
-    let (status, _) = node
-        .api("POST", "/routes", Some(spec("kept", "/kept", &up)))
-        .await;
-    assert_eq!(status, 201);
-
-    redis.kill();
-    let (status, body) = node
-        .api("POST", "/routes", Some(spec("svc", "/svc", &up)))
-        .await;
-    assert_eq!(status, 503, "{body}");
-    assert!(detail(&body).contains("Redis"), "{body}");
-    let (status, body) = node.api("DELETE", "/routes/kept", None).await;
-    assert_eq!(status, 503, "{body}");
+    let (mut redis, node, up) = node_with_route_then_redis_killed("kept").await;
+    let svc = Some(spec("svc", "/svc", &up));
+    refused(&node, "POST", "/routes", svc, 503, "Redis").await;
+    refused(&node, "DELETE", "/routes/kept", None, 503, "Redis").await;
     // Invalid input is still a 422, not a 503: it never reaches Redis.
-    let (status, _) = node
-        .api("POST", "/routes", Some(spec("x", "/agents", &up)))
-        .await;
-    assert_eq!(status, 422);
+    let reserved = Some(spec("x", "/agents", &up));
+    refused(&node, "POST", "/routes", reserved, 422, "prefix").await;
     // The node goes on serving what it has.
     assert_eq!(get(&node, "/kept/x").await.1["path"], "/x");
     assert_eq!(get(&node, "/svc/x").await.0, 404);

@@ -366,18 +366,7 @@ pub(super) fn validate_api_keys(
                 }
             }
             RawApiKey::Entry(e) => {
-                if e.name.is_empty()
-                    || e.name.len() > 64
-                    || !e
-                        .name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-                {
-                    return Err(err(format!(
-                        "name {:?} must be 1 to 64 of A-Z a-z 0-9 . _ -",
-                        e.name
-                    )));
-                }
+                check_name(&e.name).map_err(|m| err(format!("name {m}")))?;
                 let secret = match (e.key, e.sha256) {
                     (Some(key), None) => {
                         check_plain_key(&key).map_err(|m| err(m.into()))?;
@@ -413,6 +402,15 @@ pub(super) fn validate_api_keys(
         keys.push(key);
     }
     Ok(keys)
+}
+
+/// The names of keys and routes, which the access log and the metrics' labels show.
+fn check_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+        return Err(format!("{name:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"));
+    }
+    Ok(())
 }
 
 fn check_plain_key(key: &str) -> Result<(), &'static str> {
@@ -538,18 +536,7 @@ pub fn validate_route(r: RawRoute, jwt: &JwtConfig) -> Result<RouteConfig, Route
         field: field.to_owned(),
         message,
     };
-    if r.name.is_empty()
-        || r.name.len() > 64
-        || !r
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        return Err(err(
-            "name",
-            format!("{:?} must be 1 to 64 of A-Z a-z 0-9 . _ -", r.name),
-        ));
-    }
+    check_name(&r.name).map_err(|m| err("name", m))?;
     let prefix = normalize_prefix(&r.prefix).map_err(|m| err("prefix", m))?;
     if r.upstreams.is_empty() {
         return Err(err(

@@ -27,50 +27,60 @@ use crate::config::RawRoute;
 /// What the gateway runs with every runtime route after each change.
 type Hook = Box<dyn Fn(&[RawRoute]) + Send + Sync>;
 
-/// Checks the name and the prefix, writes, remembers the attempt's nonce (a retry of the
-/// same attempt answers as the first run did), publishes. `ARGV[7]` is `create` or
-/// `replace`.
-const PUT_SCRIPT: &str = r"
+/// The start of both route scripts: refuses a change when Redis holds no state, and
+/// answers a retry of an attempt (same nonce, `ARGV[1]`) as its first run did, from
+/// `<nonce> <seq> <outcome>` in `KEYS[4]`.
+macro_rules! route_script {
+    ($body:literal) => {
+        concat!(
+            r"
 local epoch = redis.call('get', KEYS[1])
 if not epoch then return redis.error_reply('AGENTGATE_NOSTATE') end
 local last = redis.call('get', KEYS[4])
 if last then
   local n, s, o = string.match(last, '^(%S+) (%d+) (%S+)$')
-  if n == ARGV[8] then return {o, epoch, tonumber(s)} end
+  if n == ARGV[1] then return {o, epoch, tonumber(s)} end
 end
-local old = redis.call('hget', KEYS[3], ARGV[1])
-if old and ARGV[7] == 'create' then return {'exists'} end
+",
+            $body
+        )
+    };
+}
+
+/// Checks the name and the prefix, writes, remembers the attempt, publishes. `ARGV`:
+/// nonce, name, JSON, sent ms, publish command, channel, prefix, `create` or `replace`.
+const PUT_SCRIPT: &str = route_script!(
+    r"
+local old = redis.call('hget', KEYS[3], ARGV[2])
+if old and ARGV[8] == 'create' then return {'exists'} end
 local all = redis.call('hgetall', KEYS[3])
 for i = 1, #all, 2 do
-  if all[i] ~= ARGV[1] then
+  if all[i] ~= ARGV[2] then
     local ok, spec = pcall(cjson.decode, string.match(all[i + 1], '^%d+:(.*)$') or '')
-    if ok and type(spec) == 'table' and spec.prefix == ARGV[6] then return {'prefix', all[i]} end
+    if ok and type(spec) == 'table' and spec.prefix == ARGV[7] then return {'prefix', all[i]} end
   end
 end
 local seq = redis.call('incr', KEYS[2])
 local outcome = 'created'
 if old then outcome = 'replaced' end
-redis.call('hset', KEYS[3], ARGV[1], seq .. ':' .. ARGV[2])
-redis.call('set', KEYS[4], ARGV[8] .. ' ' .. seq .. ' ' .. outcome)
-redis.call(ARGV[4], ARGV[5], epoch .. ' ' .. seq .. ' ' .. ARGV[3] .. ' route put ' .. ARGV[1] .. '\n' .. ARGV[2])
+redis.call('hset', KEYS[3], ARGV[2], seq .. ':' .. ARGV[3])
+redis.call('set', KEYS[4], ARGV[1] .. ' ' .. seq .. ' ' .. outcome)
+redis.call(ARGV[5], ARGV[6], epoch .. ' ' .. seq .. ' ' .. ARGV[4] .. ' route put ' .. ARGV[2] .. '\n' .. ARGV[3])
 return {outcome, epoch, seq}
-";
+"
+);
 
-const DELETE_SCRIPT: &str = r"
-local epoch = redis.call('get', KEYS[1])
-if not epoch then return redis.error_reply('AGENTGATE_NOSTATE') end
-local last = redis.call('get', KEYS[4])
-if last then
-  local n, s, o = string.match(last, '^(%S+) (%d+) (%S+)$')
-  if n == ARGV[5] then return {o, epoch, tonumber(s)} end
-end
-if redis.call('hexists', KEYS[3], ARGV[1]) == 0 then return {'absent'} end
+/// `ARGV`: nonce, name, sent ms, publish command, channel.
+const DELETE_SCRIPT: &str = route_script!(
+    r"
+if redis.call('hexists', KEYS[3], ARGV[2]) == 0 then return {'absent'} end
 local seq = redis.call('incr', KEYS[2])
-redis.call('hdel', KEYS[3], ARGV[1])
-redis.call('set', KEYS[4], ARGV[5] .. ' ' .. seq .. ' deleted')
-redis.call(ARGV[3], ARGV[4], epoch .. ' ' .. seq .. ' ' .. ARGV[2] .. ' route del ' .. ARGV[1] .. '\n')
+redis.call('hdel', KEYS[3], ARGV[2])
+redis.call('set', KEYS[4], ARGV[1] .. ' ' .. seq .. ' deleted')
+redis.call(ARGV[4], ARGV[5], epoch .. ' ' .. seq .. ' ' .. ARGV[3] .. ' route del ' .. ARGV[2] .. '\n')
 return {'deleted', epoch, seq}
-";
+"
+);
 
 /// The runtime routes a node knows, and who to tell when they change. Lives in the
 /// certificate store's shared part, so the Redis sync task reaches it.
@@ -268,16 +278,7 @@ pub(crate) async fn put(
         return Ok(written);
     }
     let sync = redis_of(store)?;
-    let nonce = redis::random_hex(16).map_err(StoreError::from)?;
-    let mut cmd = redis::eval(
-        PUT_SCRIPT,
-        &[
-            redis::key("epoch"),
-            redis::key("seq"),
-            redis::key("routes"),
-            redis::key("routes:last"),
-        ],
-    );
+    let mut cmd = script_cmd(PUT_SCRIPT)?;
     cmd.arg(&spec.name)
         .arg(&json)
         .arg(unix_ms())
@@ -287,8 +288,7 @@ pub(crate) async fn put(
         .arg(match mode {
             Mode::Create => "create",
             Mode::Replace => "replace",
-        })
-        .arg(&nonce);
+        });
     let answer = script(sync, &cmd).await?;
     let mut items = answer.into_iter();
     let status: String = from_value(items.next()).map_err(StoreError::from)?;
@@ -331,21 +331,11 @@ pub(crate) async fn delete(store: &CertStore, name: &str) -> Result<bool, StoreE
         return Ok(deleted);
     }
     let sync = redis_of(store)?;
-    let nonce = redis::random_hex(16)?;
-    let mut cmd = redis::eval(
-        DELETE_SCRIPT,
-        &[
-            redis::key("epoch"),
-            redis::key("seq"),
-            redis::key("routes"),
-            redis::key("routes:last"),
-        ],
-    );
+    let mut cmd = script_cmd(DELETE_SCRIPT)?;
     cmd.arg(name)
         .arg(unix_ms())
         .arg(sync.redis.publish)
-        .arg(redis::channel())
-        .arg(&nonce);
+        .arg(redis::channel());
     let mut items = script(sync, &cmd).await?.into_iter();
     let status: String = from_value(items.next())?;
     match status.as_str() {
@@ -452,6 +442,21 @@ fn parse_entry(value: &[u8]) -> Result<(u64, RawRoute), String> {
         .ok_or("bad sequence number")?;
     let spec = serde_json::from_slice(&value[colon + 1..]).map_err(|e| e.to_string())?;
     Ok((seq, spec))
+}
+
+/// `EVAL` of a route script with its keys and a fresh nonce as `ARGV[1]`.
+fn script_cmd(script: &str) -> Result<::redis::Cmd, StoreError> {
+    let mut cmd = redis::eval(
+        script,
+        &[
+            redis::key("epoch"),
+            redis::key("seq"),
+            redis::key("routes"),
+            redis::key("routes:last"),
+        ],
+    );
+    cmd.arg(redis::random_hex(16)?);
+    Ok(cmd)
 }
 
 fn redis_of(store: &CertStore) -> Result<&RedisSync, StoreError> {
