@@ -14,7 +14,7 @@ use agentgate::config::{ClusterMode, RawApiKey, RawApiKeyEntry, RawConfig, RawRo
 use serde_json::{Value, json};
 
 use common::cluster::{start_node, wait_for};
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use common::*;
 
 /// A config route `files` on `/files`, beside which runtime routes are registered.
@@ -320,13 +320,14 @@ async fn wait_route(node: &TestServer, name: &str, present: bool) {
     eprintln!("{what} after {:?}", started.elapsed());
 }
 
-#[tokio::test]
-async fn with_cluster_a_route_added_on_one_node_serves_on_the_other_and_a_delete_stops_it() {
-    let redis = RedisServer::start();
+/// Nodes A and B on one Redis (`seed`, `mode`): a route added on A serves on B, B refuses
+/// its name and prefix as A would, a node C started later serves it at once (the load at
+/// start), and a delete on B stops it on A and C.
+async fn a_route_is_shared_by_every_node(seed: &str, mode: ClusterMode) {
     let pki = Arc::new(TestPki::new());
     let up = echo_upstream().await;
-    let a = start_node(&pki, &redis.url(), "node-a", ClusterMode::Standalone).await;
-    let b = start_node(&pki, &redis.url(), "node-b", ClusterMode::Standalone).await;
+    let a = start_node(&pki, seed, "node-a", mode).await;
+    let b = start_node(&pki, seed, "node-b", mode).await;
 
     let (status, body) = a
         .api("POST", "/routes", Some(spec("svc", "/svc", &up)))
@@ -337,20 +338,11 @@ async fn with_cluster_a_route_added_on_one_node_serves_on_the_other_and_a_delete
     wait_route(&b, "svc", true).await;
     let (status, body) = get(&b, "/svc/x").await;
     assert_eq!((status, body["path"].clone()), (200, json!("/x")), "{body}");
-    // Stored once, in the hash, as `<seq>:<JSON>`.
-    let stored = redis.cli(&["HGET", "agentgate:{state}:routes", "svc"]);
-    let json = stored.split_once(':').unwrap().1;
-    assert_eq!(
-        serde_json::from_str::<Value>(json).unwrap()["prefix"],
-        "/svc"
-    );
-    // Node B refuses a second route with the same name or prefix, as A would.
     let same_name = Some(spec("svc", "/o", &up));
     refused(&b, "POST", "/routes", same_name, 409, "already exists").await;
     let same_prefix = Some(spec("svc-b", "/svc", &up));
     refused(&b, "POST", "/routes", same_prefix, 409, "\"svc\"").await;
-    // A node that starts later loads it at start.
-    let c = start_node(&pki, &redis.url(), "node-c", ClusterMode::Standalone).await;
+    let c = start_node(&pki, seed, "node-c", mode).await;
     assert_eq!(get(&c, "/svc/y").await.1["path"], "/y");
 
     let (status, _) = b.api("DELETE", "/routes/svc", None).await;
@@ -360,10 +352,22 @@ async fn with_cluster_a_route_added_on_one_node_serves_on_the_other_and_a_delete
     let (status, body) = get(&a, "/svc/x").await;
     assert_eq!((status, detail(&body)), (404, "Not Found"));
     wait_route(&c, "svc", false).await;
-    assert_eq!(redis.cli(&["HLEN", "agentgate:{state}:routes"]), "0");
     for node in [a, b, c] {
         node.stop().await;
     }
+}
+
+#[tokio::test]
+async fn with_cluster_a_route_added_on_one_node_serves_on_the_others_and_a_delete_stops_it() {
+    let redis = RedisServer::start();
+    a_route_is_shared_by_every_node(&redis.url(), ClusterMode::Standalone).await;
+    assert_eq!(redis.cli(&["HLEN", "agentgate:{state}:routes"]), "0");
+}
+
+#[tokio::test]
+async fn on_a_three_shard_redis_cluster_a_route_is_shared_the_same_way() {
+    let redis = RedisCluster::start();
+    a_route_is_shared_by_every_node(&redis.urls()[1], ClusterMode::Cluster).await;
 }
 
 /// A node on a persistent Redis with the runtime route `name` on `/<name>`, then Redis
