@@ -128,6 +128,14 @@ async fn a_posted_route_is_proxied_with_strip_prefix_listed_replaced_and_deleted
     assert_eq!(body["upstreams"][0]["url"], other.as_str());
     let (status, body) = get(&server, "/svc/x").await;
     assert_eq!((status, body["path"].clone()), (200, json!("/svc/x")));
+    // The health gauge follows the table: the replaced upstream's series went.
+    let gauge = |upstream: &str| {
+        format!("agentgate_upstream_healthy{{route=\"svc\",upstream=\"{upstream}\"}} 1")
+    };
+    let metrics = get(&server, "/metrics").await.1;
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains(&gauge(&other)), "{metrics}");
+    assert!(!metrics.contains(&gauge(&up)), "{metrics}");
     let mut nameless = spec("ignored", "/svc2", &up);
     nameless.as_object_mut().unwrap().remove("name");
     let (status, body) = server.api("PUT", "/routes/svc2", Some(nameless)).await;
@@ -142,6 +150,14 @@ async fn a_posted_route_is_proxied_with_strip_prefix_listed_replaced_and_deleted
     assert_eq!(status, 204);
     let (status, body) = get(&server, "/svc/x").await;
     assert_eq!((status, detail(&body)), (404, "Not Found"));
+    let metrics = get(&server, "/metrics").await.1;
+    assert!(
+        !metrics
+            .as_str()
+            .unwrap()
+            .contains("agentgate_upstream_healthy{route=\"svc\""),
+        "{metrics}"
+    );
     let (status, body) = server.api("DELETE", "/routes/svc", None).await;
     assert_eq!(status, 404, "{body}");
     assert!(detail(&body).contains("svc"), "{body}");

@@ -15,7 +15,7 @@ pub(crate) mod health;
 pub(crate) mod table;
 pub(crate) mod upstream;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -226,8 +226,8 @@ impl Proxy {
         validate_route(raw, &jwt)
     }
 
-    /// Why `route` cannot be registered at runtime beside the config routes: a config
-    /// route of that name or prefix (a config route belongs to the file).
+    /// Why a runtime route `name` (on `prefix`) cannot be registered beside the config
+    /// routes: a config route of that name or prefix (a config route belongs to the file).
     pub(crate) fn config_conflict(&self, name: &str, prefix: Option<&str>) -> Option<String> {
         let sources = self.sources();
         if sources.config.iter().any(|c| c.name == name) {
@@ -296,13 +296,23 @@ impl Proxy {
             }
         }
         sources.left_out = left_out;
-        let table = Arc::new(RouteTable::new(
-            routes,
-            Some(&self.inner.table.load()),
-            &self.inner.metrics,
-        ));
+        let old = self.inner.table.load_full();
+        let table = Arc::new(RouteTable::new(routes, Some(&old), &self.inner.metrics));
         self.inner.table.store(table.clone());
         self.sync_health_checks(&table);
+        let upstreams = |t: &RouteTable| -> HashSet<(String, String)> {
+            t.routes
+                .iter()
+                .flat_map(|r| {
+                    r.upstreams
+                        .iter()
+                        .map(|u| (r.config.name.clone(), u.label.clone()))
+                })
+                .collect()
+        };
+        for (route, upstream) in upstreams(&old).difference(&upstreams(&table)) {
+            self.inner.metrics.forget_upstream(route, upstream);
+        }
     }
 
     /// Keeps the health check of every route that is unchanged, stops those of routes
