@@ -219,7 +219,7 @@ pub struct RawProxy {
 }
 
 /// One `[[routes]]` table as written, and the body of `POST /routes` (the same fields,
-/// defaults and validation: [`validate_route`]).
+/// defaults and validation: `validate_route`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
