@@ -555,6 +555,21 @@ async fn real_responses_match_the_documented_schemas() {
     }
     let routes = c.call("GET", "/routes", "/routes", key, "", 200).await;
     assert_eq!(routes.json()["routes"][0]["source"], "runtime");
+    // The body of POST and PUT is the `[[routes]]` entry, under a name for API users.
+    for method in ["post", "put"] {
+        let path = if method == "post" { "/routes" } else { named };
+        let body = &doc["paths"][path][method]["requestBody"]["content"]["application/json"];
+        assert_eq!(
+            body["schema"]["$ref"], "#/components/schemas/RouteSpec",
+            "{body}"
+        );
+    }
+    let spec = &doc["components"]["schemas"]["RouteSpec"];
+    assert_eq!(
+        spec["required"],
+        json!(["name", "prefix", "upstreams", "auth"]),
+        "{spec}"
+    );
     c.call("DELETE", named, "/routes/svc", key, "", 204).await;
     c.call("DELETE", named, "/routes/svc", key, "", 404).await;
 

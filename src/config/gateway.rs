@@ -222,6 +222,7 @@ pub struct RawProxy {
 /// defaults and validation: `validate_route`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RouteSpec)]
 pub struct RawRoute {
     /// 1 to 64 of `A-Z a-z 0-9 . _ -`; unique among all routes.
     #[schema(example = "prefect")]
@@ -263,6 +264,7 @@ fn default_timeout_ms() -> u64 {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = HealthCheckSpec)]
 pub struct RawHealthCheck {
     /// Appended to each upstream's base URL; a 2xx or 3xx keeps it in the rotation.
     pub path: String,
