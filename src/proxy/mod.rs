@@ -525,6 +525,18 @@ mod tests {
                 config("z", "/z", "config"),
             ]
         );
+        // A runtime `jwt` route is served only while the file configures a JWT key.
+        let mut jwt = raw("j", "/j", None);
+        jwt.auth = crate::config::AuthKind::Jwt;
+        proxy.set_runtime_routes(&[jwt]);
+        assert_eq!(served(&proxy), vec![config("z", "/z", "config")]);
+        let mut with_secret = without.clone();
+        with_secret.jwt.hs256_secret = Some("s".into());
+        proxy.reload(&with_secret).unwrap();
+        assert_eq!(
+            served(&proxy),
+            vec![config("j", "/j", "runtime"), config("z", "/z", "config")]
+        );
     }
 
     #[tokio::test]
