@@ -25,8 +25,10 @@
 //!   shutdown; `killable` lets shutdown cut upgraded connections.
 //! - `redirect`: the optional plain-HTTP listener that answers with 301 to https.
 //! - [`api`]: the HTTP API: router, middleware, extractors, errors, one file per resource.
-//! - [`proxy`]: the API gateway: `[[routes]]` to upstream services (longest prefix,
-//!   round-robin over healthy upstreams, retries, timeouts, WebSocket pass-through).
+//! - [`proxy`]: the API gateway: `[[routes]]` and routes registered at runtime (stored
+//!   beside the certificates: the embedded database, or Redis) to upstream services
+//!   (longest prefix, round-robin over healthy upstreams, retries, timeouts, WebSocket
+//!   pass-through).
 //! - [`auth`]: API keys with scopes, JWT verification, revoked token ids, API tokens
 //!   (issue, revoke, purge), and the per-route decision (`jwt`, `api_key`, `agent`, `none`).
 //! - [`agents`]: Socket.IO handlers, the registry of connected agents, session binding,

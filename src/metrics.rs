@@ -446,6 +446,15 @@ impl Metrics {
             .set(i64::from(healthy));
     }
 
+    /// An upstream that left the route table (its route deleted or changed, SIGHUP or
+    /// the runtime API): its gauge goes rather than staying at its last value.
+    pub fn forget_upstream(&self, route: &str, upstream: &str) {
+        self.inner.upstream_healthy.remove(&UpstreamLabels {
+            route: route.to_owned(),
+            upstream: upstream.to_owned(),
+        });
+    }
+
     /// The text exposition, after setting the state gauges from `snapshot`.
     pub fn render(&self, snapshot: Snapshot) -> String {
         self.inner.connected_agents.set(snapshot.connected_agents);

@@ -212,6 +212,13 @@ impl Gateway {
             metrics.clone(),
             clock.clone(),
         )?;
+        let hooked = proxy.clone();
+        crate::store::routes::attach(&store, move |routes| hooked.set_runtime_routes(routes))
+            .await
+            .map_err(|source| StartError::Store {
+                dir: config.store.dir.display().to_string(),
+                source,
+            })?;
         let state = AppState {
             store: store.clone(),
             agents: agents.clone(),

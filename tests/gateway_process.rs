@@ -1,6 +1,7 @@
 //! The gateway as a process (`agentgate serve`): a 200 MB body streamed both ways with the
-//! process's resident memory measured from /proc, and SIGHUP re-reading the routes (a valid
-//! file applies on a kept-alive connection, a broken one is refused naming the key).
+//! process's resident memory measured from /proc, SIGHUP re-reading the routes (a valid
+//! file applies on a kept-alive connection, a broken one is refused naming the key), and a
+//! runtime route kept across SIGHUP and a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test stops loudly on failure
 
 mod common;
@@ -12,28 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::Request;
-use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use serde_json::json;
-use tokio::net::TcpListener;
+use serde_json::{Value, json};
 
 use common::*;
-
-/// Echoes the path as JSON; `/echo-body` streams the request body back.
-async fn upstream() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(|req: Request| async move {
-        if req.uri().path().ends_with("/echo-body") {
-            return Response::new(Body::new(req.into_body()));
-        }
-        axum::Json(json!({"path": req.uri().path()})).into_response()
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
-}
 
 fn write_config(dir: &Path, pki: &TestPki, port: u16, routes: &str) -> std::path::PathBuf {
     let cert = dir.join("server.pem");
@@ -100,19 +84,58 @@ fn route(name: &str, prefix: &str, upstream: &str) -> String {
     )
 }
 
+/// A gateway process whose file has one route, `name` on `prefix` (stripped) to an echo
+/// upstream, with a kept-alive connection to it.
+struct Running {
+    pki: TestPki,
+    dir: tempfile::TempDir,
+    up: String,
+    port: u16,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    proc: Proc,
+    conn: HttpConn,
+}
+
+async fn start_with_route(name: &str, prefix: &str) -> Running {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let up = echo_upstream().await;
+    let port = free_port();
+    // Above `limits.proxy_max_body_bytes` (10 MiB by default): the 200 MB body passes.
+    let routes = format!(
+        "[limits]\nproxy_max_body_bytes = {}\n{}",
+        1u64 << 30,
+        route(name, prefix, &up)
+    );
+    let config = write_config(dir.path(), &pki, port, &routes);
+    let log = dir.path().join("gw.log");
+    let proc = start(&config, &log);
+    let conn = connect(&pki, port).await;
+    Running {
+        pki,
+        dir,
+        up,
+        port,
+        config,
+        log,
+        proc,
+        conn,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_mb_body_streams_both_ways_in_bounded_memory() {
     const SIZE: u64 = 200 * 1024 * 1024;
     const CHUNK: usize = 256 * 1024;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let up = upstream().await;
-    let port = free_port();
-    let config = write_config(dir.path(), &pki, port, &route("big", "/big", &up));
-    let log = dir.path().join("gw.log");
-    let proc = start(&config, &log);
+    let Running {
+        pki,
+        port,
+        proc,
+        mut conn,
+        ..
+    } = start_with_route("big", "/big").await;
     // Warm up: TLS, the upstream pool, the allocator's first arenas.
-    let mut conn = connect(&pki, port).await;
     assert_eq!(
         conn.send("GET", "/big/x", &[], "").await.unwrap().status,
         200
@@ -190,14 +213,16 @@ async fn a_200_mb_body_streams_both_ways_in_bounded_memory() {
 
 #[tokio::test]
 async fn sighup_applies_a_valid_routes_file_and_refuses_a_broken_one() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let up = upstream().await;
-    let port = free_port();
-    let config = write_config(dir.path(), &pki, port, &route("a", "/a", &up));
-    let log = dir.path().join("gw.log");
-    let proc = start(&config, &log);
-    let mut conn = connect(&pki, port).await;
+    let Running {
+        pki,
+        dir,
+        up,
+        port,
+        log,
+        proc,
+        mut conn,
+        ..
+    } = start_with_route("a", "/a").await;
     let r = conn.send("GET", "/a/x", &[], "").await.unwrap();
     assert_eq!((r.status, r.json()["path"].clone()), (200, json!("/x")));
     assert_eq!(conn.send("GET", "/b/x", &[], "").await.unwrap().status, 404);
@@ -238,6 +263,100 @@ async fn sighup_applies_a_valid_routes_file_and_refuses_a_broken_one() {
     let r = conn.send("GET", "/b/z", &[], "").await.unwrap();
     assert_eq!(r.status, 200, "the running routes stay");
     assert_eq!(conn.send("GET", "/c/z", &[], "").await.unwrap().status, 404);
+}
+
+/// A route registered at runtime (`POST /routes`) outlives a SIGHUP that replaces the
+/// config routes, steps aside for a config route with its prefix (the log names it), and
+/// survives a crash of the process: the next start on the same data directory serves it.
+#[tokio::test]
+async fn a_runtime_route_survives_sighup_and_a_restart_and_yields_to_a_config_route() {
+    let run = start_with_route("a", "/a").await;
+    let (pki, dir, up, port) = (run.pki, run.dir, run.up, run.port);
+    let (proc, mut conn) = (run.proc, run.conn);
+    let auth = format!("Bearer {API_KEY}");
+    let body = json!({
+        "name": "rt", "prefix": "/rt", "upstreams": [up], "strip_prefix": true, "auth": "none"
+    });
+    let r = conn
+        .send(
+            "POST",
+            "/routes",
+            &[("authorization", &auth)],
+            &body.to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let path = |r: HttpResponse| (r.status, r.json()["path"].clone());
+    let r = conn.send("GET", "/rt/x", &[], "").await.unwrap();
+    assert_eq!(path(r), (200, json!("/x")));
+
+    // SIGHUP: the config routes change, the runtime route stays.
+    write_config(dir.path(), &pki, port, &route("b", "/b", &up));
+    proc.signal("-HUP");
+    wait_log(&run.log, "SIGHUP: routes reloaded").await;
+    assert_eq!(conn.send("GET", "/a/x", &[], "").await.unwrap().status, 404);
+    let r = conn.send("GET", "/b/x", &[], "").await.unwrap();
+    assert_eq!(path(r), (200, json!("/x")));
+    let r = conn.send("GET", "/rt/x", &[], "").await.unwrap();
+    assert_eq!(path(r), (200, json!("/x")));
+
+    // A config route on the same prefix wins; the log says which runtime route it
+    // shadows. This one keeps the prefix, so the upstream sees the whole path.
+    let shadowing = format!(
+        "{}[[routes]]\nname = \"files\"\nprefix = \"/rt\"\nupstreams = [\"{up}\"]\nauth = \"none\"\n",
+        route("b", "/b", &up)
+    );
+    write_config(dir.path(), &pki, port, &shadowing);
+    proc.signal("-HUP");
+    let text = wait_log(&run.log, "runtime route not served").await;
+    assert!(
+        text.contains("route=rt") && text.contains("shadowed by config route \"files\""),
+        "{text}"
+    );
+    let r = conn.send("GET", "/rt/x", &[], "").await.unwrap();
+    assert_eq!(path(r), (200, json!("/rt/x")));
+    let r = conn
+        .send("GET", "/routes", &[("authorization", &auth)], "")
+        .await
+        .unwrap();
+    let sources: Vec<(Value, Value)> = r.json()["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].clone(), r["source"].clone()))
+        .collect();
+    assert_eq!(
+        sources,
+        vec![
+            (json!("files"), json!("config")),
+            (json!("b"), json!("config"))
+        ]
+    );
+
+    // A crash (SIGKILL), then a start on the same data directory without the shadowing
+    // route: the runtime route is served again.
+    drop(conn);
+    drop(proc);
+    write_config(dir.path(), &pki, port, &route("b", "/b", &up));
+    let log = dir.path().join("gw-2.log");
+    let _proc = start(&run.config, &log);
+    let mut conn = connect(&pki, port).await;
+    let r = conn.send("GET", "/rt/x", &[], "").await.unwrap();
+    assert_eq!(path(r), (200, json!("/x")));
+    let r = conn
+        .send("GET", "/routes", &[("authorization", &auth)], "")
+        .await
+        .unwrap();
+    assert!(
+        r.json()["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "rt" && r["source"] == "runtime"),
+        "{}",
+        r.text()
+    );
 }
 
 /// `check-config` reads the files the gateway half names, so a start would not be the

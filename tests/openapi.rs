@@ -51,10 +51,11 @@ async fn fetch_document(server: &TestServer) -> Value {
     doc
 }
 
-/// A request path for a documented path: `{agent_id}` (and `{jti}`) filled in.
+/// A request path for a documented path: `{agent_id}` (and `{jti}`, a route's `{name}`) filled in.
 fn concrete(path: &str, agent_id: &str) -> String {
     path.replace("{agent_id}", agent_id)
         .replace("{jti}", agent_id)
+        .replace("{name}", agent_id)
 }
 
 /// Is this the router's fallback (no route for the path) rather than a handler's 404?
@@ -168,7 +169,7 @@ async fn the_document_and_the_router_list_the_same_endpoints() {
 
 /// The schema of `status`'s response of `method path`, `None` when the response has no
 /// body; panics when the document does not list that status for the operation.
-fn response_schema(doc: &Value, method: &str, path: &str, status: u16) -> (String, Value) {
+fn response_schema(doc: &Value, method: &str, path: &str, status: u16) -> Option<(String, Value)> {
     let op = &doc["paths"][path][method.to_lowercase()];
     assert!(op.is_object(), "{method} {path} is not documented");
     let response = &op["responses"][status.to_string()];
@@ -177,9 +178,9 @@ fn response_schema(doc: &Value, method: &str, path: &str, status: u16) -> (Strin
         "{method} {path} answered {status}, which the document does not list for it: {}",
         op["responses"]
     );
-    let content = response["content"].as_object().expect("content");
+    let content = response["content"].as_object()?;
     let (media, schema) = content.iter().next().expect("one media type");
-    (media.clone(), schema["schema"].clone())
+    Some((media.clone(), schema["schema"].clone()))
 }
 
 /// The document's schemas, each object closed (`additionalProperties: false`) unless it
@@ -208,7 +209,15 @@ fn closed_components(doc: &Value) -> Value {
 /// Checks one real response against the document: a documented status, the documented
 /// media type, and a body valid under the schema.
 fn check(doc: &Value, components: &Value, method: &str, path: &str, r: &HttpResponse) {
-    let (media, schema) = response_schema(doc, method, path, r.status);
+    let Some((media, schema)) = response_schema(doc, method, path, r.status) else {
+        assert!(
+            r.body.is_empty(),
+            "{method} {path} {}: documented without a body: {}",
+            r.status,
+            r.text()
+        );
+        return;
+    };
     let content_type = r
         .headers
         .get("content-type")
@@ -531,6 +540,41 @@ async fn real_responses_match_the_documented_schemas() {
     let routes = c.call("GET", "/routes", "/routes", key, "", 200).await;
     assert_eq!(routes.json()["routes"], json!([]));
     c.call("GET", "/routes", "/routes", &[], "", 403).await;
+    let up = echo_upstream().await;
+    let route = |name: &str, prefix: &str| {
+        json!({"name": name, "prefix": prefix, "upstreams": [up], "auth": "none"}).to_string()
+    };
+    let named = "/routes/{name}";
+    for (method, doc_path, path, body, want) in [
+        ("POST", "/routes", "/routes", route("svc", "/svc"), 201),
+        ("POST", "/routes", "/routes", route("svc", "/o"), 409),
+        ("POST", "/routes", "/routes", route("x", "/agents"), 422),
+        ("PUT", named, "/routes/svc", route("svc", "/svc"), 200),
+        ("PUT", named, "/routes/svc2", route("svc2", "/s2"), 201),
+        ("PUT", named, "/routes/svc2", route("svc2", "/svc"), 409),
+        ("PUT", named, "/routes/svc2", route("x", "/s2"), 422),
+    ] {
+        c.call(method, doc_path, path, key, body, want).await;
+    }
+    let routes = c.call("GET", "/routes", "/routes", key, "", 200).await;
+    assert_eq!(routes.json()["routes"][0]["source"], "runtime");
+    // The body of POST and PUT is the `[[routes]]` entry, under a name for API users.
+    for method in ["post", "put"] {
+        let path = if method == "post" { "/routes" } else { named };
+        let body = &doc["paths"][path][method]["requestBody"]["content"]["application/json"];
+        assert_eq!(
+            body["schema"]["$ref"], "#/components/schemas/RouteSpec",
+            "{body}"
+        );
+    }
+    let spec = &doc["components"]["schemas"]["RouteSpec"];
+    assert_eq!(
+        spec["required"],
+        json!(["name", "prefix", "upstreams", "auth"]),
+        "{spec}"
+    );
+    c.call("DELETE", named, "/routes/svc", key, "", 204).await;
+    c.call("DELETE", named, "/routes/svc", key, "", 404).await;
 
     let tokens = "/tokens";
     let body = json!({"project": "p", "service": "s", "description": "d"}).to_string();

@@ -14,7 +14,7 @@
 //!   `#[utoipa::path]` annotations) and Swagger UI (`GET /docs`); `schema`: the response
 //!   shapes it names;
 //! - one file per resource: `agents`, `certificate`, `cluster`, `enroll`, `hello`, `ops`,
-//!   `tokens`;
+//!   `routes`, `tokens`;
 //! - paths no endpoint matches go to the gateway ([`crate::proxy`]).
 
 pub(crate) mod agents;
@@ -29,6 +29,7 @@ pub(crate) mod middleware;
 pub(crate) mod openapi;
 pub(crate) mod ops;
 pub(crate) mod router;
+pub(crate) mod routes;
 pub(crate) mod schema;
 pub(crate) mod tokens;
 

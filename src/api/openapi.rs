@@ -56,6 +56,7 @@ which is the command's reply.\n\n\
         (name = "enrollment", description = "One-time install tokens; agents register their own certificate"),
         (name = "cluster", description = "The nodes of a cluster (with `[cluster]`)"),
         (name = "tokens", description = "API tokens (JWTs for `auth = \"jwt\"` routes): issue, list, revoke, audit; scope `tokens:admin`"),
+        (name = "gateway", description = "Routes to upstream services: those of the configuration file and those registered at runtime"),
         (name = "operations", description = "Liveness, readiness, metrics (no API key)"),
         (name = "hello", description = "The API key check, kept from the replaced system"),
     ),

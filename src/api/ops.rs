@@ -1,6 +1,5 @@
-//! Operational endpoints: without an API key `GET /health` (liveness), `GET /ready`
-//! (readiness), `GET /ping` (Traefik's), `GET /metrics` (Prometheus text format); with
-//! one (scope `routes:admin`), `GET /routes`.
+//! Operational endpoints, without an API key: `GET /health` (liveness), `GET /ready`
+//! (readiness), `GET /ping` (Traefik's), `GET /metrics` (Prometheus text format).
 
 use axum::Json;
 use axum::extract::State;
@@ -9,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::schema::{Health, NotReady, Ready, RouteList};
+use super::schema::{Health, NotReady, Ready};
 use crate::metrics::{ClusterSnapshot, Snapshot};
 
 /// Traefik's health path (`/ping` answers `OK`), for monitors of the replaced gateway.
@@ -20,17 +19,6 @@ use crate::metrics::{ClusterSnapshot, Snapshot};
 )]
 pub async fn ping() -> &'static str {
     "OK"
-}
-
-/// `GET /routes`: the configured routes with each upstream's health.
-#[utoipa::path(
-    get, path = "/routes", operation_id = "list_routes",
-    summary = "List the gateway's routes with each upstream's health (scope routes:admin)",
-    tag = "gateway", security(("api_key" = [])),
-    responses((status = 200, description = "The routes, in the order of the configuration", body = RouteList)),
-)]
-pub async fn routes(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "routes": state.proxy.describe() }))
 }
 
 #[utoipa::path(

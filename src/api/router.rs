@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use super::middleware::{require_api_key, require_scope};
 use super::{
     ApiError, AppState, BodyLimit, agents, certificate, cluster, enroll, hello, openapi, ops,
-    tokens,
+    routes, tokens,
 };
 
 /// Where `GET /metrics` is served.
@@ -94,7 +94,11 @@ fn endpoints(state: &AppState, metrics: MetricsExposure) -> OpenApiRouter<AppSta
         .routes(scoped(routes!(agents::command), "agents:command"))
         .routes(scoped(routes!(enroll::issue), "certificates:write"))
         .routes(scoped(routes!(cluster::nodes), "agents:read"))
-        .routes(scoped(routes!(ops::routes), "routes:admin"))
+        .routes(scoped(
+            routes!(routes::list, routes::create),
+            "routes:admin",
+        ))
+        .routes(scoped(routes!(routes::put, routes::delete), "routes:admin"))
         .routes(scoped(routes!(tokens::issue, tokens::list), "tokens:admin"))
         .routes(scoped(routes!(tokens::revoke), "tokens:admin"))
         .routes(scoped(routes!(tokens::audit), "tokens:admin"))
@@ -152,7 +156,13 @@ fn cors(origins: &[String]) -> CorsLayer {
         .collect();
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
         .max_age(Duration::from_secs(24 * 3600))
 }
@@ -275,7 +285,7 @@ mod tests {
                 assert!(routed.contains(path), "{path} is not routed: {routed:?}");
             }
             let api: BTreeSet<String> = routed.into_iter().filter(|p| !own.contains(p)).collect();
-            assert!(documented.len() >= 13, "{documented:?}");
+            assert!(documented.len() >= 14, "{documented:?}");
             assert_eq!(api, documented, "{exposure:?}");
         }
     }

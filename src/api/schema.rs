@@ -340,11 +340,14 @@ pub(crate) struct RouteList {
     routes: Vec<RouteDoc>,
 }
 
-/// One route of the gateway (`[[routes]]`).
+/// One route of the gateway (`[[routes]]` or registered at runtime).
 #[derive(ToSchema)]
 pub(crate) struct RouteDoc {
     name: String,
     prefix: String,
+    /// `config` (`[[routes]]` of the file) or `runtime` (`POST /routes`).
+    #[schema(pattern = "^(config|runtime)$")]
+    source: String,
     /// `jwt`, `api_key`, `agent` or `none`.
     auth: String,
     /// The scope a key needs (`auth = "api_key"` only).

@@ -218,22 +218,37 @@ pub struct RawProxy {
     pub ca_file: Option<PathBuf>,
 }
 
-/// One `[[routes]]` table as written.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One `[[routes]]` table as written, and the body of `POST /routes` (the same fields,
+/// defaults and validation: `validate_route`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RouteSpec)]
 pub struct RawRoute {
+    /// 1 to 64 of `A-Z a-z 0-9 . _ -`; unique among all routes.
+    #[schema(example = "prefect")]
     pub name: String,
+    /// A path prefix matched on whole segments (longest wins); not under a built-in path.
+    #[schema(example = "/captionacc/prefect")]
     pub prefix: String,
+    /// One or more `http://` or `https://` base URLs, round-robin over the healthy ones.
+    #[schema(example = json!(["http://127.0.0.1:4200"]))]
     pub upstreams: Vec<String>,
+    /// Remove the prefix from the path the upstream sees (default false).
     #[serde(default)]
     pub strip_prefix: bool,
     pub auth: AuthKind,
+    /// `auth = "jwt"` only: claim name -> allowed values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub claims: BTreeMap<String, Vec<String>>,
+    /// 1 to 3600000 (default 30000).
     #[serde(default = "default_timeout_ms")]
+    #[schema(default = 30000, minimum = 1, maximum = 3600000)]
     pub timeout_ms: u64,
+    /// Retries of idempotent requests on another upstream, at most 10 (default 0).
     #[serde(default)]
+    #[schema(maximum = 10)]
     pub retries: u32,
+    /// Pass the client's `Host` to the upstream (default false).
     #[serde(default)]
     pub preserve_host: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,11 +262,15 @@ fn default_timeout_ms() -> u64 {
     30_000
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = HealthCheckSpec)]
 pub struct RawHealthCheck {
+    /// Appended to each upstream's base URL; a 2xx or 3xx keeps it in the rotation.
     pub path: String,
+    /// 1 to 3600 (default 10).
     #[serde(default = "default_interval")]
+    #[schema(default = 10, minimum = 1, maximum = 3600)]
     pub interval_secs: u64,
 }
 
@@ -260,7 +279,7 @@ fn default_interval() -> u64 {
 }
 
 /// How a route authorizes a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthKind {
     Jwt,
@@ -349,18 +368,7 @@ pub(super) fn validate_api_keys(
                 }
             }
             RawApiKey::Entry(e) => {
-                if e.name.is_empty()
-                    || e.name.len() > 64
-                    || !e
-                        .name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-                {
-                    return Err(err(format!(
-                        "name {:?} must be 1 to 64 of A-Z a-z 0-9 . _ -",
-                        e.name
-                    )));
-                }
+                check_name(&e.name).map_err(|m| err(format!("name {m}")))?;
                 let secret = match (e.key, e.sha256) {
                     (Some(key), None) => {
                         check_plain_key(&key).map_err(|m| err(m.into()))?;
@@ -396,6 +404,15 @@ pub(super) fn validate_api_keys(
         keys.push(key);
     }
     Ok(keys)
+}
+
+/// The names of keys and routes, which the access log and the metrics' labels show.
+fn check_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+        return Err(format!("{name:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"));
+    }
+    Ok(())
 }
 
 fn check_plain_key(key: &str) -> Result<(), &'static str> {
@@ -483,140 +500,153 @@ pub(super) fn validate_routes(
         let err = |field: &str, message: String| {
             invalid_owned(format!("routes[{i}].{field}"), origin, message)
         };
-        if r.name.is_empty()
-            || r.name.len() > 64
-            || !r
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
+        let route = validate_route(r, jwt).map_err(|e| err(&e.field, e.message))?;
+        if routes.iter().any(|o| o.name == route.name) {
             return Err(err(
                 "name",
-                format!("{:?} must be 1 to 64 of A-Z a-z 0-9 . _ -", r.name),
+                format!("{:?} is used by another route", route.name),
             ));
         }
-        if routes.iter().any(|o| o.name == r.name) {
-            return Err(err(
-                "name",
-                format!("{:?} is used by another route", r.name),
-            ));
-        }
-        let prefix = normalize_prefix(&r.prefix).map_err(|m| err("prefix", m))?;
-        if let Some(o) = routes.iter().find(|o| o.prefix == prefix) {
+        if let Some(o) = routes.iter().find(|o| o.prefix == route.prefix) {
             return Err(err(
                 "prefix",
-                format!("{prefix:?} is already the prefix of route {:?}", o.name),
+                format!(
+                    "{:?} is already the prefix of route {:?}",
+                    route.prefix, o.name
+                ),
             ));
         }
-        if r.upstreams.is_empty() {
-            return Err(err(
-                "upstreams",
-                "at least one upstream URL is required".into(),
-            ));
-        }
-        let mut upstreams = Vec::with_capacity(r.upstreams.len());
-        for u in &r.upstreams {
-            upstreams.push(parse_upstream(u).map_err(|m| err("upstreams", m))?);
-        }
-        if r.timeout_ms == 0 || r.timeout_ms > 3_600_000 {
-            return Err(err(
-                "timeout_ms",
-                "must be from 1 to 3600000 (one hour)".into(),
-            ));
-        }
-        if r.retries > 10 {
-            return Err(err("retries", "at most 10".into()));
-        }
-        let auth = match r.auth {
-            AuthKind::Jwt => {
-                if !jwt.has_keys() {
-                    return Err(err(
-                        "auth",
-                        "\"jwt\" needs a key: set GATEWAY_JWT_SECRET, [[jwt.keys]] or jwt.jwks_file"
-                            .into(),
-                    ));
-                }
-                for (claim, values) in &r.claims {
-                    if values.is_empty() {
-                        return Err(err(
-                            "claims",
-                            format!("claim {claim:?} lists no allowed value"),
-                        ));
-                    }
-                }
-                RouteAuth::Jwt { claims: r.claims }
-            }
-            other => {
-                if !r.claims.is_empty() {
-                    return Err(err(
-                        "claims",
-                        format!(
-                            "only routes with auth = \"jwt\" check claims, not {:?}",
-                            other.as_str()
-                        ),
-                    ));
-                }
-                match other {
-                    AuthKind::ApiKey => {
-                        let scope = r.scope.clone().unwrap_or_else(|| "proxy".to_owned());
-                        if !is_known_scope(&scope) {
-                            return Err(err(
-                                "scope",
-                                format!(
-                                    "{scope:?} is neither \"proxy\" nor \"proxy:<name>\" nor a built-in scope"
-                                ),
-                            ));
-                        }
-                        RouteAuth::ApiKey { scope }
-                    }
-                    AuthKind::Agent => RouteAuth::Agent,
-                    AuthKind::None => RouteAuth::None,
-                    AuthKind::Jwt => RouteAuth::Jwt {
-                        claims: BTreeMap::new(),
-                    },
-                }
-            }
-        };
-        if r.scope.is_some() && !matches!(auth, RouteAuth::ApiKey { .. }) {
-            return Err(err(
-                "scope",
-                "only routes with auth = \"api_key\" take a scope".into(),
-            ));
-        }
-        let health_check = match r.health_check {
-            None => None,
-            Some(h) => {
-                if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
-                    return Err(err(
-                        "health_check.path",
-                        format!("{:?} must be a path starting with '/'", h.path),
-                    ));
-                }
-                if h.interval_secs == 0 || h.interval_secs > 3600 {
-                    return Err(err(
-                        "health_check.interval_secs",
-                        "must be from 1 to 3600".into(),
-                    ));
-                }
-                Some(HealthCheckConfig {
-                    path: h.path,
-                    interval: Duration::from_secs(h.interval_secs),
-                })
-            }
-        };
-        routes.push(RouteConfig {
-            name: r.name,
-            prefix,
-            upstreams,
-            strip_prefix: r.strip_prefix,
-            auth,
-            timeout: Duration::from_millis(r.timeout_ms),
-            retries: r.retries,
-            preserve_host: r.preserve_host,
-            health_check,
-        });
+        routes.push(route);
     }
     Ok(routes)
+}
+
+/// Why one route cannot be used: the field at fault, relative to the route
+/// (`upstreams[0]`, `health_check.path`), and the rule it breaks. A `[[routes]]` entry
+/// reports it as `routes[i].<field>`, `POST /routes` as a 422 detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct RouteError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Checks one route, from the configuration file or from `POST /routes` alike (uniqueness
+/// among routes is the caller's: the file checks its own list, the API its store).
+pub fn validate_route(r: RawRoute, jwt: &JwtConfig) -> Result<RouteConfig, RouteError> {
+    let err = |field: &str, message: String| RouteError {
+        field: field.to_owned(),
+        message,
+    };
+    check_name(&r.name).map_err(|m| err("name", m))?;
+    let prefix = normalize_prefix(&r.prefix).map_err(|m| err("prefix", m))?;
+    if r.upstreams.is_empty() {
+        return Err(err(
+            "upstreams",
+            "at least one upstream URL is required".into(),
+        ));
+    }
+    let mut upstreams = Vec::with_capacity(r.upstreams.len());
+    for (j, u) in r.upstreams.iter().enumerate() {
+        upstreams.push(parse_upstream(u).map_err(|m| err(&format!("upstreams[{j}]"), m))?);
+    }
+    if r.timeout_ms == 0 || r.timeout_ms > 3_600_000 {
+        return Err(err(
+            "timeout_ms",
+            "must be from 1 to 3600000 (one hour)".into(),
+        ));
+    }
+    if r.retries > 10 {
+        return Err(err("retries", "at most 10".into()));
+    }
+    let auth = match r.auth {
+        AuthKind::Jwt => {
+            if !jwt.has_keys() {
+                return Err(err(
+                    "auth",
+                    "\"jwt\" needs a key: set GATEWAY_JWT_SECRET, [[jwt.keys]] or jwt.jwks_file"
+                        .into(),
+                ));
+            }
+            for (claim, values) in &r.claims {
+                if values.is_empty() {
+                    return Err(err(
+                        "claims",
+                        format!("claim {claim:?} lists no allowed value"),
+                    ));
+                }
+            }
+            RouteAuth::Jwt { claims: r.claims }
+        }
+        other => {
+            if !r.claims.is_empty() {
+                return Err(err(
+                    "claims",
+                    format!(
+                        "only routes with auth = \"jwt\" check claims, not {:?}",
+                        other.as_str()
+                    ),
+                ));
+            }
+            match other {
+                AuthKind::ApiKey => {
+                    let scope = r.scope.clone().unwrap_or_else(|| "proxy".to_owned());
+                    if !is_known_scope(&scope) {
+                        return Err(err(
+                            "scope",
+                            format!(
+                                "{scope:?} is neither \"proxy\" nor \"proxy:<name>\" nor a built-in scope"
+                            ),
+                        ));
+                    }
+                    RouteAuth::ApiKey { scope }
+                }
+                AuthKind::Agent => RouteAuth::Agent,
+                AuthKind::None => RouteAuth::None,
+                AuthKind::Jwt => RouteAuth::Jwt {
+                    claims: BTreeMap::new(),
+                },
+            }
+        }
+    };
+    if r.scope.is_some() && !matches!(auth, RouteAuth::ApiKey { .. }) {
+        return Err(err(
+            "scope",
+            "only routes with auth = \"api_key\" take a scope".into(),
+        ));
+    }
+    let health_check = match r.health_check {
+        None => None,
+        Some(h) => {
+            if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(err(
+                    "health_check.path",
+                    format!("{:?} must be a path starting with '/'", h.path),
+                ));
+            }
+            if h.interval_secs == 0 || h.interval_secs > 3600 {
+                return Err(err(
+                    "health_check.interval_secs",
+                    "must be from 1 to 3600".into(),
+                ));
+            }
+            Some(HealthCheckConfig {
+                path: h.path,
+                interval: Duration::from_secs(h.interval_secs),
+            })
+        }
+    };
+    Ok(RouteConfig {
+        name: r.name,
+        prefix,
+        upstreams,
+        strip_prefix: r.strip_prefix,
+        auth,
+        timeout: Duration::from_millis(r.timeout_ms),
+        retries: r.retries,
+        preserve_host: r.preserve_host,
+        health_check,
+    })
 }
 
 /// The prefix in its one canonical form, or why it cannot be a prefix.

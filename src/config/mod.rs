@@ -28,6 +28,7 @@ pub use gateway::{
     RESERVED_SEGMENTS, RawApiKey, RawApiKeyEntry, RawHealthCheck, RawJwt, RawJwtKey, RawProxy,
     RawRoute, RouteAuth, RouteConfig, Scopes,
 };
+pub(crate) use gateway::{RouteError, route_to_raw, validate_route};
 pub use raw::{
     ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawHttpRedirect, RawLimits,
     RawSocketIo, RawStore, RawTls, TlsMode,
@@ -1012,7 +1013,7 @@ mod tests {
             ),
             (
                 "api_keys = [\"k\"]\n[[routes]]\nname = \"a\"\nprefix = \"/x\"\nupstreams = [\"ftp://h\"]\nauth = \"none\"",
-                "routes[0].upstreams",
+                "routes[0].upstreams[0]",
             ),
             (
                 "api_keys = [\"k\"]\n[[routes]]\nname = \"a\"\nprefix = \"/x\"\nupstreams = [\"http://h\"]\nauth = \"none\"\nclaims = {p = [\"x\"]}",

@@ -8,14 +8,13 @@ use http::{Method, Request, Uri};
 use tokio_util::sync::CancellationToken;
 
 use super::client::UpstreamClient;
-use super::table::{Route, RouteTable, upstream_path};
+use super::table::{Route, upstream_path};
 
-/// Starts one task per route that has a health check; they end when `stop` is cancelled.
-pub(crate) fn spawn(table: &RouteTable, client: &UpstreamClient, stop: &CancellationToken) {
-    for route in &table.routes {
-        if route.config.health_check.is_some() {
-            tokio::spawn(run(route.clone(), client.clone(), stop.clone()));
-        }
+/// Starts the health check of `route` (nothing if it has none); it ends when `stop` is
+/// cancelled.
+pub(crate) fn spawn(route: Arc<Route>, client: &UpstreamClient, stop: CancellationToken) {
+    if route.config.health_check.is_some() {
+        tokio::spawn(run(route, client.clone(), stop));
     }
 }
 

@@ -1,5 +1,6 @@
-//! The routes in force: built from the validated configuration, matched by longest prefix
-//! on whole path segments, swapped as a whole on SIGHUP.
+//! The routes in force: built from the validated configuration and the runtime routes,
+//! matched by longest prefix on whole path segments, swapped as a whole on SIGHUP and on
+//! every runtime change.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,8 +10,25 @@ use crate::clock::Clock;
 use crate::config::{RESERVED_SEGMENTS, RouteConfig};
 use crate::metrics::Metrics;
 
+/// Where a route comes from: `[[routes]]` of the file, or `POST /routes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RouteSource {
+    Config,
+    Runtime,
+}
+
+impl RouteSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Runtime => "runtime",
+        }
+    }
+}
+
 pub(crate) struct Route {
     pub config: RouteConfig,
+    pub source: RouteSource,
     pub upstreams: Vec<Arc<Upstream>>,
     next: AtomicUsize,
 }
@@ -20,6 +38,7 @@ impl Route {
     /// their health state when their URL is unchanged.
     fn new(
         config: RouteConfig,
+        source: RouteSource,
         previous: Option<&Route>,
         metrics: &Metrics,
         clock: &Clock,
@@ -43,6 +62,7 @@ impl Route {
             .collect();
         Self {
             config,
+            source,
             upstreams,
             next: AtomicUsize::new(0),
         }
@@ -75,21 +95,20 @@ pub(crate) struct RouteTable {
 
 impl RouteTable {
     /// The table for `configs`; upstreams unchanged since `previous` (same route name and
-    /// URL) keep their place in or out of the rotation across a reload. Passive ejections
-    /// are timed on `clock`.
+    /// URL) keep their place in or out of the rotation across a reload.
     pub fn new(
-        configs: &[RouteConfig],
+        configs: Vec<(RouteConfig, RouteSource)>,
         previous: Option<&RouteTable>,
         metrics: &Metrics,
         clock: &Clock,
     ) -> Self {
         let mut routes: Vec<Arc<Route>> = configs
-            .iter()
-            .map(|c| {
+            .into_iter()
+            .map(|(c, source)| {
                 let old = previous
                     .and_then(|t| t.routes.iter().find(|r| r.config.name == c.name))
                     .map(|r| r.as_ref());
-                Arc::new(Route::new(c.clone(), old, metrics, clock))
+                Arc::new(Route::new(c, source, old, metrics, clock))
             })
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
@@ -142,7 +161,11 @@ mod tests {
     #[test]
     fn longest_prefix_on_segment_boundaries() {
         let t = RouteTable::new(
-            &[route("a", "/p"), route("b", "/p/q"), route("root", "/")],
+            vec![
+                (route("a", "/p"), RouteSource::Config),
+                (route("b", "/p/q"), RouteSource::Runtime),
+                (route("root", "/"), RouteSource::Config),
+            ],
             None,
             &Metrics::new(),
             &Clock::system(),

@@ -69,6 +69,7 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE TABLE routes (
         name       TEXT PRIMARY KEY,
+        prefix     TEXT NOT NULL UNIQUE,
         spec       TEXT NOT NULL,
         created_at INTEGER NOT NULL,
         updated_at INTEGER NOT NULL
@@ -245,7 +246,7 @@ mod tests {
         let db = Db::open(&path).unwrap();
         db.call(|c| {
             c.execute(
-                "INSERT INTO routes (name, spec, created_at, updated_at) VALUES ('a', '{}', 1, 1)",
+                "INSERT INTO routes (name, prefix, spec, created_at, updated_at) VALUES ('a', '/a', '{}', 1, 1)",
                 [],
             )
         })

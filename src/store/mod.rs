@@ -21,6 +21,7 @@ pub(crate) mod file;
 pub mod import;
 pub(crate) mod install;
 pub(crate) mod redis;
+pub(crate) mod routes;
 pub(crate) mod sync;
 pub(crate) mod tokens;
 pub(crate) mod watch;
@@ -71,6 +72,8 @@ struct Shared {
     /// The revoked JWT ids every JWT check reads (memory only), fed from this store: the
     /// database at start, Redis at every resync and through pub/sub (see [`tokens`]).
     revocations: Revocations,
+    /// Routes registered at runtime, as stored (see [`routes`]).
+    routes: routes::RuntimeRoutes,
 }
 
 impl std::fmt::Debug for Shared {
@@ -202,6 +205,7 @@ impl CertStore {
             on_remote_change: OnceLock::new(),
             db,
             revocations: Revocations::new(),
+            routes: routes::RuntimeRoutes::default(),
         };
         Self {
             shared: Arc::new(shared),

@@ -18,12 +18,15 @@
 //! | `agentgate:{state}:metadata` | hash | agent id -> metadata JSON (from registration) |
 //! | `agentgate:{state}:token:<sha256 hex>` | hash | `agent_id`, `created_at`, `expires_at`, `used_at`, `used_by`; expires 7 days after use or expiry |
 //! | `agentgate:{state}:apitoken:<jti>`, `...:apitokens`, `...:apitokens:expiry`, `...:revoked`, `...:audit` | | API tokens, revocations and their audit: see [`super::tokens`] |
+//! | `agentgate:{state}:routes` | hash | route name -> `<seq>:<route JSON>` (runtime routes, see `super::routes`) |
+//! | `agentgate:{state}:routes:last` | string | `<nonce> <seq> <outcome>` of the last route write (a retried script answers as the first run did) |
 //!
 //! Changes are announced on `agentgate:{state}:changes` (`SPUBLISH` on a Redis Cluster) as
 //! `<epoch> <seq> <sent unix ms> <kind> <op> <key>\n<body>`; certificates are kind `cert`
 //! (`cert put <agent_id>` with the DER as body, `cert del <agent_id>`); revocations of API
-//! tokens are kind `token` (`token revoke <jti>` with the token's expiry as body). A later kind of
-//! shared state (API token revocations, routes) adds its own kind to the same channel and
+//! tokens are kind `token` (`token revoke <jti>` with the token's expiry as body); runtime
+//! routes kind `route` (`route put <name>` with the route's JSON as body, `route del
+//! <name>`). A later kind of shared state adds its own kind to the same channel and
 //! sequence, and a node that does not know a kind steps over it. The epoch tells a node that
 //! Redis holds another state than the one it followed (restored from an older backup,
 //! emptied by a restart without persistence); the sequence number orders changes and shows
@@ -211,6 +214,12 @@ pub(crate) enum Changed {
     },
     /// A revocation of an API token (see [`super::tokens`]).
     Token(super::tokens::TokenChange),
+    /// A runtime route (`route put <name>` with its JSON as body, `route del <name>`).
+    Route {
+        name: String,
+        /// `None` for a deletion.
+        spec: Option<Vec<u8>>,
+    },
     /// A kind of state this version does not keep (written by a newer node).
     Unknown(String),
 }
@@ -500,6 +509,15 @@ impl ChangeMessage {
             }
             ("cert", _) => return Err(format!("header {header:?}: bad certificate change")),
             ("token", rest) => Changed::Token(super::tokens::TokenChange::parse(rest, body)?),
+            ("route", [op, name]) if !name.is_empty() => Changed::Route {
+                name: (*name).to_owned(),
+                spec: match *op {
+                    "put" => Some(body.to_vec()),
+                    "del" => None,
+                    other => return Err(format!("unknown route operation {other:?}")),
+                },
+            },
+            ("route", _) => return Err(format!("header {header:?}: bad route change")),
             (other, _) => Changed::Unknown(other.to_owned()),
         };
         Ok(Self {
@@ -591,8 +609,19 @@ mod tests {
         let del = ChangeMessage::parse(b"e1 8 5 cert del a-1\n").unwrap();
         assert!(matches!(del.change, Changed::Cert { der: None, .. }));
         // A kind a newer node writes is stepped over, not an error.
-        let later = ChangeMessage::parse(b"e1 9 5 route put /api\n").unwrap();
-        assert_eq!(later.change, Changed::Unknown("route".into()));
+        let later = ChangeMessage::parse(b"e1 9 5 quota put a-1\n").unwrap();
+        assert_eq!(later.change, Changed::Unknown("quota".into()));
+        let route = ChangeMessage::parse(b"e1 10 5 route put api\n{}").unwrap();
+        assert_eq!(
+            route.change,
+            Changed::Route {
+                name: "api".into(),
+                spec: Some(b"{}".to_vec())
+            }
+        );
+        let gone = ChangeMessage::parse(b"e1 11 5 route del api\n").unwrap();
+        assert!(matches!(gone.change, Changed::Route { spec: None, .. }));
+        assert!(ChangeMessage::parse(b"e1 12 5 route zap api\n").is_err());
         assert!(ChangeMessage::parse(b"e1 8 5 cert del a-1").is_err());
         assert!(ChangeMessage::parse(b"e1 x 5 cert del a-1\n").is_err());
         assert!(ChangeMessage::parse(b"e1 8 5 cert zap a-1\n").is_err());

@@ -3,6 +3,7 @@
 //! certificate, and the set of revoked API tokens) runs at start, after every reconnection to Redis (messages published
 //! while a node was cut off are lost: pub/sub does not queue), after a gap in the sequence
 //! numbers (a dropped message) and when Redis holds another epoch than the one followed.
+//! Runtime routes (kind `route`, see `super::routes`) follow the same stream and resync.
 //!
 //! Correctness rests on three facts: the subscription is in place before a resync reads
 //! anything (the driver resubscribes before it reports the reconnection), a change that
@@ -218,6 +219,10 @@ fn apply_message(store: &CertStore, payload: &[u8]) -> bool {
             super::tokens::apply(store, change);
             return true;
         }
+        Changed::Route { name, spec } => {
+            super::routes::apply_message(store, &name, spec, msg.seq);
+            return true;
+        }
         Changed::Unknown(kind) => {
             tracing::debug!(
                 kind,
@@ -270,6 +275,7 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
         .await
         .inspect_err(|_| sync.metrics.state_redis_error())?;
     super::tokens::reload(store).await?;
+    let routes = super::routes::scan(sync).await?;
     let parsed = tokio::task::spawn_blocking(move || parse_all(entries))
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
@@ -333,6 +339,7 @@ async fn resync(store: &CertStore) -> Result<(), StoreError> {
             }
         }
     }
+    super::routes::resync(store, routes, head.seq, same_epoch);
     let watermark = {
         let mut position = sync.position();
         position.watermark = if same_epoch {

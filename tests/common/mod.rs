@@ -283,6 +283,22 @@ impl Drop for TestServer {
     }
 }
 
+/// An upstream service on loopback for routes: answers `{"path": <the path it got>}`;
+/// `/echo-body` streams the request body back. Returns its base URL.
+pub async fn echo_upstream() -> String {
+    use axum::response::IntoResponse;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|req: axum::extract::Request| async move {
+        if req.uri().path().ends_with("/echo-body") {
+            return axum::response::Response::new(axum::body::Body::new(req.into_body()));
+        }
+        axum::Json(json!({"path": req.uri().path()})).into_response()
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
 /// The configuration tests use: files-mode server certificate from the test PKI.
 pub fn test_config(
     pki: &TestPki,
