@@ -118,6 +118,14 @@ auth = "jwt"
 claims = { project = ["bench"], service = ["api"] }
 CONF
 
+wait_for() { # URL, the log to show if it never answers 2xx
+    for _ in $(seq 100); do
+        curl -skf "$1" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "no answer from $1:" >&2; cat "$2" >&2; exit 1
+}
+
 start_gateway() { # on|off: the access log
     stop_gateway
     local level=info
@@ -125,11 +133,7 @@ start_gateway() { # on|off: the access log
     GATEWAY_JWT_SECRET=$secret RUST_LOG=$level "${run_nice[@]}" "$bin" serve --config "$work/agentgate.toml" \
         2>"$work/gateway-$1.log" &
     gw_pid=$!
-    for _ in $(seq 100); do
-        curl -skf "https://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "gateway did not start:" >&2; cat "$work/gateway-$1.log" >&2; exit 1
+    wait_for "https://127.0.0.1:$port/health" "$work/gateway-$1.log"
 }
 
 stop_gateway() {
@@ -180,11 +184,7 @@ http {
 }
 CONF
     "${run_nice[@]}" nginx -c "$dir/nginx.conf" -p "$dir" -g 'daemon on;'
-    for _ in $(seq 100); do
-        curl -skf "https://127.0.0.1:$nginx_port/open/x" >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "nginx did not start:" >&2; cat "$dir/error.log" >&2; exit 1
+    wait_for "https://127.0.0.1:$nginx_port/open/x" "$dir/error.log"
 }
 
 stop_nginx() {
