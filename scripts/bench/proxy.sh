@@ -6,6 +6,7 @@
 #   scripts/bench/proxy.sh [OUT_DIR]        # default: target/bench-results/proxy-<UTC time>
 #   RATES=500,2000,5000 SECS=5 ROUNDS=2 WRK_SECS=5 WRK_ROUNDS=3 scripts/bench/proxy.sh
 #   NICE=-10 scripts/bench/proxy.sh   # every process of the benchmark ahead of other work (root)
+#   PARTS=throughput WRK_ROUNDS=5 scripts/bench/proxy.sh   # one part only (latency, throughput)
 #
 # One upstream (`agentgate-bench upstream`: 200 with a 64-byte body, plain HTTP for the
 # proxies, TLS for the direct TLS baseline) behind two proxies with the same certificate
@@ -37,6 +38,7 @@ wrk_secs=${WRK_SECS:-5}
 wrk_rounds=${WRK_ROUNDS:-3}
 wrk_conns=${WRK_CONNS:-64}
 logs=${LOGS:-on off}
+parts=${PARTS:-latency throughput}
 port=${PORT:-18470}
 nginx_port=$((port + 1))
 up_port=$((port + 2))
@@ -219,6 +221,7 @@ echo "# $started $cores CPUs, $(uname -r), git $(git rev-parse --short HEAD), ni
 uptime | tee -a "$out/log.txt"
 
 # 1. Latency at fixed rates, with both access logs on (the production setting).
+if [[ " $parts " == *" latency "* ]]; then
 start_gateway on
 start_nginx on
 echo "== latency: agentgate-bench proxy --rates $rates --secs $secs --rounds $rounds" | tee -a "$out/log.txt"
@@ -230,9 +233,11 @@ echo "== latency: agentgate-bench proxy --rates $rates --secs $secs --rounds $ro
     --target "agentgate-jwt=https://127.0.0.1:$port/jwt/x" \
     --target "nginx=https://127.0.0.1:$nginx_port/open/x" \
     --json "$out/latency.json" 2>&1 | tee -a "$out/log.txt"
+fi
 
 # 2. Throughput with wrk, the sides interleaved in each round.
 echo "side,logs,round,requests_per_sec,server_cpu_ticks,requests" > "$out/wrk.csv"
+[[ " $parts " == *" throughput "* ]] || logs=
 for log in $logs; do
     start_gateway "$log"
     start_nginx "$log"
@@ -267,15 +272,17 @@ stop_nginx
 python3 - "$out" "$started" "$wrk_conns" "$wrk_secs" "$cores" "$(getconf CLK_TCK)" <<'PY' | tee "$out/summary.md"
 import csv, json, os, statistics, sys
 out, started, conns, wrk_secs, cores, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
-lat = json.load(open(os.path.join(out, "latency.json")))
+lat_file = os.path.join(out, "latency.json")
+lat = json.load(open(lat_file)) if os.path.exists(lat_file) else None
 rows = list(csv.DictReader(open(os.path.join(out, "wrk.csv"))))
-print(f"Latency, open loop, {lat['connections']} connections, {lat['secs']} s per rate, "
-      f"median of {lat['rounds']} rounds; overhead against {lat['baseline']}:\n")
-print("| rate/s | target | p50 µs | p99 µs | p50 overhead µs | p99 overhead µs | failures |")
-print("|---|---|---|---|---|---|---|")
-for c in lat["compared"]:
-    print(f"| {c['rate']} | {c['target']} | {c['p50_us']} | {c['p99_us']} "
-          f"| {c['p50_overhead_us']:+d} | {c['p99_overhead_us']:+d} | {c['failures']} |")
+if lat:
+    print(f"Latency, open loop, {lat['connections']} connections, {lat['secs']} s per rate, "
+          f"median of {lat['rounds']} rounds; overhead against {lat['baseline']}:\n")
+    print("| rate/s | target | p50 µs | p99 µs | p50 overhead µs | p99 overhead µs | failures |")
+    print("|---|---|---|---|---|---|---|")
+    for c in lat["compared"]:
+        print(f"| {c['rate']} | {c['target']} | {c['p50_us']} | {c['p99_us']} "
+              f"| {c['p50_overhead_us']:+d} | {c['p99_overhead_us']:+d} | {c['failures']} |")
 throughput = {}
 print(f"\nThroughput, wrk -t2 -c{conns} -d{wrk_secs}s, requests/s per round "
       f"(server CPU µs per request):\n")
