@@ -831,40 +831,35 @@ async fn post_is_not_retried_and_get_is_retried_on_the_next_upstream() {
         let r = conn.send("POST", "/post/x", &[], "{}").await.unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
     }
+    assert!(!upstream_healthy(&server, "post", &dead1).await);
+    assert!(upstream_healthy(&server, "post", &live.url).await);
+}
+
+/// Whether `GET /routes` shows `upstream` of `route` in the rotation.
+async fn upstream_healthy(server: &TestServer, route: &str, upstream: &str) -> bool {
     let (_, listing) = server.api("GET", "/routes", None).await;
-    let post = listing["routes"]
+    let r = listing["routes"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["name"] == "post")
-        .unwrap();
-    assert_eq!(post["upstreams"][0]["healthy"], false);
-    assert_eq!(post["upstreams"][1]["healthy"], true);
+        .find(|r| r["name"] == route)
+        .unwrap_or_else(|| panic!("no route {route}: {listing}"));
+    let u = r["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["url"] == upstream)
+        .unwrap_or_else(|| panic!("no upstream {upstream}: {listing}"));
+    u["healthy"].as_bool().unwrap()
 }
 
 /// Waits until `GET /routes` shows `upstream` of `route` with `healthy`.
 async fn wait_health(server: &TestServer, route: &str, upstream: &str, healthy: bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, listing) = server.api("GET", "/routes", None).await;
-        let r = listing["routes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == route)
-            .unwrap();
-        let u = r["upstreams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|u| u["url"] == upstream)
-            .unwrap();
-        if u["healthy"] == healthy {
-            return;
-        }
+    while upstream_healthy(server, route, upstream).await != healthy {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{upstream} never became healthy={healthy}: {listing}"
+            "{upstream} never became healthy={healthy}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -987,24 +982,6 @@ async fn answered_by(conn: &mut HttpConn, method: &str) -> String {
     r.json()["upstream"].as_str().unwrap().to_owned()
 }
 
-/// Whether `GET /routes` shows `upstream` of route `pair` in the rotation.
-async fn in_rotation(server: &TestServer, upstream: &str) -> bool {
-    let (_, listing) = server.api("GET", "/routes", None).await;
-    let route = listing["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "pair")
-        .unwrap();
-    let u = route["upstreams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["url"] == upstream)
-        .unwrap();
-    u["healthy"].as_bool().unwrap()
-}
-
 async fn health_gauge(server: &TestServer, upstream: &str) -> String {
     let metrics = get(server, "/metrics", &[]).await.text();
     let prefix = format!("agentgate_upstream_healthy{{route=\"pair\",upstream=\"{upstream}\"}} ");
@@ -1044,7 +1021,7 @@ async fn refused_upstream_leaves_the_rotation_and_returns_after_it_recovers_with
     for _ in 0..2 {
         assert_eq!(answered_by(&mut conn, "GET").await, "steady");
     }
-    assert!(!in_rotation(&server, &flaky.url()).await);
+    assert!(!upstream_healthy(&server, "pair", &flaky.url()).await);
     assert_eq!(health_gauge(&server, &flaky.url()).await, "0");
     // Out of the rotation: POSTs, which are never retried, all reach the other upstream.
     for _ in 0..4 {
@@ -1053,11 +1030,11 @@ async fn refused_upstream_leaves_the_rotation_and_returns_after_it_recovers_with
 
     // The ejection runs out while it is still down: tried again, refused, out again.
     clock.advance(Duration::from_secs(11));
-    assert!(in_rotation(&server, &flaky.url()).await);
+    assert!(upstream_healthy(&server, "pair", &flaky.url()).await);
     for _ in 0..2 {
         assert_eq!(answered_by(&mut conn, "GET").await, "steady");
     }
-    assert!(!in_rotation(&server, &flaky.url()).await);
+    assert!(!upstream_healthy(&server, "pair", &flaky.url()).await);
 
     // Back on its port: out until this ejection has run out too, then in the rotation.
     flaky.restart().await;
@@ -1073,7 +1050,7 @@ async fn refused_upstream_leaves_the_rotation_and_returns_after_it_recovers_with
     }
     assert_eq!(seen.len(), 2, "flaky is back in the rotation: {seen:?}");
     assert!(flaky.hits.load(Ordering::SeqCst) > hits);
-    assert!(in_rotation(&server, &flaky.url()).await);
+    assert!(upstream_healthy(&server, "pair", &flaky.url()).await);
     assert_eq!(health_gauge(&server, &flaky.url()).await, "1");
 }
 

@@ -15,6 +15,10 @@
 //!   gateway.
 //! - [`handshakes`]: `agentgate-bench handshakes`, full mTLS handshakes per second against
 //!   any TLS server (the gateway, or nginx as the reference).
+//! - [`proxy`]: `agentgate-bench proxy`, request latency at fixed rates (open loop)
+//!   against several targets in one run: an upstream directly, through agentgate, through
+//!   nginx.
+//! - [`upstream`]: `agentgate-bench upstream`, the small HTTP server those requests end at.
 //! - [`propagation`]: `agentgate-bench propagation`, how long an upload or a deletion on
 //!   one node of a cluster takes to reach another node's index.
 //! - [`api`]: the HTTP API client (certificate uploads, commands).
@@ -31,8 +35,10 @@ pub mod api;
 pub mod fleet;
 pub mod handshakes;
 pub mod propagation;
+pub mod proxy;
 pub mod report;
 pub mod sys;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use agentgate_bench::{fleet, handshakes, propagation, report};
+use agentgate_bench::{fleet, handshakes, propagation, proxy, report, upstream};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +26,10 @@ enum Command {
     Handshakes(handshakes::HandshakeArgs),
     /// Upload-to-other-node propagation between two nodes of a cluster.
     Propagation(propagation::PropagationArgs),
+    /// Request latency at fixed rates through proxies and directly (open loop).
+    Proxy(proxy::ProxyArgs),
+    /// The upstream of the proxy benchmark: a small HTTP server (and optionally TLS).
+    Upstream(upstream::UpstreamArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,15 @@ fn main() -> ExitCode {
                 }
             }
             Command::Propagation(args) => propagation::run(args).await?.print(),
+            Command::Proxy(args) => {
+                let json = args.json.clone();
+                let report = proxy::run(args).await?;
+                report.print();
+                if let Some(path) = json {
+                    report::write_json(&path, &report)?;
+                }
+            }
+            Command::Upstream(args) => upstream::run(args).await?,
         }
         anyhow::Ok(())
     });

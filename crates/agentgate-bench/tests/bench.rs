@@ -1,7 +1,7 @@
-//! `agentgate-bench`: the fleet simulator and the handshake benchmark run against a real
-//! gateway (in this process, so `--gateway-pid` is our own pid) with a small fleet, and
-//! their JSON reports must add up: every agent uploaded and connected, every heartbeat
-//! and command acknowledged, no failure. Nothing about speed is asserted: timings and
+//! `agentgate-bench`: the fleet simulator, the handshake benchmark and the proxy benchmark
+//! run against a real gateway (in this process, so `--gateway-pid` is our own pid) with a
+//! small fleet or a few requests, and their JSON reports must add up: every agent uploaded
+//! and connected, every heartbeat, command and proxied request answered, no failure. Nothing about speed is asserted: timings and
 //! throughput live in BENCHMARKS.md, and a slow machine must not fail here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test or bench stops loudly on failure
 
@@ -27,6 +27,11 @@ struct Gateway {
 
 impl Gateway {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A gateway whose configuration `adjust` may change first.
+    async fn start_with(adjust: impl FnOnce(&mut RawConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut raw = RawConfig {
             api_keys: vec![API_KEY.into()],
@@ -34,6 +39,7 @@ impl Gateway {
             ..RawConfig::default()
         };
         raw.store.dir = dir.path().join("certs");
+        adjust(&mut raw);
         let config = raw.validate("test").unwrap();
         let gateway = agentgate::Gateway::start(config).await.unwrap();
         let store = gateway.store().clone();
@@ -173,6 +179,83 @@ async fn handshakes_upload_their_certificate_and_complete_full_handshakes() {
     gateway.stop().await;
 }
 
+/// `agentgate-bench upstream` in a child process (killed on drop), and its address.
+struct UpstreamProc(std::process::Child);
+
+impl UpstreamProc {
+    fn start() -> (Self, String) {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentgate-bench"))
+            .args(["upstream", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().strip_prefix("http=").unwrap().to_owned();
+        (Self(child), addr)
+    }
+}
+
+impl Drop for UpstreamProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The proxy benchmark's two halves: its upstream, and the open-loop generator against it
+/// directly and through a gateway route; every request answered, in both rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_latency_direct_and_through_a_route() {
+    let (_upstream, addr) = UpstreamProc::start();
+    let route = serde_json::from_value(json!({
+        "name": "open", "prefix": "/open", "upstreams": [format!("http://{addr}")],
+        "strip_prefix": true, "auth": "none",
+    }))
+    .unwrap();
+    let gateway = Gateway::start_with(|raw| raw.routes = vec![route]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let direct = format!("direct=http://{addr}/x");
+    let through = format!("agentgate=https://{}/open/x", gateway.addr);
+    let report = bench(
+        &[
+            "proxy",
+            "--target",
+            &direct,
+            "--target",
+            &through,
+            "--rates",
+            "40,80",
+            "--secs",
+            "0.5",
+            "--warmup-secs",
+            "0.1",
+            "--rounds",
+            "2",
+            "--connections",
+            "2",
+        ],
+        dir.path(),
+    )
+    .await;
+    let measurements = report["measurements"].as_array().unwrap();
+    assert_eq!(measurements.len(), 2 * 2 * 2, "{report:#}");
+    for m in measurements {
+        assert_eq!(m["failures"], json!({}), "{report:#}");
+        // Every released request is answered: the count is the rate times the time.
+        let expected = num(m, "/rate") * 0.5;
+        assert_eq!(num(m, "/count"), expected, "{m:#}");
+        assert!(num(m, "/latency_us/p50") > 0.0, "{m:#}");
+    }
+    let compared = report["compared"].as_array().unwrap();
+    assert_eq!(compared.len(), 4, "{report:#}");
+    assert_eq!(report["baseline"], "direct");
+    gateway.stop().await;
+}
+
 #[test]
 fn targets_off_this_machine_are_refused() {
     for mode in ["handshakes", "fleet"] {
@@ -184,4 +267,11 @@ fn targets_off_this_machine_are_refused() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains("only loopback targets"), "{mode}: {stderr}");
     }
+    let output = Command::new(env!("CARGO_BIN_EXE_agentgate-bench"))
+        .args(["proxy", "--target", "x=http://192.0.2.1:80/"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("only loopback targets"), "proxy: {stderr}");
 }

@@ -1,0 +1,310 @@
+#!/usr/bin/env bash
+# The proxy benchmark (BENCHMARKS.md, "Proxy"; issue 10): agentgate's `[[routes]]` against
+# calling the upstream directly and against nginx `proxy_pass`, all on loopback, in one
+# run, against a release build.
+#
+#   scripts/bench/proxy.sh [OUT_DIR]        # default: target/bench-results/proxy-<UTC time>
+#   RATES=500,2000,5000 SECS=5 ROUNDS=2 WRK_SECS=5 WRK_ROUNDS=3 scripts/bench/proxy.sh
+#   NICE=-10 scripts/bench/proxy.sh   # every process of the benchmark ahead of other work (root)
+#   PARTS=throughput WRK_ROUNDS=5 scripts/bench/proxy.sh   # one part only (latency, throughput)
+#
+# One upstream (`agentgate-bench upstream`: 200 with a 64-byte body, plain HTTP for the
+# proxies, TLS for the direct TLS baseline) behind two proxies with the same certificate
+# (ECDSA P-256, made by openssl here), the same TLS versions, keep-alive to the upstream:
+#   agentgate: routes /open (auth = "none") and /jwt (auth = "jwt", HS256, two claims),
+#              strip_prefix; one process, tokio's runtime with one worker thread per core;
+#   nginx:     /open/ -> proxy_pass http://upstream/ with `upstream { keepalive 64; }`,
+#              proxy_http_version 1.1, the same X-Forwarded-*/X-Request-Id headers;
+#              worker_processes = number of cores. (nginx has no HS256 check: the jwt
+#              route is compared with agentgate's own open route.)
+# Both log every request (agentgate's access line, nginx's access_log) to a file in the
+# first throughput pass and nothing in the second (LOGS="on off").
+#
+# 1. Latency (`agentgate-bench proxy`, open loop): p50/p99 at each rate in RATES for the
+#    upstream over plain HTTP and over TLS, agentgate /open and /jwt, nginx /open;
+#    overhead = proxy - direct over TLS (the client's TLS work is the same on both).
+# 2. Throughput (wrk, closed loop, WRK_CONNS connections, 2 threads): requests/s of
+#    agentgate /open, /jwt, nginx /open and the upstream over TLS, interleaved WRK_ROUNDS
+#    times; ratio agentgate/nginx per round; server CPU per request from /proc.
+# Prints the tables and writes OUT_DIR/proxy.json, OUT_DIR/latency.json, summary.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+out=${1:-target/bench-results/proxy-$(date -u +%Y%m%dT%H%M%SZ)}
+rates=${RATES:-500,2000,5000}
+secs=${SECS:-5}
+rounds=${ROUNDS:-2}
+wrk_secs=${WRK_SECS:-5}
+wrk_rounds=${WRK_ROUNDS:-3}
+wrk_conns=${WRK_CONNS:-64}
+logs=${LOGS:-on off}
+parts=${PARTS:-latency throughput}
+port=${PORT:-18470}
+nginx_port=$((port + 1))
+up_port=$((port + 2))
+up_tls_port=$((port + 3))
+cores=$(nproc)
+for tool in nginx wrk openssl python3 curl; do
+    command -v "$tool" >/dev/null || { echo "$tool is not installed (apt-get install nginx wrk openssl python3 curl)" >&2; exit 1; }
+done
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work=$(mktemp -d /tmp/agentgate-proxybench.XXXXXX)
+gw_pid=
+up_pid=
+# On a machine shared with other work (compile jobs), a negative niceness (root only) for
+# every process of the benchmark alike: proxies, upstream, load generators.
+run_nice=(nice -n "${NICE:-0}")
+
+cargo build --release --locked --quiet -p agentgate -p agentgate-bench
+bin=$PWD/target/release/agentgate
+sim=$PWD/target/release/agentgate-bench
+
+cleanup() {
+    [ -n "$gw_pid" ] && kill "$gw_pid" 2>/dev/null || true
+    [ -n "$up_pid" ] && kill "$up_pid" 2>/dev/null || true
+    [ -s "$work/nginx/nginx.pid" ] && kill "$(cat "$work/nginx/nginx.pid")" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+
+# An HS256 token as the replaced gateway's token function mints them.
+secret=bench-jwt-secret-$RANDOM$RANDOM$RANDOM
+token=$(python3 - "$secret" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")
+now = int(time.time())
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b64(json.dumps({"jti": "bench-0001", "project": "bench", "service": "api",
+                       "iat": now, "exp": now + 3600}).encode())
+sig = b64(hmac.new(sys.argv[1].encode(), head + b"." + body, hashlib.sha256).digest())
+print((head + b"." + body + b"." + sig).decode())
+PY
+)
+
+"${run_nice[@]}" "$sim" upstream --listen "127.0.0.1:$up_port" --tls-listen "127.0.0.1:$up_tls_port" \
+    --cert "$work/cert.pem" --key "$work/key.pem" >"$work/upstream.out" 2>&1 &
+up_pid=$!
+
+cat > "$work/agentgate.toml" <<CONF
+listen = "127.0.0.1:$port"
+data_dir = "$work/data"
+api_keys = ["bench-key-$RANDOM$RANDOM"]
+log_format = "text"
+# wrk opens all its connections at once from one address.
+[limits]
+handshakes_per_source = 1000000
+handshake_failures = 1000000
+[store]
+dir = "$work/certs"
+[tls]
+mode = "files"
+cert_file = "$work/cert.pem"
+key_file = "$work/key.pem"
+[[routes]]
+name = "open"
+prefix = "/open"
+upstreams = ["http://127.0.0.1:$up_port"]
+strip_prefix = true
+auth = "none"
+[[routes]]
+name = "jwt"
+prefix = "/jwt"
+upstreams = ["http://127.0.0.1:$up_port"]
+strip_prefix = true
+auth = "jwt"
+claims = { project = ["bench"], service = ["api"] }
+CONF
+
+wait_for() { # URL, the log to show if it never answers 2xx
+    for _ in $(seq 100); do
+        curl -skf "$1" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "no answer from $1:" >&2; cat "$2" >&2; exit 1
+}
+
+start_gateway() { # on|off: the access log
+    stop_gateway
+    local level=info
+    [ "$1" = off ] && level=warn
+    GATEWAY_JWT_SECRET=$secret RUST_LOG=$level "${run_nice[@]}" "$bin" serve --config "$work/agentgate.toml" \
+        2>"$work/gateway-$1.log" &
+    gw_pid=$!
+    wait_for "https://127.0.0.1:$port/health" "$work/gateway-$1.log"
+}
+
+stop_gateway() {
+    if [ -n "$gw_pid" ]; then
+        kill "$gw_pid" 2>/dev/null || true
+        timeout 30 tail --pid="$gw_pid" -f /dev/null || true
+        gw_pid=
+    fi
+}
+
+start_nginx() { # on|off: the access log
+    stop_nginx
+    local dir=$work/nginx access=off
+    [ "$1" = on ] && access="$dir/access.log"
+    mkdir -p "$dir"
+    cat > "$dir/nginx.conf" <<CONF
+worker_processes $cores;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log $access;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    upstream bench_upstream {
+        server 127.0.0.1:$up_port;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$nginx_port ssl;
+        ssl_certificate $work/cert.pem;
+        ssl_certificate_key $work/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location /open/ {
+            proxy_pass http://bench_upstream/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Forwarded-Host \$host;
+            proxy_set_header X-Request-Id \$request_id;
+            add_header X-Request-Id \$request_id;
+        }
+    }
+}
+CONF
+    "${run_nice[@]}" nginx -c "$dir/nginx.conf" -p "$dir" -g 'daemon on;'
+    wait_for "https://127.0.0.1:$nginx_port/open/x" "$dir/error.log"
+}
+
+stop_nginx() {
+    local pidfile=$work/nginx/nginx.pid
+    if [ -s "$pidfile" ]; then
+        local pid
+        pid=$(cat "$pidfile")
+        kill "$pid" 2>/dev/null || true
+        timeout 30 tail --pid="$pid" -f /dev/null || true
+        rm -f "$pidfile"
+    fi
+}
+
+nginx_pids() {
+    local master
+    master=$(cat "$work/nginx/nginx.pid")
+    echo "$master $(pgrep -P "$master" | tr '\n' ' ')"
+}
+
+# CPU ticks (user + system) of the given pids, from /proc/<pid>/stat.
+ticks() {
+    local sum=0 pid
+    for pid in "$@"; do
+        sum=$((sum + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    echo "$sum"
+}
+
+auth="Authorization: Bearer $token"
+started=$(date -u +%FT%TZ)
+echo "# $started $cores CPUs, $(uname -r), git $(git rev-parse --short HEAD), nice ${NICE:-0}, $(nginx -v 2>&1), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)" | tee "$out/log.txt"
+uptime | tee -a "$out/log.txt"
+
+# 1. Latency at fixed rates, with both access logs on (the production setting).
+if [[ " $parts " == *" latency "* ]]; then
+start_gateway on
+start_nginx on
+echo "== latency: agentgate-bench proxy --rates $rates --secs $secs --rounds $rounds" | tee -a "$out/log.txt"
+"${run_nice[@]}" "$sim" proxy --rates "$rates" --secs "$secs" --rounds "$rounds" --connections 32 \
+    --baseline direct-tls --header "$auth" \
+    --target "direct=http://127.0.0.1:$up_port/x" \
+    --target "direct-tls=https://127.0.0.1:$up_tls_port/x" \
+    --target "agentgate=https://127.0.0.1:$port/open/x" \
+    --target "agentgate-jwt=https://127.0.0.1:$port/jwt/x" \
+    --target "nginx=https://127.0.0.1:$nginx_port/open/x" \
+    --json "$out/latency.json" 2>&1 | tee -a "$out/log.txt"
+fi
+
+# 2. Throughput with wrk, the sides interleaved in each round.
+echo "side,logs,round,requests_per_sec,server_cpu_ticks,requests" > "$out/wrk.csv"
+[[ " $parts " == *" throughput "* ]] || logs=
+for log in $logs; do
+    start_gateway "$log"
+    start_nginx "$log"
+    for round in $(seq "$wrk_rounds"); do
+        for side in agentgate agentgate-jwt nginx direct-tls; do
+            header=()
+            case $side in
+            agentgate) url=https://127.0.0.1:$port/open/x; pids=$gw_pid ;;
+            agentgate-jwt) url=https://127.0.0.1:$port/jwt/x; pids=$gw_pid; header=(-H "$auth") ;;
+            nginx) url=https://127.0.0.1:$nginx_port/open/x; pids=$(nginx_pids) ;;
+            direct-tls) url=https://127.0.0.1:$up_tls_port/x; pids=$up_pid ;;
+            esac
+            # shellcheck disable=SC2086 # pids is a list
+            before=$(ticks $pids)
+            result=$("${run_nice[@]}" wrk -t2 -c"$wrk_conns" -d"${wrk_secs}s" "${header[@]}" "$url")
+            # shellcheck disable=SC2086
+            after=$(ticks $pids)
+            rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$result")
+            total=$(awk '/requests in/ { print $1 }' <<<"$result")
+            non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $5 }' <<<"$result")
+            if [ -n "$non2xx" ] || grep -q "Socket errors" <<<"$result"; then
+                echo "$side: failed requests:" >&2; echo "$result" >&2; exit 1
+            fi
+            echo "$side,$log,$round,$rps,$((after - before)),$total" >> "$out/wrk.csv"
+            echo "logs $log round $round $side: $rps requests/s" | tee -a "$out/log.txt"
+        done
+    done
+done
+stop_gateway
+stop_nginx
+
+python3 - "$out" "$started" "$wrk_conns" "$wrk_secs" "$cores" "$(getconf CLK_TCK)" <<'PY' | tee "$out/summary.md"
+import csv, json, os, statistics, sys
+out, started, conns, wrk_secs, cores, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+lat_file = os.path.join(out, "latency.json")
+lat = json.load(open(lat_file)) if os.path.exists(lat_file) else None
+rows = list(csv.DictReader(open(os.path.join(out, "wrk.csv"))))
+if lat:
+    print(f"Latency, open loop, {lat['connections']} connections, {lat['secs']} s per rate, "
+          f"median of {lat['rounds']} rounds; overhead against {lat['baseline']}:\n")
+    print("| rate/s | target | p50 µs | p99 µs | p50 overhead µs | p99 overhead µs | failures |")
+    print("|---|---|---|---|---|---|---|")
+    for c in lat["compared"]:
+        print(f"| {c['rate']} | {c['target']} | {c['p50_us']} | {c['p99_us']} "
+              f"| {c['p50_overhead_us']:+d} | {c['p99_overhead_us']:+d} | {c['failures']} |")
+throughput = {}
+print(f"\nThroughput, wrk -t2 -c{conns} -d{wrk_secs}s, requests/s per round "
+      f"(server CPU µs per request):\n")
+print("| logs | side | rounds | median requests/s | CPU µs/request | median ratio to nginx |")
+print("|---|---|---|---|---|---|")
+for log in sorted({r["logs"] for r in rows}, reverse=True):
+    by_side = {}
+    for r in rows:
+        if r["logs"] == log:
+            by_side.setdefault(r["side"], []).append(r)
+    nginx = {r["round"]: float(r["requests_per_sec"]) for r in by_side.get("nginx", [])}
+    throughput[log] = {}
+    for side, rs in by_side.items():
+        rps = [float(r["requests_per_sec"]) for r in rs]
+        cpu = [int(r["server_cpu_ticks"]) * 1e6 / hz / int(r["requests"]) for r in rs]
+        ratios = [float(r["requests_per_sec"]) / nginx[r["round"]] for r in rs if r["round"] in nginx]
+        throughput[log][side] = {"requests_per_sec": rps, "cpu_us_per_request": cpu,
+                                 "ratio_to_nginx": ratios}
+        print(f"| {log} | {side} | {', '.join(f'{x:.0f}' for x in rps)} | {statistics.median(rps):.0f} "
+              f"| {statistics.median(cpu):.1f} | {statistics.median(ratios):.2f} |")
+json.dump({"started": started, "cpus": cores, "wrk": {"connections": conns, "threads": 2,
+           "secs": wrk_secs}, "latency": lat, "throughput": throughput},
+          open(os.path.join(out, "proxy.json"), "w"), indent=2)
+PY
+echo "results in $out"
