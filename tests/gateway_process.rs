@@ -327,6 +327,10 @@ async fn a_runtime_route_survives_sighup_and_a_restart_and_yields_to_a_config_ro
             (json!("b"), json!("config"))
         ]
     );
+    assert_eq!(
+        r.json()["not_served"],
+        json!([{"name": "rt", "reason": "shadowed by config route \"files\" (same prefix)"}])
+    );
 
     // A crash (SIGKILL), then a start on the same data directory without the shadowing
     // route: the runtime route is served again.
