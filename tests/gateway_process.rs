@@ -223,12 +223,8 @@ async fn sighup_applies_a_valid_routes_file_and_refuses_a_broken_one() {
 
     // The access log: one line per proxied request with route and upstream; an API
     // request names its key by a digest prefix, never the key.
-    let auth = format!("Bearer {API_KEY}");
-    let r = conn
-        .send("GET", "/routes", &[("authorization", &auth)], "")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
+    let (sources, _) = listed_routes(&mut conn).await;
+    assert_eq!(sources, vec!["a:config"]);
     let text = wait_log(&log, "key=\"sha256:").await;
     assert!(
         text.contains("proxied") && text.contains("route=a"),
