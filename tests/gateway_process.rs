@@ -229,12 +229,8 @@ async fn sighup_applies_a_valid_routes_file_and_refuses_a_broken_one() {
 
     // The access log: one line per proxied request with route and upstream; an API
     // request names its key by a digest prefix, never the key.
-    let auth = format!("Bearer {API_KEY}");
-    let r = conn
-        .send("GET", "/routes", &[("authorization", &auth)], "")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
+    let (sources, _) = listed_routes(&mut conn).await;
+    assert_eq!(sources, vec!["a:config"]);
     let text = wait_log(&log, "key=\"sha256:").await;
     assert!(
         text.contains("proxied") && text.contains("route=a"),
@@ -263,6 +259,30 @@ async fn sighup_applies_a_valid_routes_file_and_refuses_a_broken_one() {
     let r = conn.send("GET", "/b/z", &[], "").await.unwrap();
     assert_eq!(r.status, 200, "the running routes stay");
     assert_eq!(conn.send("GET", "/c/z", &[], "").await.unwrap().status, 404);
+}
+
+/// `GET /routes`: `<name>:<source>` of each route in force, and `not_served`.
+async fn listed_routes(conn: &mut HttpConn) -> (Vec<String>, Value) {
+    let auth = format!("Bearer {API_KEY}");
+    let r = conn
+        .send("GET", "/routes", &[("authorization", &auth)], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    let sources = body["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["name"].as_str().unwrap(),
+                r["source"].as_str().unwrap()
+            )
+        })
+        .collect();
+    (sources, body["not_served"].clone())
 }
 
 /// A route registered at runtime (`POST /routes`) outlives a SIGHUP that replaces the
@@ -316,22 +336,11 @@ async fn a_runtime_route_survives_sighup_and_a_restart_and_yields_to_a_config_ro
     );
     let r = conn.send("GET", "/rt/x", &[], "").await.unwrap();
     assert_eq!(path(r), (200, json!("/rt/x")));
-    let r = conn
-        .send("GET", "/routes", &[("authorization", &auth)], "")
-        .await
-        .unwrap();
-    let sources: Vec<(Value, Value)> = r.json()["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["name"].clone(), r["source"].clone()))
-        .collect();
+    let (sources, not_served) = listed_routes(&mut conn).await;
+    assert_eq!(sources, vec!["files:config", "b:config"]);
     assert_eq!(
-        sources,
-        vec![
-            (json!("files"), json!("config")),
-            (json!("b"), json!("config"))
-        ]
+        not_served,
+        json!([{"name": "rt", "reason": "shadowed by config route \"files\" (same prefix)"}])
     );
 
     // A crash (SIGKILL), then a start on the same data directory without the shadowing
@@ -344,19 +353,9 @@ async fn a_runtime_route_survives_sighup_and_a_restart_and_yields_to_a_config_ro
     let mut conn = connect(&pki, port).await;
     let r = conn.send("GET", "/rt/x", &[], "").await.unwrap();
     assert_eq!(path(r), (200, json!("/x")));
-    let r = conn
-        .send("GET", "/routes", &[("authorization", &auth)], "")
-        .await
-        .unwrap();
-    assert!(
-        r.json()["routes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["name"] == "rt" && r["source"] == "runtime"),
-        "{}",
-        r.text()
-    );
+    let (sources, not_served) = listed_routes(&mut conn).await;
+    assert_eq!(sources, vec!["rt:runtime", "b:config"]);
+    assert_eq!(not_served, json!([]));
 }
 
 /// `check-config` reads the files the gateway half names, so a start would not be the

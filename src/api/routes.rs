@@ -20,18 +20,22 @@ use super::{ApiError, AppState, JsonBody};
 use crate::config::{RawRoute, route_to_raw};
 use crate::store::routes::{self, Mode, Outcome, RouteWriteError};
 
-/// `GET /routes`: the routes in force, longest prefix first, with each upstream's health.
+/// `GET /routes`: the routes in force, longest prefix first, with each upstream's health,
+/// and the runtime routes stored but not served here, with the reason.
 #[utoipa::path(
     get, path = "/routes", operation_id = "list_routes",
     summary = "List the gateway's routes (config and runtime) with each upstream's health (scope routes:admin)",
     tag = "gateway", security(("api_key" = [])),
     responses(
-        (status = 200, description = "The routes in force, longest prefix first", body = RouteList),
+        (status = 200, description = "The routes in force, longest prefix first, and the runtime routes left out", body = RouteList),
         (status = 403, description = "The key lacks the scope routes:admin (the detail names it)", body = ErrorDetail),
     ),
 )]
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "routes": state.proxy.describe() }))
+    Json(json!({
+        "routes": state.proxy.describe(),
+        "not_served": state.proxy.not_served(),
+    }))
 }
 
 /// `POST /routes`: registers a route; a name already taken is a 409 (`PUT` replaces).

@@ -338,6 +338,16 @@ pub(crate) struct ClusterNodes {
 #[derive(ToSchema)]
 pub(crate) struct RouteList {
     routes: Vec<RouteDoc>,
+    /// Runtime routes stored but not served by this node.
+    not_served: Vec<NotServedDoc>,
+}
+
+/// A runtime route left out of this node's table, and why: shadowed by a config route of
+/// its name or prefix, or not valid under the configuration in force.
+#[derive(ToSchema)]
+pub(crate) struct NotServedDoc {
+    name: String,
+    reason: String,
 }
 
 /// One route of the gateway (`[[routes]]` or registered at runtime).

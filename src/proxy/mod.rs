@@ -399,6 +399,19 @@ impl Proxy {
         self.inner.checks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runtime routes stored but not served, each with the reason (shadowed by a config
+    /// route, or not valid under the configuration in force), by name.
+    pub fn not_served(&self) -> Vec<NotServedView> {
+        self.sources()
+            .left_out
+            .iter()
+            .map(|(name, reason)| NotServedView {
+                name: name.clone(),
+                reason: reason.clone(),
+            })
+            .collect()
+    }
+
     /// `GET /routes`: each route with the health of each upstream.
     pub fn describe(&self) -> Vec<RouteView> {
         self.inner.table.load().routes.iter().map(view).collect()
@@ -482,6 +495,12 @@ pub struct RouteView {
     pub retries: u32,
     pub health_check: Option<HealthCheckView>,
     pub upstreams: Vec<UpstreamView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NotServedView {
+    pub name: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Serialize)]
