@@ -119,18 +119,19 @@ impl Micros {
     /// Nearest-rank percentiles of `samples` (microseconds).
     pub fn of(mut samples: Vec<u32>) -> Self {
         samples.sort_unstable();
-        let pct = |p: f64| -> u32 {
+        // `per_mille` in integers: 99.9 / 100 * 1000 in floats is 999.0000000000001.
+        let pct = |per_mille: usize| -> u32 {
             if samples.is_empty() {
                 return 0;
             }
-            let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+            let rank = (per_mille * samples.len()).div_ceil(1000);
             samples[rank.clamp(1, samples.len()) - 1]
         };
         Self {
-            p50: pct(50.0),
-            p90: pct(90.0),
-            p99: pct(99.0),
-            p999: pct(99.9),
+            p50: pct(500),
+            p90: pct(900),
+            p99: pct(990),
+            p999: pct(999),
             max: samples.last().copied().unwrap_or(0),
         }
     }
