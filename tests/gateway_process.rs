@@ -108,7 +108,13 @@ async fn a_200_mb_body_streams_both_ways_in_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let up = upstream().await;
     let port = free_port();
-    let config = write_config(dir.path(), &pki, port, &route("big", "/big", &up));
+    // Above `limits.proxy_max_body_bytes` (10 MiB by default): this route takes it all.
+    let routes = format!(
+        "[limits]\nproxy_max_body_bytes = {}\n{}",
+        2 * SIZE,
+        route("big", "/big", &up)
+    );
+    let config = write_config(dir.path(), &pki, port, &routes);
     let log = dir.path().join("gw.log");
     let proc = start(&config, &log);
     // Warm up: TLS, the upstream pool, the allocator's first arenas.
