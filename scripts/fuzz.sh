@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target in fuzz/ for SECONDS each (default 60): ./scripts/fuzz.sh 600
+# With target names after SECONDS, only those: ./scripts/fuzz.sh 600 jwt
 #
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). Each target
 # starts from its seeds in fuzz/seeds/<target> and grows its corpus in fuzz/corpus/<target>
@@ -10,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
 secs="${1:-60}"
 targets=(upload config verifier socketio jwt)
+if [ "$#" -gt 1 ]; then
+    targets=("${@:2}")
+fi
 status=0
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"

@@ -131,19 +131,26 @@ pub(crate) async fn packet_limit(
         return next.run(req).await;
     }
     let source = req.extensions().get::<Peer>().map(|p| p.remote_addr.ip());
-    let upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    if upgrade && let Some(gate) = req.extensions().get::<ReadGate>() {
-        gate.watch_frames(super::backpressure::FrameWatch {
-            limit: limit.bytes,
-            refusals: limit.refusals.clone(),
-            source,
-        });
-    }
     if req.method() != Method::POST {
-        return next.run(req).await;
+        let upgrade = req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let gate = req.extensions().get::<ReadGate>().cloned();
+        let response = next.run(req).await;
+        // Armed once the upgrade is accepted, before hyper writes the 101 and hands the
+        // connection over: a refused upgrade leaves an HTTP connection, not frames.
+        if upgrade
+            && response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(gate) = gate
+        {
+            gate.watch_frames(super::backpressure::FrameWatch {
+                limit: limit.bytes,
+                refusals: limit.refusals.clone(),
+                source,
+            });
+        }
+        return response;
     }
     let declared = req
         .headers()

@@ -5,9 +5,9 @@
 //! engineioxide hands the limit to tungstenite, which refuses such a message too, but the
 //! session then ends as any broken connection does (a transport error, nothing counted).
 //! This reader only looks at headers and skips payloads: it buffers nothing but the at
-//! most 14 bytes of one header. It starts at the first byte read after the upgrade
-//! request, which is the first frame: a client must wait for the server's `101` before
-//! it sends one (RFC 6455 §4.1).
+//! most 14 bytes of one header. It starts at the first byte read after the gateway
+//! accepted the upgrade, which is the first frame: a client must wait for the server's
+//! `101` before it sends one (RFC 6455 §4.1).
 
 /// Where the reader is in the stream of frames.
 #[derive(Debug, Clone)]

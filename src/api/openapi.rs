@@ -65,8 +65,9 @@ pub(crate) struct ApiDoc;
 
 /// Adds the Bearer scheme and the error responses that do not depend on the handler:
 /// - every operation: 414 and 431 (`head_limits`, before any route is matched);
-/// - every operation with a JSON body (all go through `JsonBody`): 413 over
-///   `limits.max_body_bytes`, 422 for a body that is not a JSON object of the documented shape,
+/// - every operation with a JSON body (all go through `JsonBody`): 413 over its body limit
+///   (`limits.max_body_bytes`; `limits.register_body_bytes` for `POST /agent/register`),
+///   422 for a body that is not a JSON object of the documented shape,
 ///   400 when it cannot be read;
 /// - every operation behind the API key: 403 (no key, wrong key), 400 (two
 ///   Authorization fields) and 429 (too many failed attempts from the address).
