@@ -24,6 +24,8 @@
 //!   shutdown; `killable` lets shutdown cut upgraded connections.
 //! - `redirect`: the optional plain-HTTP listener that answers with 301 to https.
 //! - [`api`]: the HTTP API: router, middleware, extractors, errors, one file per resource.
+//! - `console`: the fleet console at `/ui/` (embedded page, sign-in sessions, the live
+//!   table over Server-Sent Events), acting through the API's handlers.
 //! - [`proxy`]: the API gateway: `[[routes]]` to upstream services (longest prefix,
 //!   round-robin over healthy upstreams, retries, timeouts, WebSocket pass-through).
 //! - [`auth`]: API keys with scopes, JWT verification, revoked token ids, and the
@@ -46,6 +48,7 @@ pub mod certgen;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub(crate) mod console;
 pub(crate) mod digest;
 pub mod enroll;
 pub(crate) mod fsutil;

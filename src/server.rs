@@ -94,6 +94,8 @@ pub struct Gateway {
     metrics_listener: Option<TcpListener>,
     /// With `[cluster]`: the task publishing this node's agents and following the others.
     fleet: Option<FleetTask>,
+    /// The fleet console at `/ui/` (its live feed starts with `serve`).
+    console: crate::console::Console,
 }
 
 /// The fleet task; aborted when the gateway is dropped without a graceful stop (as a
@@ -218,8 +220,12 @@ impl Gateway {
         // identity that opened the session), the Socket.IO layer (which answers
         // `/socket.io/` itself), and then the API router (see `api::router` for the layers
         // inside it).
+        let console = crate::console::Console::new(config.console, state.clock.clone(), &store);
         let app = sio_layer
-            .wrap(api::router(state.clone(), &config.cors_origins, exposure))
+            .wrap(
+                api::router(state.clone(), &config.cors_origins, exposure)
+                    .merge(crate::console::router(console.clone(), state.clone())),
+            )
             .layer(axum::middleware::from_fn_with_state(
                 agents.bindings.clone(),
                 session_guard::guard,
@@ -249,6 +255,7 @@ impl Gateway {
             redirect: None,
             metrics_listener: None,
             fleet,
+            console,
         })
     }
 
@@ -302,6 +309,7 @@ impl Gateway {
         self.server_cert.spawn_background(token.clone(), &tracker);
         self.state.proxy.start_health_checks(token.child_token());
         self.store.watch_dir(token.child_token());
+        self.console.spawn(self.state.clone(), token.child_token());
         if let Some(redirect) = self.redirect.take() {
             // Without `[http_redirect]`, the port of the listener the caller gave.
             let https_port = self

@@ -19,13 +19,10 @@ pub async fn require_api_key(
     mut req: Request,
     next: Next,
 ) -> Response {
-    // A source past its failed attempts is refused before its key is looked at, so that
-    // guessing stops there even with the right key among the guesses.
     let source = req.extensions().get::<Peer>().map(|p| p.remote_addr.ip());
     let now = std::time::Instant::now();
-    if let Some(left) = source.and_then(|ip| state.api_key_failures.refused(ip, now)) {
-        state.metrics.limit_refusal("api_key_failures");
-        return too_many_failures(left);
+    if let Some(refused) = refused_source(&state, source, now) {
+        return refused;
     }
     let key = match bearer_of(req.headers()) {
         Err(BearerError::Missing) => {
@@ -41,26 +38,51 @@ pub async fn require_api_key(
             )
             .into_response();
         }
-        Ok(presented) => match state.api_keys.find(presented) {
-            Some(key) => key.clone(),
-            None => {
-                if let Some(ip) = source
-                    && state.api_key_failures.fail(ip, now)
-                {
-                    tracing::warn!(
-                        source = %ip, limit = "api_key_failures",
-                        window_secs = state.api_key_failures.window().as_secs(),
-                        "source reached the failed API-key attempts limit; refused with 429 until the window ends"
-                    );
-                }
-                return ApiError::Forbidden("Invalid API key").into_response();
-            }
+        Ok(presented) => match check_key(&state, source, presented, now) {
+            Ok(key) => key,
+            Err(refused) => return refused.into_response(),
         },
     };
     req.extensions_mut().insert(key.clone());
     let mut response = next.run(req).await;
     response.extensions_mut().insert(key);
     response
+}
+
+/// `429` for a source past its failed API-key attempts (`[limits]`): such a source is
+/// refused before its key is looked at, so that guessing stops there even with the right
+/// key among the guesses. Shared by the Bearer check and the console's sign-in.
+pub(crate) fn refused_source(
+    state: &AppState,
+    source: Option<std::net::IpAddr>,
+    now: std::time::Instant,
+) -> Option<Response> {
+    let left = source.and_then(|ip| state.api_key_failures.refused(ip, now))?;
+    state.metrics.limit_refusal("api_key_failures");
+    Some(too_many_failures(left))
+}
+
+/// The key `presented` is, or `403 Invalid API key`; a wrong key counts against its
+/// source's failed attempts. Shared by the Bearer check and the console's sign-in.
+pub(crate) fn check_key(
+    state: &AppState,
+    source: Option<std::net::IpAddr>,
+    presented: &str,
+    now: std::time::Instant,
+) -> Result<ApiKey, ApiError> {
+    if let Some(key) = state.api_keys.find(presented) {
+        return Ok(key.clone());
+    }
+    if let Some(ip) = source
+        && state.api_key_failures.fail(ip, now)
+    {
+        tracing::warn!(
+            source = %ip, limit = "api_key_failures",
+            window_secs = state.api_key_failures.window().as_secs(),
+            "source reached the failed API-key attempts limit; refused with 429 until the window ends"
+        );
+    }
+    Err(ApiError::Forbidden("Invalid API key"))
 }
 
 /// `429` with `Retry-After` (RFC 9110 §10.2.3, in seconds) for a source past its failed

@@ -29,8 +29,8 @@ pub use gateway::{
     RawRoute, RouteAuth, RouteConfig, Scopes,
 };
 pub use raw::{
-    ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawHttpRedirect, RawLimits,
-    RawSocketIo, RawStore, RawTls, TlsMode,
+    ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawConsole, RawHttpRedirect,
+    RawLimits, RawSocketIo, RawStore, RawTls, TlsMode,
 };
 
 /// `tls.acme.directory` names for Let's Encrypt.
@@ -65,6 +65,7 @@ pub struct Config {
     pub agents: AgentsConfig,
     pub store: StoreConfig,
     pub limits: LimitsConfig,
+    pub console: ConsoleConfig,
     pub tls: TlsSource,
     pub socketio: SocketIoConfig,
     /// The plain-HTTP redirect listener, if any.
@@ -97,6 +98,13 @@ pub struct ClusterConfig {
 pub struct AgentsConfig {
     /// At least 1 s.
     pub stale_after: Duration,
+}
+
+/// `[console]`, validated: both lifetimes at least 1 s, the idle one at most the absolute.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConsoleConfig {
+    pub session_idle: Duration,
+    pub session_absolute: Duration,
 }
 
 /// `[limits]`, validated: every count and window at least 1.
@@ -374,6 +382,10 @@ impl Config {
                 agent_events: self.limits.agent_events,
                 agent_event_window_secs: self.limits.agent_event_window.as_secs(),
             },
+            console: RawConsole {
+                session_idle_secs: self.console.session_idle.as_secs(),
+                session_absolute_secs: self.console.session_absolute.as_secs(),
+            },
             tls: RawTls {
                 mode,
                 cert_file,
@@ -460,6 +472,7 @@ impl RawConfig {
         let agents = validate_agents(self.agents, origin)?;
         let socketio = validate_socketio(self.socketio, origin)?;
         let limits = validate_limits(&self.limits, origin)?;
+        let console = validate_console(&self.console, origin)?;
         let tls = validate_tls(self.tls, &self.data_dir, origin)?;
         let http_redirect = validate_http_redirect(self.http_redirect, self.listen, origin)?;
         let cluster = match self.cluster {
@@ -494,6 +507,7 @@ impl RawConfig {
                 dir: self.store.dir,
             },
             limits,
+            console,
             tls,
             socketio,
             http_redirect,
@@ -614,6 +628,27 @@ fn validate_agents(raw: RawAgents, origin: &str) -> Result<AgentsConfig, ConfigE
     }
     Ok(AgentsConfig {
         stale_after: Duration::from_secs(raw.stale_after_secs),
+    })
+}
+
+fn validate_console(raw: &RawConsole, origin: &str) -> Result<ConsoleConfig, ConfigError> {
+    if raw.session_idle_secs == 0 {
+        return Err(invalid(
+            "console.session_idle_secs",
+            origin,
+            "must be at least 1",
+        ));
+    }
+    if raw.session_absolute_secs < raw.session_idle_secs {
+        return Err(invalid(
+            "console.session_absolute_secs",
+            origin,
+            "must be at least console.session_idle_secs",
+        ));
+    }
+    Ok(ConsoleConfig {
+        session_idle: Duration::from_secs(raw.session_idle_secs),
+        session_absolute: Duration::from_secs(raw.session_absolute_secs),
     })
 }
 

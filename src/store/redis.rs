@@ -243,6 +243,12 @@ impl RedisState {
         self.driver.status()
     }
 
+    /// The connection, for other state under the `agentgate:{state}:` prefix that needs
+    /// no change announcement (the console's sessions).
+    pub(crate) fn driver(&self) -> &RedisDriver {
+        &self.driver
+    }
+
     /// Creates the epoch if there is none; true if this call created it.
     pub(crate) async fn ensure_epoch(&self) -> Result<bool, RedisError> {
         let mut cmd = redis::cmd("SET");
@@ -515,7 +521,7 @@ pub(crate) fn random_hex(bytes: usize) -> Result<String, RedisError> {
     Ok(hex(&buf))
 }
 
-fn key(name: &str) -> String {
+pub(crate) fn key(name: &str) -> String {
     format!("{PREFIX}:{name}")
 }
 
