@@ -6,9 +6,10 @@
 //! Changes are coalesced: the task looks every [`TICK`] (200 ms) and rebuilds the table
 //! when the registry counted a change (a connect, heartbeat or disconnect; an O(1) check)
 //! or [`REFRESH`] has passed (staleness, certificate uploads and expiry change without a
-//! registry event; with `[cluster]`, so do the other nodes' agents). A browser therefore
-//! sees a change within about 200 ms, and at most one message per tick whatever the rate
-//! of heartbeats. The rows are built from the same sources as `GET /agents`, the status
+//! registry event). With `[cluster]` the other nodes' agents change without a local event
+//! too, so a clustered node rebuilds at every tick. A browser therefore sees a change of
+//! its node's agents within about 200 ms (another node's: its `publish_interval` later),
+//! and at most one message per tick whatever the rate of heartbeats. The rows are built from the same sources as `GET /agents`, the status
 //! by the same rules (`api::agents::fleet_statuses` in a cluster).
 //!
 //! The task also keeps, per agent, the times of the last [`TIMELINE`] heartbeats it saw
@@ -114,13 +115,18 @@ impl Feed {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut seen: Option<u64> = None;
             let mut rebuilt = Instant::now();
+            let refresh = if app.agents.cluster.is_some() {
+                TICK
+            } else {
+                REFRESH
+            };
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = shutdown.cancelled() => break,
                 }
                 let generation = app.agents.registry.generation();
-                if seen == Some(generation) && rebuilt.elapsed() < REFRESH {
+                if seen == Some(generation) && rebuilt.elapsed() < refresh {
                     continue;
                 }
                 seen = Some(generation);
