@@ -18,16 +18,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
-/// One request on a fresh connection without a client certificate.
-async fn request(
-    server: &TestServer,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> HttpResponse {
-    let mut conn = server.http(None).await.unwrap();
-    conn.send(method, path, headers, body).await.unwrap()
+/// Whether the gateway stores a certificate for `id`.
+fn has_cert(server: &TestServer, id: &str) -> bool {
+    server.store.by_agent(&id.parse().unwrap()).is_some()
+}
+
+/// The `detail` of an error response.
+fn detail_of(r: &HttpResponse) -> String {
+    r.json()["detail"].as_str().unwrap_or_default().to_owned()
 }
 
 /// A signed-in console: the cookie header value and the CSRF token.
@@ -36,15 +34,20 @@ struct Signed {
     csrf: String,
 }
 
-async fn sign_in(server: &TestServer, key: &str) -> Signed {
-    let r = request(
+/// `POST /ui/api/sign-in` with `key`, as the page sends it.
+async fn try_sign_in(server: &TestServer, key: &str) -> HttpResponse {
+    request(
         server,
         "POST",
         "/ui/api/sign-in",
         &[("content-type", "application/json")],
         &json!({ "api_key": key }).to_string(),
     )
-    .await;
+    .await
+}
+
+async fn sign_in(server: &TestServer, key: &str) -> Signed {
+    let r = try_sign_in(server, key).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let set = r.headers["set-cookie"].to_str().unwrap().to_owned();
     let cookie = set.split(';').next().unwrap().to_owned();
@@ -128,12 +131,7 @@ async fn console_files_come_with_types_etags_and_the_csp() {
     let missing = request(&server, "GET", "/ui/nope.js", &[], "").await;
     assert_eq!(missing.status, 404);
     assert_eq!(missing.headers["content-security-policy"], CSP);
-    assert!(
-        missing.json()["detail"]
-            .as_str()
-            .unwrap()
-            .contains("/ui/nope.js")
-    );
+    assert!(detail_of(&missing).contains("/ui/nope.js"));
     let bare = request(&server, "GET", "/ui", &[], "").await;
     assert_eq!(bare.status, 308);
     assert_eq!(bare.headers["location"], "/ui/");
@@ -142,14 +140,7 @@ async fn console_files_come_with_types_etags_and_the_csp() {
 #[tokio::test]
 async fn sign_in_sets_a_strict_cookie_and_sign_out_makes_it_useless() {
     let server = TestServer::start().await;
-    let wrong = request(
-        &server,
-        "POST",
-        "/ui/api/sign-in",
-        &[("content-type", "application/json")],
-        r#"{"api_key": "wrong"}"#,
-    )
-    .await;
+    let wrong = try_sign_in(&server, "wrong").await;
     assert_eq!(wrong.status, 403);
     assert_eq!(wrong.json(), json!({"detail": "Invalid API key"}));
     assert!(!wrong.headers.contains_key("set-cookie"));
@@ -164,14 +155,7 @@ async fn sign_in_sets_a_strict_cookie_and_sign_out_makes_it_useless() {
     .await;
     assert_eq!(form.status, 415, "{}", form.text());
 
-    let r = request(
-        &server,
-        "POST",
-        "/ui/api/sign-in",
-        &[("content-type", "application/json")],
-        &json!({ "api_key": API_KEY }).to_string(),
-    )
-    .await;
+    let r = try_sign_in(&server, API_KEY).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["cache-control"], "no-store");
     let set = r.headers["set-cookie"].to_str().unwrap().to_owned();
@@ -197,7 +181,7 @@ async fn sign_in_sets_a_strict_cookie_and_sign_out_makes_it_useless() {
     // No cookie, a made-up cookie: 401 with a detail.
     let none = request(&server, "GET", "/ui/api/session", &[], "").await;
     assert_eq!(none.status, 401);
-    assert!(none.json()["detail"].as_str().unwrap().contains("sign in"));
+    assert!(detail_of(&none).contains("sign in"));
     let forged = request(
         &server,
         "GET",
@@ -213,12 +197,7 @@ async fn sign_in_sets_a_strict_cookie_and_sign_out_makes_it_useless() {
         .send(&server, "POST", "/ui/api/sign-out", false, None)
         .await;
     assert_eq!(no_token.status, 403);
-    assert!(
-        no_token.json()["detail"]
-            .as_str()
-            .unwrap()
-            .contains("X-CSRF-Token")
-    );
+    assert!(detail_of(&no_token).contains("X-CSRF-Token"));
     assert_eq!(signed.get(&server, "/ui/api/session").await.status, 200);
     let out = signed
         .send(&server, "POST", "/ui/api/sign-out", true, None)
@@ -267,10 +246,7 @@ async fn state_changing_console_requests_need_the_csrf_token() {
         assert_eq!(r.status, 403, "{method} {path}: {}", r.text());
         assert_eq!(r.headers["content-type"], "application/json");
         assert!(
-            r.json()["detail"]
-                .as_str()
-                .unwrap()
-                .starts_with("missing X-CSRF-Token header"),
+            detail_of(&r).starts_with("missing X-CSRF-Token header"),
             "{}",
             r.text()
         );
@@ -280,20 +256,10 @@ async fn state_changing_console_requests_need_the_csrf_token() {
         };
         let r = wrong.send(&server, method, path, true, body).await;
         assert_eq!(r.status, 403, "{method} {path}");
-        assert!(
-            r.json()["detail"]
-                .as_str()
-                .unwrap()
-                .contains("does not match")
-        );
+        assert!(detail_of(&r).contains("does not match"));
     }
     // Nothing was changed: the certificate is still there.
-    assert!(
-        server
-            .store
-            .by_agent(&"csrf-agent".parse().unwrap())
-            .is_some()
-    );
+    assert!(has_cert(&server, "csrf-agent"));
     // With the token, the same revoke goes through the API's code path.
     let r = signed
         .send(
@@ -306,12 +272,7 @@ async fn state_changing_console_requests_need_the_csrf_token() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["message"], "Certificate deleted");
-    assert!(
-        server
-            .store
-            .by_agent(&"csrf-agent".parse().unwrap())
-            .is_none()
-    );
+    assert!(!has_cert(&server, "csrf-agent"));
 }
 
 #[tokio::test]
@@ -369,12 +330,7 @@ async fn console_actions_are_checked_against_the_keys_scopes() {
     let full = sign_in(&server, API_KEY).await;
     let r = full.get(&server, "/ui/api/agents/..bad").await;
     assert_eq!(r.status, 400);
-    assert!(
-        r.json()["detail"]
-            .as_str()
-            .unwrap()
-            .starts_with("invalid agent_id")
-    );
+    assert!(detail_of(&r).starts_with("invalid agent_id"));
     let r = full
         .send(
             &server,
@@ -405,25 +361,11 @@ async fn console_actions_are_checked_against_the_keys_scopes() {
 async fn wrong_console_keys_count_against_the_api_key_failure_limit() {
     let server = TestServer::start_with(|c| c.limits.api_key_failures = 2).await;
     for _ in 0..2 {
-        let r = request(
-            &server,
-            "POST",
-            "/ui/api/sign-in",
-            &[("content-type", "application/json")],
-            r#"{"api_key": "guess"}"#,
-        )
-        .await;
+        let r = try_sign_in(&server, "guess").await;
         assert_eq!(r.status, 403);
     }
     // Past the limit, even the right key is refused, on the console and on the API.
-    let r = request(
-        &server,
-        "POST",
-        "/ui/api/sign-in",
-        &[("content-type", "application/json")],
-        &json!({ "api_key": API_KEY }).to_string(),
-    )
-    .await;
+    let r = try_sign_in(&server, API_KEY).await;
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.headers.contains_key("retry-after"));
     assert_eq!(server.api("GET", "/agents", None).await.0, 429);
@@ -765,12 +707,7 @@ async fn the_console_in_headless_chromium() {
     let revoked = step("revoked");
     assert_eq!(revoked["agent_saw"]["event"], "disconnected");
     assert_eq!(revoked["agent_exit"], 0);
-    assert!(
-        server
-            .store
-            .by_agent(&"plc-0042".parse().unwrap())
-            .is_none()
-    );
+    assert!(!has_cert(&server, "plc-0042"));
     // Cut for good: its certificate fails the next handshake.
     assert!(
         first_read_error(server.tls(Some(&agent)).await.unwrap())
@@ -789,12 +726,7 @@ async fn the_console_in_headless_chromium() {
             .unwrap()
             .starts_with("Certificate uploaded successfully")
     );
-    assert!(
-        server
-            .store
-            .by_agent(&"plc-0200".parse().unwrap())
-            .is_some()
-    );
+    assert!(has_cert(&server, "plc-0200"));
 
     // The install token works once, as one from the API does.
     let token = step("install_token")["token"].as_str().unwrap().to_owned();

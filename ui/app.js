@@ -192,36 +192,43 @@ function Timeline({ times, now }) {
     <p class="muted">${times.length} heartbeats, the last ${ago(ms[ms.length - 1], now)}.</p>`;
 }
 
+// A form's request: its result or error, and whether it is under way.
+function useAction() {
+  const [state, setState] = useState({ result: null, error: null, busy: false });
+  const run = async (request) => {
+    setState({ result: null, error: null, busy: true });
+    try {
+      const result = await request();
+      setState({ result, error: null, busy: false });
+      return result;
+    } catch (err) {
+      setState({ result: null, error: err.message, busy: false });
+      return null;
+    }
+  };
+  const fail = (error) => setState({ result: null, error, busy: false });
+  return { ...state, run, fail };
+}
+
 function CommandForm({ id }) {
-  const [result, setResult] = useState(null);
-  const [error, setError] = useState(null);
-  const [busy, setBusy] = useState(false);
-  const submit = async (e) => {
+  const action = useAction();
+  const submit = (e) => {
     e.preventDefault();
     const form = new FormData(e.currentTarget);
-    setError(null);
-    setResult(null);
     let data = null;
     const text = String(form.get('data') || '').trim();
     if (text) {
       try {
         data = JSON.parse(text);
       } catch (err) {
-        setError(`data is not JSON: ${err.message}`);
+        action.fail(`data is not JSON: ${err.message}`);
         return;
       }
     }
     const body = { event: form.get('event'), data };
     const timeout = String(form.get('timeout_ms') || '').trim();
     if (timeout) body.timeout_ms = Number(timeout);
-    setBusy(true);
-    try {
-      setResult(await call('POST', `/ui/api/agents/${encodeURIComponent(id)}/commands`, body));
-    } catch (err) {
-      setError(err.message);
-    } finally {
-      setBusy(false);
-    }
+    action.run(() => call('POST', `/ui/api/agents/${encodeURIComponent(id)}/commands`, body));
   };
   return html`
     <form id="command-form" onSubmit=${submit}>
@@ -231,26 +238,20 @@ function CommandForm({ id }) {
       </div>
       <label for="command-data">Data (JSON, optional)</label>
       <textarea id="command-data" name="data" placeholder='{"reason": "maintenance"}'></textarea>
-      <p><button type="submit" id="command-submit" disabled=${busy}>${busy ? 'Waiting for the ack…' : 'Send command'}</button></p>
-      ${result && html`<div class="ok">Acknowledged by the agent:</div><pre id="command-result">${JSON.stringify(result.reply, null, 2)}</pre>`}
-      ${error && html`<p class="error" id="command-error">${error}</p>`}
+      <p><button type="submit" id="command-submit" disabled=${action.busy}>${action.busy ? 'Waiting for the ack…' : 'Send command'}</button></p>
+      ${action.result && html`<div class="ok">Acknowledged by the agent:</div><pre id="command-result">${JSON.stringify(action.result.reply, null, 2)}</pre>`}
+      ${action.error && html`<p class="error" id="command-error">${action.error}</p>`}
     </form>`;
 }
 
 function Revoke({ id, onRevoked }) {
   const [asking, setAsking] = useState(false);
-  const [error, setError] = useState(null);
-  const [busy, setBusy] = useState(false);
+  const action = useAction();
   const revoke = async () => {
-    setBusy(true);
-    setError(null);
-    try {
-      onRevoked(await call('DELETE', `/ui/api/agent/certificate/${encodeURIComponent(id)}`));
+    const done = await action.run(() => call('DELETE', `/ui/api/agent/certificate/${encodeURIComponent(id)}`));
+    if (done) {
       setAsking(false);
-    } catch (err) {
-      setError(err.message);
-    } finally {
-      setBusy(false);
+      onRevoked(done);
     }
   };
   return html`
@@ -259,41 +260,35 @@ function Revoke({ id, onRevoked }) {
       ${asking && html`
         <div class="confirm" id="revoke-dialog">
           <p>Delete the certificate of <b>${id}</b>? Its sessions are closed now and its next TLS handshake fails.</p>
-          <button class="danger" id="revoke-confirm" onClick=${revoke} disabled=${busy}>Revoke ${id}</button>
+          <button class="danger" id="revoke-confirm" onClick=${revoke} disabled=${action.busy}>Revoke ${id}</button>
           ${' '}<button class="secondary" id="revoke-cancel" onClick=${() => setAsking(false)}>Cancel</button>
         </div>`}
-      ${error && html`<p class="error" id="revoke-error">${error}</p>`}
+      ${action.error && html`<p class="error" id="revoke-error">${action.error}</p>`}
     </div>`;
 }
 
 function EnrollForm({ agentId }) {
-  const [token, setToken] = useState(null);
-  const [error, setError] = useState(null);
-  const submit = async (e) => {
+  const action = useAction();
+  const submit = (e) => {
     e.preventDefault();
     const form = new FormData(e.currentTarget);
-    setError(null);
-    setToken(null);
     const body = { agent_id: agentId || form.get('agent_id') };
     const ttl = String(form.get('ttl_s') || '').trim();
     if (ttl) body.ttl_s = Number(ttl);
-    try {
-      setToken(await call('POST', '/ui/api/install-tokens', body));
-    } catch (err) {
-      setError(err.message);
-    }
+    action.run(() => call('POST', '/ui/api/install-tokens', body));
   };
+  const token = action.result;
   return html`
     <form id="enroll-form" onSubmit=${submit}>
       <div class="form-row">
         ${!agentId && html`<div><label for="enroll-agent-id">Agent id</label><input id="enroll-agent-id" name="agent_id" required /></div>`}
         <div><label for="enroll-ttl">Valid for (seconds)</label><input id="enroll-ttl" name="ttl_s" type="number" min="1" placeholder="3600" /></div>
-        <button type="submit" id="enroll-submit">Issue install token</button>
+        <button type="submit" id="enroll-submit" disabled=${action.busy}>Issue install token</button>
       </div>
       ${token && html`
         <div class="ok">Install token for <b>${token.agent_id}</b>, valid until ${token.expires_at}. It is shown only now: copy it.</div>
         <pre class="token" id="install-token">${token.install_token}</pre>`}
-      ${error && html`<p class="error" id="enroll-error">${error}</p>`}
+      ${action.error && html`<p class="error" id="enroll-error">${action.error}</p>`}
     </form>`;
 }
 
@@ -367,27 +362,19 @@ function AgentPage({ id, row, session, now }) {
 // ------------------------------------------------------------------ add an agent
 
 function UploadForm() {
-  const [result, setResult] = useState(null);
-  const [error, setError] = useState(null);
+  const action = useAction();
   const pemRef = useRef(null);
   const pick = (e) => {
     const file = e.currentTarget.files[0];
     if (file) file.text().then((text) => { pemRef.current.value = text; });
   };
-  const submit = async (e) => {
+  const submit = (e) => {
     e.preventDefault();
     const form = new FormData(e.currentTarget);
-    setError(null);
-    setResult(null);
-    try {
-      setResult(await call('POST', '/ui/api/agent/certificate', {
-        agent_id: form.get('agent_id'),
-        certificate: form.get('certificate'),
-      }));
-    } catch (err) {
-      setError(err.message);
-    }
+    const body = { agent_id: form.get('agent_id'), certificate: form.get('certificate') };
+    action.run(() => call('POST', '/ui/api/agent/certificate', body));
   };
+  const result = action.result;
   return html`
     <form id="upload-form" onSubmit=${submit}>
       <div class="form-row">
@@ -396,9 +383,9 @@ function UploadForm() {
       </div>
       <label for="upload-certificate">Certificate (PEM)</label>
       <textarea id="upload-certificate" name="certificate" ref=${pemRef} required placeholder="-----BEGIN CERTIFICATE-----"></textarea>
-      <p><button type="submit" id="upload-submit">Upload certificate</button></p>
+      <p><button type="submit" id="upload-submit" disabled=${action.busy}>Upload certificate</button></p>
       ${result && html`<p class="ok" id="upload-result">${result.message}: <a href=${`#/agent/${encodeURIComponent(result.agent_id)}`}>${result.agent_id}</a></p>`}
-      ${error && html`<p class="error" id="upload-error">${error}</p>`}
+      ${action.error && html`<p class="error" id="upload-error">${action.error}</p>`}
     </form>`;
 }
 
