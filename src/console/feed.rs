@@ -5,8 +5,8 @@
 //!
 //! Changes are coalesced: the task looks every [`TICK`] (200 ms) and rebuilds the table
 //! when the registry counted a change (a connect, heartbeat or disconnect; an O(1) check)
-//! or [`REFRESH`] has passed (staleness, certificate uploads and expiry change without a
-//! registry event). With `[cluster]` the other nodes' agents change without a local event
+//! or, while a console is open, [`REFRESH`] has passed (staleness, certificate uploads
+//! and expiry change without a registry event). With `[cluster]` the other nodes' agents change without a local event
 //! too, so a clustered node rebuilds at every tick. A browser therefore sees a change of
 //! its node's agents within about 200 ms (another node's: its `publish_interval` later),
 //! and at most one message per tick whatever the rate of heartbeats. The rows are built from the same sources as `GET /agents`, the status
@@ -126,16 +126,25 @@ impl Feed {
                     _ = shutdown.cancelled() => break,
                 }
                 let generation = app.agents.registry.generation();
-                if seen == Some(generation) && rebuilt.elapsed() < refresh {
+                // Without an open console only the heartbeat timelines need the table,
+                // and they change with the registry.
+                let watched = feed.shared.deltas.receiver_count() > 0;
+                if seen == Some(generation) && !(watched && rebuilt.elapsed() >= refresh) {
                     continue;
                 }
                 seen = Some(generation);
                 rebuilt = Instant::now();
                 let (rows, counters) = build(&app);
+                let n = rows.len();
                 feed.apply(
                     rows,
                     counters,
                     app.agents.cluster.as_ref().map(|c| c.node_id.clone()),
+                );
+                tracing::debug!(
+                    rows = n,
+                    ms = rebuilt.elapsed().as_secs_f64() * 1e3,
+                    "console feed rebuilt"
                 );
             }
             // Ends every open event stream.
