@@ -140,7 +140,10 @@ class Agent:
                 pass
 
     def wait_event(self, event, timeout):
+        """The agent's next line reporting `event`; the lines skipped on the way are kept
+        for the failure message."""
         end = time.monotonic() + timeout
+        skipped = []
         while time.monotonic() < end:
             try:
                 line = self.lines.get(timeout=0.1)
@@ -150,7 +153,8 @@ class Agent:
                 return line
             if line.get("event") == "connect_error":
                 fail(f"agent could not connect: {line}")
-        fail(f"agent did not report {event!r} within {timeout} s")
+            skipped.append(line)
+        fail(f"agent did not report {event!r} within {timeout} s; it reported {skipped} (exit code {self.proc.poll()})")
 
 
 def row_status(driver, agent_id):
