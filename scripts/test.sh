@@ -83,6 +83,8 @@ install_services() {
     need_cmd redis-server              # scale-out tests, tests/cluster*.rs, tests/acme_cluster.rs (Debian package `redis-server`)
     need_cmd redis-cli redis-tools     # redis-cli --cluster create for the Redis Cluster test
     need_cmd haproxy                   # L4 load balancer in front of several nodes (deploy/haproxy.cfg)
+    need_cmd chromium                  # headless browser of the console tests (tests/console.rs)
+    need_cmd chromedriver chromium-driver  # selenium's driver for it
 }
 
 # ---------------------------------------------------------------- Python test agent
@@ -98,7 +100,7 @@ setup_venv() {
     # Up to date: the venv's python runs, imports the agent's modules, and was filled
     # from this very requirements file.
     if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
-        "$VENV/bin/python" -c 'import socketio, aiohttp' >/dev/null 2>&1; then
+        "$VENV/bin/python" -c 'import socketio, aiohttp, selenium' >/dev/null 2>&1; then
         return 0
     fi
 
@@ -111,8 +113,8 @@ setup_venv() {
     fi
     quiet "pip install -r $REQUIREMENTS" "$VENV/bin/python" -m pip install \
         --quiet --disable-pip-version-check --no-input -r "$REQUIREMENTS"
-    "$VENV/bin/python" -c 'import socketio, aiohttp' >/dev/null 2>&1 ||
-        die "the venv at $VENV cannot import socketio and aiohttp after pip install"
+    "$VENV/bin/python" -c 'import socketio, aiohttp, selenium' >/dev/null 2>&1 ||
+        die "the venv at $VENV cannot import socketio, aiohttp and selenium after pip install"
     echo "$want" >"$stamp"
 }
 

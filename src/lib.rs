@@ -25,6 +25,8 @@
 //!   shutdown; `killable` lets shutdown cut upgraded connections.
 //! - `redirect`: the optional plain-HTTP listener that answers with 301 to https.
 //! - [`api`]: the HTTP API: router, middleware, extractors, errors, one file per resource.
+//! - `console`: the fleet console at `/ui/` (embedded page, sign-in sessions, the live
+//!   table over Server-Sent Events), acting through the API's handlers.
 //! - [`proxy`]: the API gateway: `[[routes]]` and routes registered at runtime (stored
 //!   beside the certificates: the embedded database, or Redis) to upstream services
 //!   (longest prefix, round-robin over healthy upstreams, retries, timeouts, WebSocket
@@ -49,6 +51,7 @@ pub mod certgen;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub(crate) mod console;
 pub(crate) mod digest;
 pub mod enroll;
 pub(crate) mod fsutil;

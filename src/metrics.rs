@@ -95,6 +95,9 @@ struct Inner {
     upstream_healthy: Family<UpstreamLabels, Gauge>,
     limit_refusals: Family<LimitLabels, Counter>,
     state: StateMetrics,
+    /// Rejected handshakes of the last [`RECENT_WINDOW`], for the fleet console's counter
+    /// (the Prometheus counter only has totals since start).
+    recent_rejections: RecentCounts,
 }
 
 /// The shared state on Redis (`[cluster]`); registered on every node, zero without it.
@@ -323,15 +326,28 @@ impl Metrics {
                 store_certificates,
                 earliest_expiry,
                 state,
+                recent_rejections: RecentCounts::default(),
             }),
         }
     }
 
     pub fn handshake(&self, result: &'static str, reason: &'static str) {
+        if result == "rejected" {
+            self.inner
+                .recent_rejections
+                .add(reason, std::time::Instant::now());
+        }
         self.inner
             .handshakes
             .get_or_create(&HandshakeLabels { result, reason })
             .inc();
+    }
+
+    /// Rejected TLS handshakes of the last [`RECENT_WINDOW`] by reason, most first.
+    pub fn recent_handshake_rejections(&self) -> Vec<(&'static str, u64)> {
+        self.inner
+            .recent_rejections
+            .by_key(std::time::Instant::now())
     }
 
     /// One refusal by the `[limits]` setting `limit`.
@@ -531,5 +547,89 @@ fn catch_up(counter: &Counter, total: u64) {
     let now = counter.get();
     if total > now {
         counter.inc_by(total - now);
+    }
+}
+
+/// The window of [`Metrics::recent_handshake_rejections`].
+pub const RECENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// One-second buckets, oldest first: the second and the counts per key in it.
+type Buckets = std::collections::VecDeque<(u64, Vec<(&'static str, u64)>)>;
+
+/// Counts per key over the last [`RECENT_WINDOW`], in one-second buckets: at most 300
+/// buckets of a few keys each, whatever the rate (a handshake flood adds to a bucket).
+#[derive(Default)]
+struct RecentCounts {
+    /// Buckets oldest first: the second (since `origin`) and the counts in it. A std
+    /// Mutex: held for one update or read, no `.await`.
+    buckets: std::sync::Mutex<Buckets>,
+    origin: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl RecentCounts {
+    fn second(&self, now: std::time::Instant) -> u64 {
+        let origin = *self.origin.get_or_init(|| now);
+        now.saturating_duration_since(origin).as_secs()
+    }
+
+    fn lock(&self, now_s: u64) -> std::sync::MutexGuard<'_, Buckets> {
+        // A bucket list is consistent after every statement; a panic elsewhere cannot
+        // leave it half changed.
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let keep_from = (now_s + 1).saturating_sub(RECENT_WINDOW.as_secs());
+        while buckets.front().is_some_and(|(s, _)| *s < keep_from) {
+            buckets.pop_front();
+        }
+        buckets
+    }
+
+    fn add(&self, key: &'static str, now: std::time::Instant) {
+        let now_s = self.second(now);
+        let mut buckets = self.lock(now_s);
+        if buckets.back().is_none_or(|(s, _)| *s != now_s) {
+            buckets.push_back((now_s, Vec::new()));
+        }
+        if let Some((_, counts)) = buckets.back_mut() {
+            match counts.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((key, 1)),
+            }
+        }
+    }
+
+    fn by_key(&self, now: std::time::Instant) -> Vec<(&'static str, u64)> {
+        let now_s = self.second(now);
+        let buckets = self.lock(now_s);
+        let mut totals: Vec<(&'static str, u64)> = Vec::new();
+        for (key, n) in buckets.iter().flat_map(|(_, counts)| counts.iter()) {
+            match totals.iter_mut().find(|(k, _)| k == key) {
+                Some((_, t)) => *t += n,
+                None => totals.push((key, *n)),
+            }
+        }
+        totals.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_counts_forget_what_left_the_window() {
+        use std::time::{Duration, Instant};
+        let recent = RecentCounts::default();
+        let t0 = Instant::now();
+        recent.add("unknown_certificate", t0);
+        recent.add("unknown_certificate", t0 + Duration::from_millis(10));
+        recent.add("expired", t0 + Duration::from_secs(100));
+        assert_eq!(
+            recent.by_key(t0 + Duration::from_secs(100)),
+            [("unknown_certificate", 2), ("expired", 1)]
+        );
+        // 300 s after the first two, only the later one is left.
+        assert_eq!(recent.by_key(t0 + RECENT_WINDOW), [("expired", 1)]);
+        assert_eq!(recent.by_key(t0 + Duration::from_secs(401)), []);
     }
 }

@@ -99,6 +99,8 @@ pub struct Gateway {
     metrics_listener: Option<TcpListener>,
     /// With `[cluster]`: the task publishing this node's agents and following the others.
     fleet: Option<FleetTask>,
+    /// The fleet console at `/ui/` (its live feed starts with `serve`).
+    console: crate::console::Console,
 }
 
 /// The fleet task; aborted when the gateway is dropped without a graceful stop (as a
@@ -245,8 +247,12 @@ impl Gateway {
         // opened the session), the Socket.IO layer (which answers
         // `/socket.io/` itself), and then the API router (see `api::router` for the layers
         // inside it).
+        let console = crate::console::Console::new(config.console, state.clock.clone(), &store);
         let app = sio_layer
-            .wrap(api::router(state.clone(), &config.cors_origins, exposure))
+            .wrap(
+                api::router(state.clone(), &config.cors_origins, exposure)
+                    .merge(crate::console::router(console.clone(), state.clone())),
+            )
             .layer(axum::middleware::from_fn_with_state(
                 agents.bindings.clone(),
                 session_guard::guard,
@@ -283,6 +289,7 @@ impl Gateway {
             redirect: None,
             metrics_listener: None,
             fleet,
+            console,
         })
     }
 
@@ -337,6 +344,7 @@ impl Gateway {
         self.state.proxy.start_health_checks(token.child_token());
         self.store.watch_dir(token.child_token());
         self.state.tokens.spawn_purge(token.child_token());
+        self.console.spawn(self.state.clone(), token.child_token());
         if let Some(redirect) = self.redirect.take() {
             // Without `[http_redirect]`, the port of the listener the caller gave.
             let https_port = self

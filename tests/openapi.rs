@@ -32,19 +32,8 @@ fn operations(doc: &Value) -> Vec<(String, String, bool)> {
     out
 }
 
-async fn send(
-    server: &TestServer,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> HttpResponse {
-    let mut conn = server.http(None).await.unwrap();
-    conn.send(method, path, headers, body).await.unwrap()
-}
-
 async fn fetch_document(server: &TestServer) -> Value {
-    let r = send(server, "GET", "/openapi.json", &[], "").await;
+    let r = request(server, "GET", "/openapi.json", &[], "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let doc = r.json();
     assert_eq!(doc["openapi"], "3.1.0");
@@ -100,8 +89,8 @@ async fn the_document_and_the_router_list_the_same_endpoints() {
                 .insert(method.clone());
             let real = concrete(path, "never-seen-agent");
             let body = if method == "POST" { "{}" } else { "" };
-            let anonymous = send(&server, method, &real, &[], body).await;
-            let keyed = send(&server, method, &real, &[("authorization", &auth)], body).await;
+            let anonymous = request(&server, method, &real, &[], body).await;
+            let keyed = request(&server, method, &real, &[("authorization", &auth)], body).await;
             for r in [&anonymous, &keyed] {
                 assert!(
                     !is_fallback(r) && r.status != 405,
@@ -137,7 +126,7 @@ async fn the_document_and_the_router_list_the_same_endpoints() {
         }
         for (path, documented) in &methods {
             // No endpoint answers PATCH: the 405 lists what the router has on this path.
-            let r = send(
+            let r = request(
                 &server,
                 "PATCH",
                 &concrete(path, "a1"),
@@ -155,7 +144,7 @@ async fn the_document_and_the_router_list_the_same_endpoints() {
                 .collect();
             assert_eq!(&routed, documented, "{path}: Allow: {allow}");
         }
-        let metrics = send(&server, "GET", "/metrics", &[], "").await;
+        let metrics = request(&server, "GET", "/metrics", &[], "").await;
         assert_eq!(
             methods.contains_key("/metrics"),
             !separate_metrics,
@@ -273,7 +262,7 @@ impl Calls<'_> {
         want: u16,
     ) -> HttpResponse {
         let path = path.as_ref();
-        let r = send(self.server, method, path, headers, body.as_ref()).await;
+        let r = request(self.server, method, path, headers, body.as_ref()).await;
         assert_eq!(r.status, want, "{method} {path}: {}", r.text());
         self.record(method, doc_path, &r);
         r
@@ -452,7 +441,7 @@ async fn real_responses_match_the_documented_schemas() {
     let command = "/agents/{agent_id}/commands";
     let body = json!({"event": "restart", "data": {"now": true}, "timeout_ms": 5000}).to_string();
     let (r, ()) = tokio::join!(
-        send(&server, "POST", "/agents/a1/commands", key, &body),
+        request(&server, "POST", "/agents/a1/commands", key, &body),
         async {
             let (name, data, ack) = sio.next_event_with_ack_within(10).await.unwrap();
             assert_eq!((name.as_str(), &data), ("restart", &json!({"now": true})));
@@ -463,7 +452,7 @@ async fn real_responses_match_the_documented_schemas() {
     c.record("POST", command, &r);
     let body = json!({"event": "restart", "timeout_ms": 100}).to_string();
     let (r, ()) = tokio::join!(
-        send(&server, "POST", "/agents/a1/commands", key, &body),
+        request(&server, "POST", "/agents/a1/commands", key, &body),
         async {
             // The agent receives the command and never answers it.
             sio.next_event_with_ack_within(10).await.unwrap();
@@ -662,7 +651,7 @@ async fn real_responses_match_the_documented_schemas() {
     );
     let deadline = std::time::Instant::now() + PROPAGATION_BOUND;
     let listed = loop {
-        let r = send(&node_a, "GET", "/agents", key, "").await;
+        let r = request(&node_a, "GET", "/agents", key, "").await;
         let shown = r.json()["agents"]
             .as_array()
             .and_then(|a| a.first().cloned());
@@ -685,7 +674,7 @@ async fn real_responses_match_the_documented_schemas() {
         ("/cluster/nodes", "/cluster/nodes"),
         ("/ready", "/ready"),
     ] {
-        let r = send(&node_a, "GET", path, key, "").await;
+        let r = request(&node_a, "GET", path, key, "").await;
         assert_eq!(r.status, 200, "{path}: {}", r.text());
         c.record("GET", doc_path, &r);
     }
@@ -714,17 +703,17 @@ async fn real_responses_match_the_documented_schemas() {
 #[tokio::test]
 async fn swagger_ui_is_served_from_the_binary_without_a_key() {
     let server = TestServer::start().await;
-    let r = send(&server, "GET", "/docs", &[], "").await;
+    let r = request(&server, "GET", "/docs", &[], "").await;
     assert!(r.status / 100 == 3, "{} {}", r.status, r.text());
     assert_eq!(r.headers["location"], "/docs/");
-    let page = send(&server, "GET", "/docs/", &[], "").await;
+    let page = request(&server, "GET", "/docs/", &[], "").await;
     assert_eq!(page.status, 200);
     assert!(page.text().contains("swagger-ui"), "{}", page.text());
-    let init = send(&server, "GET", "/docs/swagger-initializer.js", &[], "").await;
+    let init = request(&server, "GET", "/docs/swagger-initializer.js", &[], "").await;
     assert_eq!(init.status, 200);
     assert!(init.text().contains("/openapi.json"), "{}", init.text());
     for asset in ["/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"] {
-        let r = send(&server, "GET", asset, &[], "").await;
+        let r = request(&server, "GET", asset, &[], "").await;
         assert_eq!(r.status, 200, "{asset}");
         assert!(r.body.len() > 1000, "{asset}: {} bytes", r.body.len());
     }

@@ -68,6 +68,9 @@ struct Inner {
     /// Agents changed since the last [`AgentRegistry::take_changed`], when the cluster
     /// publishes them (`None` on a single node: nothing to track).
     changed: Option<HashSet<AgentId>>,
+    /// Counts every change of an entry (connect, heartbeat, disconnect, forget), so that a
+    /// reader such as the console's live feed can tell in O(1) whether anything changed.
+    generation: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -130,6 +133,11 @@ impl AgentRegistry {
             Some(set) => set.drain().collect(),
             None => Vec::new(),
         }
+    }
+
+    /// A number that changes whenever any entry changes (see `Inner::generation`).
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
     }
 
     /// Every agent with at least one live session, with its entry (a full publication).
@@ -323,6 +331,7 @@ impl Inner {
     }
 
     fn mark_changed(&mut self, id: &AgentId) {
+        self.generation = self.generation.wrapping_add(1);
         if let Some(set) = self.changed.as_mut()
             && !set.contains(id)
         {

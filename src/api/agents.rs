@@ -337,7 +337,10 @@ pub async fn fan_out(
 const FLEET_UNAVAILABLE: &str = "Redis is unreachable: the agents of the other cluster nodes cannot be listed now (agents connected to this node keep working; retry in a few seconds)";
 
 /// Status of an agent on other nodes, from its newest sign of life there.
-fn remote_status(last: Option<time::OffsetDateTime>, cutoff: time::OffsetDateTime) -> AgentStatus {
+pub(crate) fn remote_status(
+    last: Option<time::OffsetDateTime>,
+    cutoff: time::OffsetDateTime,
+) -> AgentStatus {
     match last {
         None => AgentStatus::Disconnected,
         Some(t) if t >= cutoff => AgentStatus::Connected,
@@ -346,7 +349,7 @@ fn remote_status(last: Option<time::OffsetDateTime>, cutoff: time::OffsetDateTim
 }
 
 /// The better of two statuses: connected anywhere beats stale beats disconnected.
-fn best(a: AgentStatus, b: AgentStatus) -> AgentStatus {
+pub(crate) fn best(a: AgentStatus, b: AgentStatus) -> AgentStatus {
     let rank = |s| match s {
         AgentStatus::Connected => 2,
         AgentStatus::Stale => 1,
@@ -355,12 +358,16 @@ fn best(a: AgentStatus, b: AgentStatus) -> AgentStatus {
     if rank(a) >= rank(b) { a } else { b }
 }
 
-fn stale_cutoff(app: &AppState) -> time::OffsetDateTime {
+pub(crate) fn stale_cutoff(app: &AppState) -> time::OffsetDateTime {
     app.clock.now() - app.agents.registry.stale_after()
 }
 
 /// The fleet-wide status of each of `ids`.
-fn fleet_statuses(app: &AppState, link: &ClusterLink, ids: &[AgentId]) -> Vec<AgentStatus> {
+pub(crate) fn fleet_statuses(
+    app: &AppState,
+    link: &ClusterLink,
+    ids: &[AgentId],
+) -> Vec<AgentStatus> {
     let cutoff = stale_cutoff(app);
     let local = app.agents.registry.statuses(ids);
     let remote = link.fleet.signs_of_life(ids);

@@ -53,6 +53,37 @@ pub async fn require_api_key(
     response
 }
 
+/// `429` for a source past its failed API-key attempts (`[limits]`), checked before its
+/// key is looked at. The console's sign-in, which presents a key without a header.
+pub(crate) fn refused_source(
+    state: &AppState,
+    source: Option<std::net::IpAddr>,
+    now: std::time::Instant,
+) -> Option<Response> {
+    match state.api_keys.refuse_source(source, now) {
+        Err(KeyRefusal::TooManyFailures { retry_after }) => {
+            state.metrics.limit_refusal("api_key_failures");
+            Some(too_many_failures(retry_after))
+        }
+        _ => None,
+    }
+}
+
+/// The key `presented` is, or `403 Invalid API key`; a wrong key counts against its
+/// source's failed attempts, as in [`require_api_key`]. The console's sign-in.
+pub(crate) fn check_key(
+    state: &AppState,
+    source: Option<std::net::IpAddr>,
+    presented: &str,
+    now: std::time::Instant,
+) -> Result<ApiKey, ApiError> {
+    state
+        .api_keys
+        .check_presented(presented, source, now)
+        .cloned()
+        .map_err(|_| ApiError::Forbidden("Invalid API key"))
+}
+
 /// `429` with `Retry-After` (RFC 9110 §10.2.3, in seconds) for a source past its failed
 /// API-key attempts.
 fn too_many_failures(left: std::time::Duration) -> Response {

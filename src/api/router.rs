@@ -47,11 +47,18 @@ pub fn router(state: AppState, cors_origins: &[String], metrics: MetricsExposure
     if !cors_origins.is_empty() {
         router = router.layer(cors(cors_origins));
     }
-    // On every response, proxied ones included unless the upstream set its own: no MIME
-    // sniffing of API bodies, and (with a real certificate: files or ACME) HSTS, so a
-    // browser that once reached the gateway never tries plain HTTP to it again. Not with
-    // the generated self-signed certificate, whose `localhost` would pin every local
-    // service of a developer's browser to HTTPS.
+    security_headers(router, self_signed)
+}
+
+/// Headers on every response of `router`, proxied ones included unless the upstream set
+/// its own: no MIME sniffing of API bodies, and (with a real certificate: files or ACME)
+/// HSTS, so a browser that once reached the gateway never tries plain HTTP to it again.
+/// Not with the generated self-signed certificate, whose `localhost` would pin every local
+/// service of a developer's browser to HTTPS. The console's routes get them too.
+pub(crate) fn security_headers<S: Clone + Send + Sync + 'static>(
+    mut router: Router<S>,
+    self_signed: bool,
+) -> Router<S> {
     router = router.layer(SetResponseHeaderLayer::if_not_present(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),

@@ -102,13 +102,31 @@ impl ApiKeys {
         source: Option<IpAddr>,
         now: Instant,
     ) -> Result<&ApiKey, KeyRefusal> {
-        if let Some(left) = source.and_then(|ip| self.failures.refused(ip, now)) {
-            return Err(KeyRefusal::TooManyFailures { retry_after: left });
-        }
+        self.refuse_source(source, now)?;
         let presented = bearer_of(headers).map_err(|e| match e {
             BearerError::Missing => KeyRefusal::Missing,
             BearerError::Duplicate => KeyRefusal::Duplicate,
         })?;
+        self.check_presented(presented, source, now)
+    }
+
+    /// `TooManyFailures` when `source` used up its failed attempts (checked before any
+    /// key is looked at).
+    pub fn refuse_source(&self, source: Option<IpAddr>, now: Instant) -> Result<(), KeyRefusal> {
+        match source.and_then(|ip| self.failures.refused(ip, now)) {
+            Some(left) => Err(KeyRefusal::TooManyFailures { retry_after: left }),
+            None => Ok(()),
+        }
+    }
+
+    /// The key `presented` is, or `Invalid`, which counts against `source` (the console's
+    /// sign-in form presents a key without a header; [`ApiKeys::check`] for a request).
+    pub fn check_presented(
+        &self,
+        presented: &str,
+        source: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<&ApiKey, KeyRefusal> {
         if let Some(key) = self.find(presented) {
             return Ok(key);
         }

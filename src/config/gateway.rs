@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{ConfigError, invalid_owned};
 
 /// First path segments that belong to agentgate itself.
-pub const RESERVED_SEGMENTS: [&str; 14] = [
+pub const RESERVED_SEGMENTS: [&str; 15] = [
     "agent",
     "agents",
     "cluster",
@@ -31,6 +31,8 @@ pub const RESERVED_SEGMENTS: [&str; 14] = [
     "tokens",
     "api-keys",
     ".well-known",
+    // The fleet console (`crate::console`).
+    "ui",
 ];
 
 /// The built-in scopes; a key listed with a scope outside these and `proxy:*` names is
@@ -766,6 +768,8 @@ mod tests {
             "/agents",
             "/socket.io/x",
             "/ping",
+            "/ui",
+            "/ui/x",
             "/a?b",
         ] {
             assert!(normalize_prefix(bad).is_err(), "{bad}");

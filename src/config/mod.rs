@@ -30,8 +30,8 @@ pub use gateway::{
 };
 pub(crate) use gateway::{RouteError, route_to_raw, validate_route};
 pub use raw::{
-    ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawHttpRedirect, RawLimits,
-    RawSocketIo, RawStore, RawTls, TlsMode,
+    ClusterMode, LogFormat, RawAcme, RawAgents, RawCluster, RawConfig, RawConsole, RawHttpRedirect,
+    RawLimits, RawSocketIo, RawStore, RawTls, TlsMode,
 };
 
 /// `tls.acme.directory` names for Let's Encrypt.
@@ -66,6 +66,7 @@ pub struct Config {
     pub agents: AgentsConfig,
     pub store: StoreConfig,
     pub limits: LimitsConfig,
+    pub console: ConsoleConfig,
     pub tls: TlsSource,
     pub socketio: SocketIoConfig,
     /// The plain-HTTP redirect listener, if any.
@@ -98,6 +99,13 @@ pub struct ClusterConfig {
 pub struct AgentsConfig {
     /// At least 1 s.
     pub stale_after: Duration,
+}
+
+/// `[console]`, validated: both lifetimes at least 1 s, the idle one at most the absolute.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConsoleConfig {
+    pub session_idle: Duration,
+    pub session_absolute: Duration,
 }
 
 /// `[limits]`, validated: every count and window at least 1.
@@ -395,6 +403,10 @@ impl Config {
                 session_send_buffer: self.limits.session_send_buffer,
                 session_reply_queue: self.limits.session_reply_queue,
             },
+            console: RawConsole {
+                session_idle_secs: self.console.session_idle.as_secs(),
+                session_absolute_secs: self.console.session_absolute.as_secs(),
+            },
             tls: RawTls {
                 mode,
                 cert_file,
@@ -484,6 +496,7 @@ impl RawConfig {
             origin,
         )?;
         let socketio = validate_socketio(self.socketio, origin)?;
+        let console = validate_console(&self.console, origin)?;
         let tls = validate_tls(self.tls, &self.data_dir, origin)?;
         let http_redirect = validate_http_redirect(self.http_redirect, self.listen, origin)?;
         let cluster = match self.cluster {
@@ -518,6 +531,7 @@ impl RawConfig {
                 dir: self.store.dir,
             },
             limits,
+            console,
             tls,
             socketio,
             http_redirect,
@@ -638,6 +652,27 @@ fn validate_agents(raw: RawAgents, origin: &str) -> Result<AgentsConfig, ConfigE
     }
     Ok(AgentsConfig {
         stale_after: Duration::from_secs(raw.stale_after_secs),
+    })
+}
+
+fn validate_console(raw: &RawConsole, origin: &str) -> Result<ConsoleConfig, ConfigError> {
+    if raw.session_idle_secs == 0 {
+        return Err(invalid(
+            "console.session_idle_secs",
+            origin,
+            "must be at least 1",
+        ));
+    }
+    if raw.session_absolute_secs < raw.session_idle_secs {
+        return Err(invalid(
+            "console.session_absolute_secs",
+            origin,
+            "must be at least console.session_idle_secs",
+        ));
+    }
+    Ok(ConsoleConfig {
+        session_idle: Duration::from_secs(raw.session_idle_secs),
+        session_absolute: Duration::from_secs(raw.session_absolute_secs),
     })
 }
 

@@ -45,6 +45,8 @@ pub struct RawConfig {
     pub http_redirect: RawHttpRedirect,
     /// `[limits]`: what one source address may do (README, "Limits").
     pub limits: RawLimits,
+    /// `[console]`: the fleet console's sign-in sessions (README, "Fleet console").
+    pub console: RawConsole,
     /// `[cluster]`: several nodes sharing one Redis. Absent: one node, files, no Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<RawCluster>,
@@ -207,11 +209,33 @@ impl Default for RawConfig {
             socketio: RawSocketIo::default(),
             http_redirect: RawHttpRedirect::default(),
             limits: RawLimits::default(),
+            console: RawConsole::default(),
             cluster: None,
             jwt: RawJwt::default(),
             proxy: RawProxy::default(),
             routes: Vec::new(),
             gateway_jwt_secret: None,
+        }
+    }
+}
+
+/// `[console]` as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConsole {
+    /// A console session unused for this long is signed out.
+    pub session_idle_secs: u64,
+    /// A console session ends this long after its sign-in, however much it is used.
+    pub session_absolute_secs: u64,
+}
+
+impl Default for RawConsole {
+    fn default() -> Self {
+        // OWASP's session management guidance: 15-30 minutes idle for most applications,
+        // an absolute limit of a working day.
+        Self {
+            session_idle_secs: 30 * 60,
+            session_absolute_secs: 12 * 3600,
         }
     }
 }

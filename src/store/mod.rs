@@ -212,6 +212,14 @@ impl CertStore {
         }
     }
 
+    /// The Redis connection of the shared store (`None` on files).
+    pub(crate) fn redis_driver(&self) -> Option<crate::cluster::RedisDriver> {
+        match &self.shared.backend {
+            Backend::Redis(sync) => Some(sync.redis.driver().clone()),
+            Backend::Files(_) => None,
+        }
+    }
+
     /// Whether the store is the shared one on Redis.
     pub fn is_shared(&self) -> bool {
         matches!(self.shared.backend, Backend::Redis(_))

@@ -256,6 +256,12 @@ impl RedisState {
         self.driver.status()
     }
 
+    /// The connection, for other state under the `agentgate:{state}:` prefix that needs
+    /// no change announcement (the console's sessions).
+    pub(crate) fn driver(&self) -> &RedisDriver {
+        &self.driver
+    }
+
     /// Creates the epoch if there is none; true if this call created it.
     pub(crate) async fn ensure_epoch(&self) -> Result<bool, RedisError> {
         let mut cmd = redis::cmd("SET");
@@ -538,7 +544,7 @@ pub(crate) fn random_hex(bytes: usize) -> Result<String, RedisError> {
     Ok(hex(&buf))
 }
 
-pub(super) fn key(name: &str) -> String {
+pub(crate) fn key(name: &str) -> String {
     format!("{PREFIX}:{name}")
 }
 

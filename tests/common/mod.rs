@@ -261,6 +261,18 @@ impl TestServer {
     }
 }
 
+/// One request on a fresh connection without a client certificate.
+pub async fn request(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
+    let mut conn = server.http(None).await.unwrap();
+    conn.send(method, path, headers, body).await.unwrap()
+}
+
 /// `SioWs::connect(&server, agent)` connects to this gateway.
 impl agentgate_testkit::sio::Target for TestServer {
     fn tls(
