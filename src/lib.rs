@@ -38,6 +38,7 @@
 //! - [`enroll`]: one-time install tokens and registered agent metadata.
 //! - [`limits`]: per-source limits of `[limits]` (failed API-key attempts).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`log_fields`]: the text log's field formatter (`DefaultFields`' output, cheaper).
 //! - [`cluster`]: several nodes on one Redis: the URL, a reconnecting pub/sub driver for
 //!   socketioxide-redis, emit-with-ack that ends when every answer is in, the fleet view
 //!   every node publishes and follows, and one ACME certificate for all nodes.
@@ -61,6 +62,7 @@ pub mod identity;
 pub(crate) mod killable;
 pub mod limits;
 pub(crate) mod listener;
+pub mod log_fields;
 pub mod metrics;
 pub mod proxy;
 pub(crate) mod redirect;

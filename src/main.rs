@@ -210,7 +210,7 @@ fn init_logging(format: LogFormat) -> Result<(), String> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(agentgate::log_fields::FastFields).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     Ok(())

@@ -38,6 +38,7 @@ use crate::killable::Killable;
 use crate::limits::{FailureWindow, InFlight};
 use crate::listener;
 use crate::metrics::Metrics;
+use crate::proxy::direct::Direct;
 use crate::proxy::{Proxy, ProxyBuildError};
 use crate::store::{CertStore, StoreError};
 use crate::tls::server_cert::ServerCertError;
@@ -95,6 +96,9 @@ pub struct Gateway {
     metrics: Metrics,
     state: AppState,
     app: Router,
+    /// Proxied requests past the API's layers (`None` with `cors_origins`: see
+    /// [`crate::proxy::direct`]).
+    direct: Option<Arc<Direct>>,
     redirect: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
     /// With `[cluster]`: the task publishing this node's agents and following the others.
@@ -276,6 +280,18 @@ impl Gateway {
                 state.clone(),
                 api::observe,
             ));
+        let direct = config.cors_origins.is_empty().then(|| {
+            Arc::new(Direct::new(
+                state.proxy.clone(),
+                api::head_limits::HeadCheck {
+                    limits: config.limits.head,
+                    metrics: metrics.clone(),
+                },
+                state.requests.clone(),
+                metrics.clone(),
+                api::router::security_header_values(server_cert.is_self_signed()),
+            ))
+        });
         Ok(Self {
             config,
             store,
@@ -286,6 +302,7 @@ impl Gateway {
             metrics,
             state,
             app,
+            direct,
             redirect: None,
             metrics_listener: None,
             fleet,
@@ -375,6 +392,7 @@ impl Gateway {
             verifier: self.verifier.clone(),
             store: self.store.clone(),
             app: self.app.clone(),
+            direct: self.direct.clone(),
             shutdown: token.clone(),
             kill: kill.clone(),
             metrics: self.metrics.clone(),
@@ -526,6 +544,7 @@ struct ConnShared {
     verifier: Arc<AgentCertVerifier>,
     store: CertStore,
     app: Router,
+    direct: Option<Arc<Direct>>,
     shutdown: CancellationToken,
     /// Cuts every connection's IO, upgraded ones included (see [`Killable`]).
     kill: CancellationToken,
@@ -679,7 +698,19 @@ impl ConnShared {
                 identity,
             });
             req.extensions_mut().insert(request_gate.clone());
-            this.app.clone().oneshot(req)
+            // A configured route's request goes straight to the proxy; everything else
+            // (built-in endpoints, Socket.IO, the 404 of a path nothing serves) through
+            // the API stack.
+            let direct = this
+                .direct
+                .as_ref()
+                .and_then(|d| Some((d.clone(), d.route_for(req.uri().path())?)));
+            match direct {
+                Some((direct, route)) => futures_util::future::Either::Left(async move {
+                    Ok::<_, std::convert::Infallible>(direct.serve(route, req).await)
+                }),
+                None => futures_util::future::Either::Right(this.app.clone().oneshot(req)),
+            }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder

@@ -27,6 +27,7 @@ use common::*;
 const SECRET: &str = "gateway-test-secret-0123456789";
 
 /// A small upstream service: echoes what it received as JSON; `/slow` answers after 30 s,
+/// `/delay` after 600 ms, `/teapot` is a 418 with a text body,
 /// `/health` answers 200 or 503 as the test sets it, `/echo-body` streams the request body
 /// back, `/count-body` reads the whole body before it answers its length,
 /// `/download?bytes=N` streams N bytes of a known pattern.
@@ -70,6 +71,19 @@ async fn serve_upstream(
         };
     }
     hits.fetch_add(1, Ordering::SeqCst);
+    if path.ends_with("/teapot") {
+        // An error of the upstream's own, in its own format.
+        return (
+            http::StatusCode::IM_A_TEAPOT,
+            [(http::header::CONTENT_TYPE, "text/plain")],
+            "short and stout",
+        )
+            .into_response();
+    }
+    if path.ends_with("/delay") {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        return "delayed".into_response();
+    }
     if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_secs(30)).await;
         return "late".into_response();
@@ -1184,4 +1198,81 @@ async fn https_upstream_is_verified_against_the_configured_ca() {
     let resp = get(&untrusted, "/tls/x", &[]).await;
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert!(detail(&resp).contains("certificate"), "{}", resp.text());
+}
+
+/// A proxied request is served past the API's layers when no CORS is configured, and
+/// through them when it is; both ways it gets the same treatment: the upstream's own error
+/// response as the upstream sent it (never rewritten into `{"detail"}`), the security
+/// headers, the request head limits before the upstream, the HTTP request metric, and a
+/// graceful shutdown that waits for it.
+#[tokio::test]
+async fn proxied_requests_are_answered_alike_past_the_api_layers_and_through_them() {
+    let up = upstream("both").await;
+    let open = route(&format!(
+        "name = \"svc\"\nprefix = \"/svc\"\nupstreams = [\"{}\"]\nstrip_prefix = true\nauth = \"none\"",
+        up.url
+    ));
+    for cors in [false, true] {
+        let routes = vec![open.clone()];
+        let server = Arc::new(
+            TestServer::start_with(|c| {
+                c.routes = routes;
+                c.shutdown_grace_secs = 10;
+                if cors {
+                    c.cors_origins = vec!["https://app.example.com".into()];
+                }
+            })
+            .await,
+        );
+        let r = get(&server, "/svc/teapot", &[]).await;
+        assert_eq!(r.status, 418, "cors {cors}");
+        assert_eq!(
+            r.text(),
+            "short and stout",
+            "cors {cors}: the body was rewritten"
+        );
+        assert_eq!(r.headers["content-type"], "text/plain", "cors {cors}");
+        let r = get(&server, "/svc/x", &[("origin", "https://app.example.com")]).await;
+        assert_eq!(r.status, 200, "cors {cors}");
+        assert_eq!(
+            r.headers["x-content-type-options"], "nosniff",
+            "cors {cors}"
+        );
+        assert_eq!(
+            r.headers["strict-transport-security"], "max-age=31536000",
+            "cors {cors}"
+        );
+        assert_eq!(
+            r.headers.contains_key("access-control-allow-origin"),
+            cors,
+            "cors {cors}: {:?}",
+            r.headers
+        );
+        // The head limits come before the upstream: 414 with a detail naming the key.
+        let hits = up.hits.load(Ordering::SeqCst);
+        let long = format!("/svc/{}", "a".repeat(9000));
+        let r = get(&server, &long, &[]).await;
+        assert_eq!(r.status, 414, "cors {cors}");
+        assert!(detail(&r).contains("limits.max_uri_bytes"), "{}", r.text());
+        assert_eq!(up.hits.load(Ordering::SeqCst), hits, "the upstream saw it");
+        let metrics = get(&server, "/metrics", &[]).await.text();
+        for sample in [
+            r#"agentgate_http_requests_total{method="GET",route="proxy",status="418"} 1"#,
+            r#"agentgate_http_requests_total{method="GET",route="proxy",status="200"} 1"#,
+            r#"agentgate_http_requests_total{method="GET",route="unmatched",status="414"} 1"#,
+        ] {
+            assert!(
+                metrics.contains(sample),
+                "cors {cors}: no {sample} in {metrics}"
+            );
+        }
+        // A request in flight when the shutdown begins is answered before serve returns.
+        let s = server.clone();
+        let slow = tokio::spawn(async move { get(&s, "/svc/delay", &[]).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.begin_shutdown();
+        let r = slow.await.unwrap();
+        assert_eq!((r.status, r.text()), (200, "delayed".into()), "cors {cors}");
+        assert!(server.wait_stopped(Duration::from_secs(15)).await);
+    }
 }

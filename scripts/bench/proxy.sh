@@ -7,6 +7,7 @@
 #   RATES=500,2000,5000 SECS=5 ROUNDS=2 WRK_SECS=5 WRK_ROUNDS=3 scripts/bench/proxy.sh
 #   NICE=-10 scripts/bench/proxy.sh   # every process of the benchmark ahead of other work (root)
 #   PARTS=throughput WRK_ROUNDS=5 scripts/bench/proxy.sh   # one part only (latency, throughput)
+#   PARTS=instructions scripts/bench/proxy.sh   # instructions per request under callgrind
 #
 # One upstream (`agentgate-bench upstream`: 200 with a 64-byte body, plain HTTP for the
 # proxies, TLS for the direct TLS baseline) behind two proxies with the same certificate
@@ -26,6 +27,12 @@
 # 2. Throughput (wrk, closed loop, WRK_CONNS connections, 2 threads): requests/s of
 #    agentgate /open, /jwt, nginx /open and the upstream over TLS, interleaved WRK_ROUNDS
 #    times; ratio agentgate/nginx per round; server CPU per request from /proc.
+# 3. Instructions (PARTS=instructions, not in the default run; valgrind): user-space
+#    instructions per proxied request of agentgate /open, /jwt and nginx /open, each
+#    under callgrind with its access log on: counters zeroed, SHORT then LONG requests at
+#    100/s over 4 fresh connections, the difference of the two totals divided by the
+#    difference of the counts (so connection set-up and TLS handshakes cancel out).
+#    Noise-free on a shared machine; writes OUT_DIR/instructions.csv.
 # Prints the tables and writes OUT_DIR/proxy.json, OUT_DIR/latency.json, summary.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -148,6 +155,12 @@ stop_gateway() {
 
 start_nginx() { # on|off: the access log
     stop_nginx
+    write_nginx_conf "$1"
+    "${run_nice[@]}" nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" -g 'daemon on;'
+    wait_for "https://127.0.0.1:$nginx_port/open/x" "$work/nginx/error.log"
+}
+
+write_nginx_conf() { # on|off: the access log
     local dir=$work/nginx access=off
     [ "$1" = on ] && access="$dir/access.log"
     mkdir -p "$dir"
@@ -185,8 +198,6 @@ http {
     }
 }
 CONF
-    "${run_nice[@]}" nginx -c "$dir/nginx.conf" -p "$dir" -g 'daemon on;'
-    wait_for "https://127.0.0.1:$nginx_port/open/x" "$dir/error.log"
 }
 
 stop_nginx() {
@@ -268,6 +279,52 @@ for log in $logs; do
 done
 stop_gateway
 stop_nginx
+
+# 3. Instructions per request under callgrind (see the head of this file).
+if [[ " $parts " == *" instructions "* ]]; then
+    command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
+    short=${SHORT:-200}
+    long=${LONG:-1200}
+    echo "target,requests_short,instructions_short,requests_long,instructions_long,instructions_per_request" > "$out/instructions.csv"
+    # Zeroes the counters of PID, sends N requests to URL, dumps; prints the total.
+    counted() { # PID N URL
+        callgrind_control -z "$1" >/dev/null
+        "$sim" proxy --rates 100 --secs "$(( $2 / 100 ))" --warmup-secs 0 --connections 4 \
+            --header "$auth" --target "t=$3" >/dev/null
+        callgrind_control -d "$1" >/dev/null
+        sleep 1
+        # The newest dump of PID: its `totals:` line (`summary:` in older valgrinds).
+        local dump
+        dump=$(ls -t "$work"/callgrind.out."$1".* | head -1)
+        awk '/^(totals|summary):/ { print $2; exit }' "$dump"
+    }
+    measure() { # NAME PID URL
+        "$sim" proxy --rates 100 --secs 2 --warmup-secs 0 --connections 4 --header "$auth" \
+            --target "warm=$3" >/dev/null
+        local a b
+        a=$(counted "$2" "$short" "$3")
+        b=$(counted "$2" "$long" "$3")
+        echo "$1,$short,$a,$long,$b,$(( (b - a) / (long - short) ))" | tee -a "$out/instructions.csv"
+    }
+    GATEWAY_JWT_SECRET=$secret RUST_LOG=info valgrind --tool=callgrind \
+        --callgrind-out-file="$work/callgrind.out.%p" "$bin" serve --config "$work/agentgate.toml" \
+        2>"$work/gateway-callgrind.log" &
+    gw_pid=$!
+    for _ in $(seq 600); do curl -skf "https://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.2; done
+    measure agentgate "$gw_pid" "https://127.0.0.1:$port/open/x"
+    measure agentgate-jwt "$gw_pid" "https://127.0.0.1:$port/jwt/x"
+    stop_gateway
+    write_nginx_conf on
+    valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.%p" \
+        nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" -g 'daemon off; master_process off;' \
+        2>"$work/nginx-callgrind.log" &
+    ng_pid=$!
+    for _ in $(seq 600); do curl -skf "https://127.0.0.1:$nginx_port/open/x" >/dev/null 2>&1 && break; sleep 0.2; done
+    measure nginx "$ng_pid" "https://127.0.0.1:$nginx_port/open/x"
+    kill "$ng_pid"; wait "$ng_pid" 2>/dev/null || true
+    cp "$work"/callgrind.out.* "$out/" 2>/dev/null || true
+    [[ " $parts " == *" throughput "* || " $parts " == *" latency "* ]] || { echo "results in $out"; exit 0; }
+fi
 
 python3 - "$out" "$started" "$wrk_conns" "$wrk_secs" "$cores" "$(getconf CLK_TCK)" <<'PY' | tee "$out/summary.md"
 import csv, json, os, statistics, sys

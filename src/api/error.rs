@@ -172,7 +172,14 @@ pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
     let response = next.run(req).await;
     let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
+    // An upstream's own error goes to the client as the upstream sent it (the gateway's
+    // errors about a proxied request are `{"detail": ...}` already).
+    if !(status.is_client_error() || status.is_server_error())
+        || response
+            .extensions()
+            .get::<crate::proxy::forward::Proxied>()
+            .is_some()
+    {
         return response;
     }
     let (mut parts, body) = response.into_parts();

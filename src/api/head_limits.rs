@@ -75,17 +75,26 @@ pub(crate) async fn check_head(
     req: Request,
     next: Next,
 ) -> Response {
-    match refusal(&check.limits, &req) {
-        Some((status, limit, text)) => {
-            check.metrics.limit_refusal(limit);
-            tracing::debug!(%status, detail = %text, "request head refused");
-            detail(status, &text)
-        }
+    match check.refuse(&req) {
+        Some(refused) => refused,
         None => next.run(req).await,
     }
 }
 
-fn refusal(limits: &HeadLimits, req: &Request) -> Option<(StatusCode, &'static str, String)> {
+impl HeadCheck {
+    /// The 414 or 431 for a request head over the limits (counted and logged), or `None`.
+    pub(crate) fn refuse<B>(&self, req: &http::Request<B>) -> Option<Response> {
+        let (status, limit, text) = refusal(&self.limits, req)?;
+        self.metrics.limit_refusal(limit);
+        tracing::debug!(%status, detail = %text, "request head refused");
+        Some(detail(status, &text))
+    }
+}
+
+fn refusal<B>(
+    limits: &HeadLimits,
+    req: &http::Request<B>,
+) -> Option<(StatusCode, &'static str, String)> {
     let uri = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
     if uri > limits.uri_bytes {
         return Some((

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, Method, header};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware;
 use axum::routing::get;
 use axum::{Extension, Router};
@@ -59,17 +59,26 @@ pub(crate) fn security_headers<S: Clone + Send + Sync + 'static>(
     mut router: Router<S>,
     self_signed: bool,
 ) -> Router<S> {
-    router = router.layer(SetResponseHeaderLayer::if_not_present(
+    for (name, value) in security_header_values(self_signed) {
+        router = router.layer(SetResponseHeaderLayer::if_not_present(name, value));
+    }
+    router
+}
+
+/// The headers of [`security_headers`], each set when the response has none of its own;
+/// [`crate::proxy::direct`] sets the same on the proxied requests it takes.
+pub(crate) fn security_header_values(self_signed: bool) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = vec![(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
-    ));
+    )];
     if !self_signed {
-        router = router.layer(SetResponseHeaderLayer::if_not_present(
+        headers.push((
             header::STRICT_TRANSPORT_SECURITY,
             HeaderValue::from_static("max-age=31536000"),
         ));
     }
-    router
+    headers
 }
 
 /// Every endpoint of the API, the one list both the router and the OpenAPI document are
@@ -266,6 +275,34 @@ mod tests {
             rest = &tail[end..];
         }
         paths
+    }
+
+    /// Every path the router answers is under a reserved first segment, which no route
+    /// may claim: so a request whose path a route matches is never one for a built-in
+    /// endpoint, and `proxy::direct` may serve it without asking the router.
+    #[tokio::test]
+    async fn every_routed_path_is_under_a_reserved_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let console = crate::console::Console::new(
+            crate::config::ConsoleConfig {
+                session_idle: Duration::from_secs(60),
+                session_absolute: Duration::from_secs(600),
+            },
+            Clock::system(),
+            &state.store,
+        );
+        let app = router(state.clone(), &[], MetricsExposure::MainListener)
+            .merge(crate::console::router(console, state));
+        let paths = routed_paths(&app);
+        assert!(paths.len() > 20, "{paths:?}");
+        for path in paths {
+            let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+            assert!(
+                crate::config::RESERVED_SEGMENTS.contains(&first),
+                "{path} is routed but /{first} is not reserved"
+            );
+        }
     }
 
     /// Every path the built router answers is in the OpenAPI document (and the reverse),

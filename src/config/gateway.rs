@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{ConfigError, invalid_owned};
 
 /// First path segments that belong to agentgate itself.
-pub const RESERVED_SEGMENTS: [&str; 15] = [
+pub const RESERVED_SEGMENTS: [&str; 17] = [
     "agent",
     "agents",
     "cluster",
@@ -33,6 +33,9 @@ pub const RESERVED_SEGMENTS: [&str; 15] = [
     ".well-known",
     // The fleet console (`crate::console`).
     "ui",
+    // The OpenAPI document and Swagger UI (`crate::api::openapi`).
+    "openapi.json",
+    "docs",
 ];
 
 /// The built-in scopes; a key listed with a scope outside these and `proxy:*` names is
@@ -770,6 +773,9 @@ mod tests {
             "/ping",
             "/ui",
             "/ui/x",
+            "/docs",
+            "/docs/x",
+            "/openapi.json",
             "/a?b",
         ] {
             assert!(normalize_prefix(bad).is_err(), "{bad}");

@@ -14,6 +14,7 @@
 //!   from the verified certificate;
 //! - on `api_key` routes the `Authorization` header (the gateway's own key) is removed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, HttpBody};
@@ -57,13 +58,18 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 pub struct Proxied;
 
 /// The fallback of the router: every path no built-in endpoint matched.
-pub async fn handle(proxy: Proxy, mut req: Request) -> Response {
+pub async fn handle(proxy: Proxy, req: Request) -> Response {
+    let route = proxy.inner.table.load().find(req.uri().path()).cloned();
+    match route {
+        Some(route) => handle_route(proxy, route, req).await,
+        None => ProxyError::NoRoute(req.uri().path().to_owned()).into_response(),
+    }
+}
+
+/// One request on `route` (found by [`handle`] or by [`super::direct::Direct`]).
+pub(crate) async fn handle_route(proxy: Proxy, route: Arc<Route>, mut req: Request) -> Response {
     let started = Instant::now();
-    let table = proxy.inner.table.load_full();
     let path = req.uri().path().to_owned();
-    let Some(route) = table.find(&path).cloned() else {
-        return ProxyError::NoRoute(path).into_response();
-    };
     let request_id = request_id(req.headers());
     let peer = req.extensions().get::<Peer>().cloned();
     let method = req.method().clone();
@@ -412,9 +418,10 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(X_REQUEST_ID).filter(valid) {
         return v.clone();
     }
+    // The thread's ChaCha generator, seeded from the OS: no system call per request (ring's
+    // SystemRandom made one `getrandom` per id).
     let mut bytes = [0u8; 16];
-    // SystemRandom fails only when the OS has no randomness; a fixed id then still works.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    rand::fill(&mut bytes[..]);
     HeaderValue::from_str(&crate::digest::hex(&bytes)).unwrap_or(HeaderValue::from_static("-"))
 }
 

@@ -7,9 +7,11 @@
 //! - `upstream`: an upstream's place in the rotation (active checks, passive ejection);
 //! - `health`: the active health-check tasks;
 //! - `client`: the pooled upstream client (TLS verified, never skipped);
+//! - `direct`: proxied requests taken from the connection past the API's layers;
 //! - `forward`: one request through: headers, retries, timeout, upgrades.
 
 pub(crate) mod client;
+pub mod direct;
 pub(crate) mod forward;
 pub(crate) mod health;
 pub(crate) mod table;
