@@ -131,9 +131,29 @@ pub struct AgentIdentity {
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub remote_addr: SocketAddr,
+    /// `remote_addr` as text (`ip:port`), for the access log.
+    pub remote_text: std::sync::Arc<str>,
+    /// The peer's IP as the `X-Forwarded-For` value the proxy sends upstream.
+    pub forwarded_for: http::HeaderValue,
     /// `None` for a connection that presented no certificate, or whose certificate was
     /// deleted or replaced since the handshake.
     pub identity: Option<AgentIdentity>,
+}
+
+impl Peer {
+    /// A peer at `remote_addr`, its texts made once (per connection: each request gets a
+    /// clone, which shares them).
+    pub fn new(remote_addr: SocketAddr, identity: Option<AgentIdentity>) -> Self {
+        let ip = remote_addr.ip().to_string();
+        Self {
+            remote_addr,
+            remote_text: remote_addr.to_string().into(),
+            // An IP address is always a valid header value.
+            forwarded_for: http::HeaderValue::from_str(&ip)
+                .unwrap_or(http::HeaderValue::from_static("unknown")),
+            identity,
+        }
+    }
 }
 
 #[cfg(test)]

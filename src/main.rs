@@ -210,7 +210,10 @@ fn init_logging(format: LogFormat) -> Result<(), String> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.fmt_fields(agentgate::log_fields::FastFields).init(),
+        LogFormat::Text => builder
+            .fmt_fields(agentgate::log_fields::FastFields)
+            .with_timer(agentgate::log_fields::FastTime)
+            .init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     Ok(())

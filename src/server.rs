@@ -685,6 +685,7 @@ impl ConnShared {
         let gate = ReadGate::default();
         let this = self.clone();
         let request_gate = gate.clone();
+        let peer = Peer::new(remote, None);
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             let headers = req.headers_mut();
             for name in &IDENTITY_HEADERS {
@@ -694,8 +695,8 @@ impl ConnShared {
             // connection that is kept alive.
             let identity = identity.clone().filter(|id| this.store.is_current(id));
             req.extensions_mut().insert(Peer {
-                remote_addr: remote,
                 identity,
+                ..peer.clone()
             });
             req.extensions_mut().insert(request_gate.clone());
             // A configured route's request goes straight to the proxy; everything else

@@ -196,7 +196,7 @@ fn access_log(
     peer: Option<&Peer>,
     key: Option<&str>,
 ) {
-    let remote = peer.map(|p| p.remote_addr.to_string());
+    let remote = peer.map(|p| &*p.remote_text);
     let agent = peer
         .and_then(|p| p.identity.as_ref())
         .map(|i| i.agent_id.as_str());
@@ -209,7 +209,7 @@ fn access_log(
                 path,
                 status,
                 ms,
-                remote = remote.as_deref().unwrap_or("-"),
+                remote = remote.unwrap_or("-"),
                 agent_id = agent.unwrap_or("-"),
                 key = key.unwrap_or("-"),
                 "request"

@@ -137,7 +137,7 @@ pub(crate) async fn handle_route(proxy: Proxy, route: Arc<Route>, mut req: Reque
         path = %path,
         status,
         ms = elapsed.as_secs_f64() * 1e3,
-        remote = peer.as_ref().map(|p| p.remote_addr.to_string()).unwrap_or_default(),
+        remote = peer.as_ref().map_or("", |p| &*p.remote_text),
         identity = %caller,
         request_id = request_id.to_str().unwrap_or("-"),
         "proxied"
@@ -324,10 +324,8 @@ fn upstream_headers(
     ] {
         headers.remove(name);
     }
-    if let Some(peer) = peer
-        && let Ok(v) = HeaderValue::from_str(&peer.remote_addr.ip().to_string())
-    {
-        headers.insert(X_FORWARDED_FOR, v);
+    if let Some(peer) = peer {
+        headers.insert(X_FORWARDED_FOR, peer.forwarded_for.clone());
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     if let Some(host) = host {
