@@ -178,6 +178,17 @@ async fn get(server: &TestServer, path: &str, headers: &[(&str, &str)]) -> HttpR
     conn.send("GET", path, headers, "").await.unwrap()
 }
 
+/// A kept-alive client connection to the gateway whose request and response bodies
+/// stream (the testkit's `HttpConn` collects them).
+async fn streaming_client(server: &TestServer) -> hyper::client::conn::http1::SendRequest<Body> {
+    let tls = server.tls(None).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 fn detail(r: &HttpResponse) -> String {
     r.json()["detail"].as_str().unwrap_or_default().to_owned()
 }
@@ -311,12 +322,7 @@ async fn large_body_streams_both_ways() {
         c.limits.proxy_max_body_bytes = 2 * SIZE as u64;
     })
     .await;
-    let tls = server.tls(None).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = streaming_client(&server).await;
 
     // Up and back down at once: the upstream echoes the body while it arrives.
     let req = http::Request::post("/big/echo-body")
@@ -377,12 +383,7 @@ async fn proxied_bodies_over_the_limit_get_413_with_a_detail() {
     assert_eq!(up.hits.load(Ordering::SeqCst), 1, "the upstream was called");
 
     // Chunked (no Content-Length), 1 KiB at a time: cut after the limit.
-    let tls = server.tls(None).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = streaming_client(&server).await;
     let chunks = futures_util::stream::iter(
         (0..16).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'y'; 1024]))),
     );
@@ -1349,18 +1350,29 @@ fn pool_route(name: &str, url: &str) -> RawRoute {
 async fn sequential_requests_reuse_one_upstream_connection() {
     let up = counted_upstream().await;
     let server = TestServer::start_with(|c| c.routes = vec![pool_route("pool", &up.url)]).await;
+    get_and_post_in_turn(&server, "/pool/x", 40, |_| "ok").await;
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// `n` requests on one client connection, GET and POST (with a body) in turn, each
+/// answered `200` with the body `expected(request body)`.
+async fn get_and_post_in_turn(
+    server: &TestServer,
+    path: &str,
+    n: usize,
+    expected: impl Fn(&str) -> &str,
+) {
     let mut conn = server.http(None).await.unwrap();
-    for i in 0..40 {
+    for i in 0..n {
         let (method, body) = if i % 2 == 0 {
             ("GET", "")
         } else {
-            ("POST", "{\"n\": 1}")
+            ("POST", "{\"post\": true}")
         };
-        let r = conn.send(method, "/pool/x", &[], body).await.unwrap();
-        assert_eq!(r.status, 200, "request {i}: {}", r.text());
-        assert_eq!(r.text(), "ok");
+        let r = conn.send(method, path, &[], body).await.unwrap();
+        assert_eq!(r.status, 200, "{method} {i}: {}", r.text());
+        assert_eq!(r.text(), expected(body), "{method} {i}");
     }
-    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
 }
 
 /// An upstream that closes every connection after its first answer: with
@@ -1423,23 +1435,13 @@ async fn an_upstream_closing_each_connection_after_answering_still_gets_every_re
     for announce in [true, false] {
         let (url, accepted) = one_answer_per_connection(announce).await;
         let server = TestServer::start_with(|c| c.routes = vec![pool_route("once", &url)]).await;
-        let mut conn = server.http(None).await.unwrap();
-        for i in 0..30 {
-            let (method, body) = if i % 2 == 0 {
-                ("GET", "")
-            } else {
-                ("POST", "{\"post\": true}")
-            };
-            let r = conn.send(method, "/once/x", &[], body).await.unwrap();
-            assert_eq!(
-                r.status,
-                200,
-                "{method} {i} (Connection: close sent: {announce}): {}",
-                r.text()
-            );
-            assert_eq!(r.text(), body);
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 30);
+        // The upstream echoes the body.
+        get_and_post_in_turn(&server, "/once/x", 30, |body| body).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            30,
+            "Connection: close sent: {announce}"
+        );
     }
 }
 
@@ -1449,12 +1451,7 @@ async fn an_upstream_closing_each_connection_after_answering_still_gets_every_re
 async fn a_streaming_response_does_not_hold_up_a_concurrent_request() {
     let up = counted_upstream().await;
     let server = TestServer::start_with(|c| c.routes = vec![pool_route("pool", &up.url)]).await;
-    let tls = server.tls(None).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = streaming_client(&server).await;
     let req = http::Request::get("/pool/stream")
         .header("host", "localhost")
         .body(Body::empty())
