@@ -178,6 +178,17 @@ async fn get(server: &TestServer, path: &str, headers: &[(&str, &str)]) -> HttpR
     conn.send("GET", path, headers, "").await.unwrap()
 }
 
+/// A kept-alive client connection to the gateway whose request and response bodies
+/// stream (the testkit's `HttpConn` collects them).
+async fn streaming_client(server: &TestServer) -> hyper::client::conn::http1::SendRequest<Body> {
+    let tls = server.tls(None).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 fn detail(r: &HttpResponse) -> String {
     r.json()["detail"].as_str().unwrap_or_default().to_owned()
 }
@@ -311,12 +322,7 @@ async fn large_body_streams_both_ways() {
         c.limits.proxy_max_body_bytes = 2 * SIZE as u64;
     })
     .await;
-    let tls = server.tls(None).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = streaming_client(&server).await;
 
     // Up and back down at once: the upstream echoes the body while it arrives.
     let req = http::Request::post("/big/echo-body")
@@ -377,12 +383,7 @@ async fn proxied_bodies_over_the_limit_get_413_with_a_detail() {
     assert_eq!(up.hits.load(Ordering::SeqCst), 1, "the upstream was called");
 
     // Chunked (no Content-Length), 1 KiB at a time: cut after the limit.
-    let tls = server.tls(None).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = streaming_client(&server).await;
     let chunks = futures_util::stream::iter(
         (0..16).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'y'; 1024]))),
     );
@@ -1275,4 +1276,200 @@ async fn proxied_requests_are_answered_alike_past_the_api_layers_and_through_the
         assert_eq!((r.status, r.text()), (200, "delayed".into()), "cors {cors}");
         assert!(server.wait_stopped(Duration::from_secs(15)).await);
     }
+}
+
+/// An upstream on hyper that counts the connections it accepts. `/stream` sends `first`,
+/// then the rest of its body only when `release` is notified; anything else answers `ok`,
+/// after reading the request body.
+struct Counted {
+    url: String,
+    accepted: Arc<AtomicUsize>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+async fn counted_upstream() -> Counted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (count, held) = (accepted.clone(), release.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let held = held.clone();
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let held = held.clone();
+                    async move {
+                        if req.uri().path() == "/stream" {
+                            let chunks = futures_util::stream::unfold(0, move |step| {
+                                let held = held.clone();
+                                async move {
+                                    match step {
+                                        0 => {
+                                            Some((Ok::<_, std::io::Error>(Bytes::from("first")), 1))
+                                        }
+                                        1 => {
+                                            held.notified().await;
+                                            Some((Ok(Bytes::from(" rest")), 2))
+                                        }
+                                        _ => None,
+                                    }
+                                }
+                            });
+                            return Ok::<_, hyper::Error>(Response::new(Body::from_stream(chunks)));
+                        }
+                        req.into_body().collect().await?;
+                        Ok(Response::new(Body::from("ok")))
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Counted {
+        url,
+        accepted,
+        release,
+    }
+}
+
+fn pool_route(name: &str, url: &str) -> RawRoute {
+    route(&format!(
+        "name = \"{name}\"\nprefix = \"/{name}\"\nupstreams = [\"{url}\"]\nstrip_prefix = true\nauth = \"none\""
+    ))
+}
+
+/// Kept-alive reuse: one client connection's sequential requests, GET and POST, all go
+/// over one upstream connection.
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let up = counted_upstream().await;
+    let server = TestServer::start_with(|c| c.routes = vec![pool_route("pool", &up.url)]).await;
+    get_and_post_in_turn(&server, "/pool/x", 40, |_| "ok").await;
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// `n` requests on one client connection, GET and POST (with a body) in turn, each
+/// answered `200` with the body `expected(request body)`.
+async fn get_and_post_in_turn(
+    server: &TestServer,
+    path: &str,
+    n: usize,
+    expected: impl Fn(&str) -> &str,
+) {
+    let mut conn = server.http(None).await.unwrap();
+    for i in 0..n {
+        let (method, body) = if i % 2 == 0 {
+            ("GET", "")
+        } else {
+            ("POST", "{\"post\": true}")
+        };
+        let r = conn.send(method, path, &[], body).await.unwrap();
+        assert_eq!(r.status, 200, "{method} {i}: {}", r.text());
+        assert_eq!(r.text(), expected(body), "{method} {i}");
+    }
+}
+
+/// An upstream that closes every connection after its first answer: with
+/// `Connection: close`, or silently (as one whose keep-alive timeout is zero). The
+/// gateway never sends on such a connection, or sends the request again on a new one
+/// when the pooled connection gave it back unsent. Returns the URL and the accept count.
+async fn one_answer_per_connection(announce: bool) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let head_end = loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = tcp.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "connection closed before a request");
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while buf.len() < head_end + length {
+                    let mut chunk = [0u8; 4096];
+                    let n = tcp.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "connection closed within the body");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = &buf[head_end..head_end + length];
+                let close = if announce {
+                    "connection: close\r\n"
+                } else {
+                    ""
+                };
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\n{close}content-length: {}\r\n\r\n",
+                    body.len()
+                );
+                tcp.write_all(response.as_bytes()).await.unwrap();
+                tcp.write_all(body).await.unwrap();
+                // Dropped: the socket closes right after the answer.
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test]
+async fn an_upstream_closing_each_connection_after_answering_still_gets_every_request() {
+    for announce in [true, false] {
+        let (url, accepted) = one_answer_per_connection(announce).await;
+        let server = TestServer::start_with(|c| c.routes = vec![pool_route("once", &url)]).await;
+        // The upstream echoes the body.
+        get_and_post_in_turn(&server, "/once/x", 30, |body| body).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            30,
+            "Connection: close sent: {announce}"
+        );
+    }
+}
+
+/// A response whose body is still streaming keeps its upstream connection busy; a second
+/// request meanwhile gets a connection of its own instead of waiting for it.
+#[tokio::test]
+async fn a_streaming_response_does_not_hold_up_a_concurrent_request() {
+    let up = counted_upstream().await;
+    let server = TestServer::start_with(|c| c.routes = vec![pool_route("pool", &up.url)]).await;
+    let mut sender = streaming_client(&server).await;
+    let req = http::Request::get("/pool/stream")
+        .header("host", "localhost")
+        .body(Body::empty())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first");
+
+    // The stream is held open; this one must not wait for it.
+    let r = tokio::time::timeout(Duration::from_secs(10), get(&server, "/pool/x", &[]))
+        .await
+        .expect("the second request waited for the streaming one");
+    assert_eq!(r.status, 200);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+
+    up.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b" rest");
 }

@@ -21,10 +21,12 @@ use axum::body::{Body, HttpBody};
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::client::SendError;
 use super::table::{Route, upstream_path};
 use super::upstream::PASSIVE_EJECTION;
 use super::{Proxy, ProxyError};
@@ -186,7 +188,7 @@ async fn forward(
         let upstream = &route.upstreams[i];
         let label = upstream.label.clone();
         let uri = match upstream_uri(
-            &upstream.base,
+            upstream.base.path(),
             &route.config.prefix,
             &parts.uri,
             route.config.strip_prefix,
@@ -215,7 +217,9 @@ async fn forward(
             Ok(r) => r,
             Err(e) => return Err((ProxyError::BadRequest(e.to_string()), Some(label))),
         };
-        match tokio::time::timeout_at(deadline, proxy.inner.client.request(request)).await {
+        match tokio::time::timeout_at(deadline, proxy.inner.client.send(&upstream.pool, request))
+            .await
+        {
             Err(_) => {
                 return Err((
                     ProxyError::Timeout {
@@ -238,7 +242,7 @@ async fn forward(
                 ));
             }
             Ok(Err(e)) => {
-                let error = if connection_refused(&e) {
+                let error = if e.is_connection_refused() {
                     let ejection = route
                         .config
                         .health_check
@@ -341,7 +345,7 @@ fn upstream_headers(
         headers.insert(X_AGENT_ID, v);
     }
     if !route.config.preserve_host {
-        // hyper's client writes the upstream's authority when Host is absent.
+        // The upstream client writes the upstream's authority when Host is absent.
         headers.remove(header::HOST);
     }
     if let Some(upgrade) = upgrade {
@@ -389,18 +393,17 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-fn upstream_uri(base: &Uri, prefix: &str, uri: &Uri, strip: bool) -> Result<Uri, ProxyError> {
-    let mut path = upstream_path(base.path(), prefix, uri.path(), strip);
+/// The upstream request's target in origin-form (RFC 9112 §3.2.1: `/path?query`): the
+/// pooled connection already says which upstream it is.
+fn upstream_uri(base_path: &str, prefix: &str, uri: &Uri, strip: bool) -> Result<Uri, ProxyError> {
+    let mut path = upstream_path(base_path, prefix, uri.path(), strip);
     if let Some(q) = uri.query() {
         path.push('?');
         path.push_str(q);
     }
-    let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(
-        path.parse()
-            .map_err(|e: http::uri::InvalidUri| ProxyError::BadRequest(e.to_string()))?,
-    );
-    Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(e.to_string()))
+    let target = PathAndQuery::try_from(path)
+        .map_err(|e: http::uri::InvalidUri| ProxyError::BadRequest(e.to_string()))?;
+    Ok(Uri::from(target))
 }
 
 /// The client's `X-Request-Id` if it is 1-128 of `A-Za-z0-9._:-`, else 32 random hex
@@ -435,7 +438,7 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// Whether the upstream request failed because the client's body passed the limit.
-fn body_over_limit(e: &hyper_util::client::legacy::Error) -> bool {
+fn body_over_limit(e: &SendError) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if s.is::<http_body_util::LengthLimitError>() {
@@ -446,22 +449,8 @@ fn body_over_limit(e: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
-/// Whether the connection to the upstream was refused (nothing listens there).
-fn connection_refused(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::ConnectionRefused
-        {
-            return true;
-        }
-        source = s.source();
-    }
-    false
-}
-
 /// The error and its causes on one line, for the detail and the log.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

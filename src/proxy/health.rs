@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use http::{Method, Request, Uri};
+use http::{Method, Request};
 use tokio_util::sync::CancellationToken;
 
 use super::client::UpstreamClient;
@@ -31,27 +31,20 @@ async fn run(route: Arc<Route>, client: UpstreamClient, stop: CancellationToken)
             _ = tick.tick() => {}
         }
         for upstream in &route.upstreams {
+            // Origin-form, on the upstream's own pool (Host: the upstream's authority).
             let path = upstream_path(upstream.base.path(), "", &check.path, false);
-            let uri = Uri::builder()
-                .scheme(upstream.base.scheme_str().unwrap_or("http"))
-                .authority(upstream.base.authority().map_or("", |a| a.as_str()))
-                .path_and_query(path)
-                .build();
-            let Ok(uri) = uri else {
-                upstream.set_checked(false, "health check URL is invalid");
-                continue;
-            };
             let Ok(req) = Request::builder()
                 .method(Method::GET)
-                .uri(uri)
+                .uri(path)
                 .header(http::header::USER_AGENT, "agentgate-health-check")
                 .body(axum::body::Body::empty())
             else {
+                upstream.set_checked(false, "health check URL is invalid");
                 continue;
             };
             let result = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = tokio::time::timeout(limit, client.request(req)) => r,
+                r = tokio::time::timeout(limit, client.send(&upstream.pool, req)) => r,
             };
             match result {
                 Ok(Ok(resp)) if resp.status().is_success() || resp.status().is_redirection() => {
@@ -60,7 +53,7 @@ async fn run(route: Arc<Route>, client: UpstreamClient, stop: CancellationToken)
                 Ok(Ok(resp)) => {
                     upstream.set_checked(false, &format!("status {}", resp.status().as_u16()));
                 }
-                Ok(Err(e)) => upstream.set_checked(false, &format!("request failed: {e}")),
+                Ok(Err(e)) => upstream.set_checked(false, &super::forward::error_chain(&e)),
                 Err(_) => upstream.set_checked(false, "no answer within the interval"),
             }
         }

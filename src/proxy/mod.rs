@@ -6,7 +6,8 @@
 //! - `table`: the routes in force (config and runtime) and longest-prefix matching;
 //! - `upstream`: an upstream's place in the rotation (active checks, passive ejection);
 //! - `health`: the active health-check tasks;
-//! - `client`: the pooled upstream client (TLS verified, never skipped);
+//! - `client`: the upstream client and each upstream's connection pool (TLS verified,
+//!   never skipped);
 //! - `direct`: proxied requests taken from the connection past the API's layers;
 //! - `forward`: one request through: headers, retries, timeout, upgrades.
 
@@ -221,8 +222,10 @@ impl Proxy {
         &self.inner.revocations
     }
 
-    /// Starts the active health checks; they stop when `shutdown` is cancelled.
+    /// Starts the active health checks, and the sweep of idle upstream connections; they
+    /// stop when `shutdown` is cancelled.
     pub fn start_health_checks(&self, shutdown: CancellationToken) {
+        self.spawn_pool_sweep(shutdown.clone());
         // No rebuild between reading the table and starting its checks.
         let _sources = self.sources();
         {
@@ -233,6 +236,29 @@ impl Proxy {
             checks.running.clear();
         }
         self.sync_health_checks(&self.inner.table.load());
+    }
+
+    /// Every [`client::POOL_SWEEP`], closes the pooled connections idle past the pool's
+    /// idle time: checkout drops them too, but an upstream no request goes to would keep
+    /// them open until it times them out itself (nginx closes its idle upstream
+    /// connections on a timer, `keepalive_timeout`, likewise).
+    fn spawn_pool_sweep(&self, stop: CancellationToken) {
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(client::POOL_SWEEP);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = std::time::Instant::now();
+                for route in &proxy.inner.table.load().routes {
+                    for upstream in &route.upstreams {
+                        upstream.pool.prune(now);
+                    }
+                }
+            }
+        });
     }
 
     /// Replaces the config routes and JWT keys with those of `config` (SIGHUP); the

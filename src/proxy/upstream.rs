@@ -4,12 +4,16 @@
 //!
 //! The ejection is timed on the gateway's [`Clock`] (a manual one in tests steps over it
 //! instead of sleeping) and kept in an atomic, so the per-request check takes no lock.
+//!
+//! Each upstream owns its connection pool: a route table rebuilt with the same upstream
+//! (same route name and URL) takes the `Arc<Upstream>` over, connections included.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use http::Uri;
 
+use super::client::Pool;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 
@@ -25,6 +29,8 @@ pub(crate) struct Upstream {
     pub base: Uri,
     /// `base` as a string, for labels and logs.
     pub label: String,
+    /// The kept-alive connections to `base`.
+    pub pool: Pool,
     route: String,
     /// The last active health check passed (true until a check says otherwise).
     checked_ok: AtomicBool,
@@ -40,6 +46,7 @@ impl Upstream {
         let label = base.to_string().trim_end_matches('/').to_owned();
         metrics.upstream_health(route, &label, true);
         Self {
+            pool: Pool::new(&base),
             base,
             label,
             route: route.to_owned(),
