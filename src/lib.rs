@@ -114,6 +114,7 @@ pub async fn run(
         reload_routes(&proxy, config_file.as_deref());
     });
     gateway.serve(listener, shutdown).await?;
+    tracing::info!("agentgate stopped");
     Ok(())
 }
 

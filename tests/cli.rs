@@ -641,6 +641,12 @@ async fn text_logs_to_a_pipe_have_no_colour_codes_and_a_bad_rust_log_is_refused(
     wait_healthy(port).await;
     let out = terminate_and_read_stderr(child).await;
     assert!(out.contains("agentgate listening"), "{out}");
+    // Lines are written by their own thread: the last one, logged just before the
+    // process exits, is not lost.
+    assert!(
+        out.trim_end().ends_with("agentgate stopped"),
+        "the last line is missing: {out}"
+    );
     assert!(
         !out.contains('\u{1b}'),
         "colour codes in a log that is not a terminal: {out:?}"
