@@ -410,6 +410,20 @@ mod tests {
         })
     }
 
+    /// A verifier with only the HS256 `secret`.
+    fn hs256_verifier(secret: &str, leeway_secs: u64) -> JwtVerifier {
+        JwtVerifier::load(
+            &JwtConfig {
+                leeway: Duration::from_secs(leeway_secs),
+                hs256_secret: Some(secret.into()),
+                keys: Vec::new(),
+                jwks_file: None,
+            },
+            Revocations::new(),
+        )
+        .unwrap()
+    }
+
     fn sign_raw(header: &str, payload: &str, secret: &[u8]) -> String {
         let message = format!(
             "{}.{}",
@@ -428,16 +442,7 @@ mod tests {
     fn hs256_decisions_are_those_of_jsonwebtoken_decode() {
         let secret = b"compare-secret";
         let leeway = 30;
-        let v = JwtVerifier::load(
-            &JwtConfig {
-                leeway: Duration::from_secs(leeway),
-                hs256_secret: Some("compare-secret".into()),
-                keys: Vec::new(),
-                jwks_file: None,
-            },
-            Revocations::new(),
-        )
-        .unwrap();
+        let v = hs256_verifier("compare-secret", leeway);
         let t = now();
         let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
         let payloads = [
@@ -515,16 +520,7 @@ mod tests {
     /// is signed as a whole, so only a key holder can make one.
     #[test]
     fn a_duplicated_claim_is_read_as_its_last_value() {
-        let v = JwtVerifier::load(
-            &JwtConfig {
-                leeway: Duration::from_secs(0),
-                hs256_secret: Some("s".into()),
-                keys: Vec::new(),
-                jwks_file: None,
-            },
-            Revocations::new(),
-        )
-        .unwrap();
+        let v = hs256_verifier("s", 0);
         let t = now();
         let hs = r#"{"alg":"HS256"}"#;
         let live_last = sign_raw(
