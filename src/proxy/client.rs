@@ -73,6 +73,20 @@ impl SendError {
     pub fn is_connection_refused(&self) -> bool {
         matches!(self, Self::Connect(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
     }
+
+    /// The request failed because the client's body passed `limits.proxy_max_body_bytes`
+    /// (the `Limited` body's error, somewhere in the chain).
+    pub fn is_body_over_limit(&self) -> bool {
+        let mut source: Option<&(dyn std::error::Error + 'static)> =
+            std::error::Error::source(self);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return true;
+            }
+            source = s.source();
+        }
+        false
+    }
 }
 
 /// Opens upstream connections (TCP, TLS for `https://`); cheap to clone. The pools live

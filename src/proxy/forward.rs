@@ -26,7 +26,6 @@ use http::{Method, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::client::SendError;
 use super::table::{Route, upstream_path};
 use super::upstream::PASSIVE_EJECTION;
 use super::{Proxy, ProxyError};
@@ -233,7 +232,7 @@ async fn forward(
                 upstream.answered();
                 return Ok((response, label));
             }
-            Ok(Err(e)) if body_over_limit(&e) => {
+            Ok(Err(e)) if e.is_body_over_limit() => {
                 return Err((
                     ProxyError::BodyTooLarge {
                         limit: proxy.inner.max_body,
@@ -435,18 +434,6 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-/// Whether the upstream request failed because the client's body passed the limit.
-fn body_over_limit(e: &SendError) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// The error and its causes on one line, for the detail and the log.
