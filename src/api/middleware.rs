@@ -187,7 +187,7 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
 /// nothing new (Socket.IO long-polling, health checks, metric scrapes) are at debug
 /// level. The query string is left out; no header, key or body is logged: an API key is
 /// shown by its name.
-fn access_log(
+pub(crate) fn access_log(
     method: &str,
     path: &str,
     routine: bool,

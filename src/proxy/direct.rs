@@ -6,7 +6,8 @@
 //! see [`crate::config::RESERVED_SEGMENTS`]), not `json_errors` (an upstream's own error
 //! response goes to the client as the upstream sent it). What the stack does for a
 //! proxied request is done here, in the same order and by the same code:
-//! - the request head limits (414, 431: [`HeadCheck::refuse`]);
+//! - the request head limits (414, 431: [`HeadCheck::refuse`]), with the API's access line
+//!   for such a refusal (a proxied request has the proxy's own line);
 //! - in-flight tracking, so a graceful shutdown waits for the request;
 //! - `agentgate_http_requests_total{route="proxy"}`;
 //! - the security headers ([`crate::api::router::security_header_values`]).
@@ -68,10 +69,23 @@ impl Direct {
         route: Arc<Route>,
         req: Request<hyper::body::Incoming>,
     ) -> Response {
+        let started = std::time::Instant::now();
         let req = req.map(Body::new);
         let method = req.method().clone();
         let mut response = match self.head.refuse(&req) {
-            Some(refused) => refused,
+            // Refused before any route: the API's access line, as `api::observe` writes it.
+            Some(refused) => {
+                crate::api::middleware::access_log(
+                    method.as_str(),
+                    req.uri().path(),
+                    false,
+                    refused.status().as_u16(),
+                    started.elapsed(),
+                    req.extensions().get::<crate::identity::Peer>(),
+                    None,
+                );
+                refused
+            }
             None => {
                 self.requests
                     .track_future(super::forward::handle_route(self.proxy.clone(), route, req))
