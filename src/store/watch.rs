@@ -81,19 +81,44 @@ pub(crate) fn list(dir: &Path) -> std::io::Result<HashMap<String, (PathBuf, Stam
     Ok(files)
 }
 
+/// An inotify watch of `dir` that sends a wake-up to `tx` on every event that may mean a
+/// changed file (a full channel already holds a wake-up, which is all an event means
+/// here).
+fn watcher(
+    dir: &Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if calls_for_rescan(&event) {
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+/// Whether an event of the watch may mean a changed file. Opening or reading a file does
+/// not, and a rescan itself opens the directory and reads the files it finds changed: with
+/// those events waking it, the watch rescanned its directory some 20 times a second
+/// forever (every rescan's `opendir` woke the next one 50 ms later), each a `stat` of
+/// every file under the store's write lock. A close after writing (`cp` done) does; so
+/// does an error (a queue overflow may have lost anything).
+fn calls_for_rescan(event: &notify::Result<notify::Event>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match event {
+        Err(_) => true,
+        Ok(event) => match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => false,
+            _ => true,
+        },
+    }
+}
+
 /// Watches `dir` for the store until `stop` is cancelled.
 pub(crate) fn spawn(store: CertStore, dir: PathBuf, stop: CancellationToken) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // A full channel already holds a wake-up, which is all an event means here; an
-        // error (queue overflow) also calls for a rescan.
-        let _ = event;
-        let _ = tx.try_send(());
-    })
-    .and_then(|mut w| {
-        w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-        Ok(w)
-    });
+    let watcher = watcher(&dir, tx);
     let (watcher, period) = match watcher {
         Ok(w) => (Some(w), RESCAN_WITH_EVENTS),
         Err(e) => {
@@ -141,4 +166,30 @@ pub(crate) fn spawn(store: CertStore, dir: PathBuf, stop: CancellationToken) {
             seen = store.rescan_dir(&dir, seen).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a rescan does to the directory (list it, stat and read its files) wakes no
+    /// rescan; a file copied in does.
+    #[tokio::test]
+    async fn a_rescan_does_not_wake_the_next_but_a_new_file_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("agent-1.pem");
+        fs::write(&pem, "not a certificate").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let _watch = watcher(dir.path(), tx).unwrap();
+        for _ in 0..3 {
+            let listed = list(dir.path()).unwrap();
+            assert_eq!(listed.len(), 1);
+            fs::read(&pem).unwrap();
+        }
+        let woke = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        assert!(woke.is_err(), "reading the directory woke a rescan");
+        fs::write(dir.path().join("agent-2.pem"), "copied in").unwrap();
+        let woke = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(woke, Ok(Some(())), "a new file woke no rescan");
+    }
 }
