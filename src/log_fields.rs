@@ -1,5 +1,12 @@
-//! The text log's field formatter and timestamp: the same output as tracing-subscriber's
-//! `DefaultFields` and `SystemTime`, for less work per line.
+//! The text log's line, field formatter and timestamp: the same output as
+//! tracing-subscriber's `Format<Full>`, `DefaultFields` and `SystemTime`, for less work per
+//! line.
+//!
+//! [`FastFormat`] writes the line around the fields (`timestamp LEVEL target: fields`)
+//! directly; `Format<Full>` writes its level, target and separators through `write!` with
+//! each piece wrapped in an ANSI style, empty when colours are off (about 1k instructions
+//! of the proxy's access line). With colours on, inside a span, or for a record of the
+//! `log` crate, the line is left to `Format<Full>`.
 //!
 //! [`FastTime`] formats the date and time of day once per second per thread and only the
 //! microseconds for each line (`SystemTime` formats the whole RFC 3339 timestamp per line:
@@ -10,7 +17,8 @@
 //! one `char` at a time: about 11k instructions for the proxy's access line, as much as
 //! parsing the request (BENCHMARKS.md, "Proxy"). Here a string that `Debug` would leave
 //! unchanged (printable ASCII without `"` or `\`) is written between quotes as it is, and
-//! an integer or bool by its `Display`, any other value by one `write!` of its `Debug`
+//! an integer or bool by its `Display`, the message when
+//! sanitizing it changes nothing as it is, any other value by one `write!` of its `Debug`
 //! without the styling; what `DefaultVisitor` treats specially (the message, which is
 //! sanitized of terminal escapes, errors with their sources, the `log.*` fields of `log`
 //! records, `r#` names, and any field when colours are on) is handed to a
@@ -22,9 +30,62 @@ use std::fmt;
 use std::time::{Duration, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
-use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::format::{DefaultVisitor, Format, Full, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Use with `tracing_subscriber::fmt().event_format(FastFormat::default())`: the lines of
+/// `tracing_subscriber::fmt().with_timer(FastTime)` (the default `Format<Full>`: timestamp,
+/// level and target shown; thread names, ids, file and line not).
+#[derive(Debug, Clone)]
+pub struct FastFormat {
+    full: Format<Full, FastTime>,
+}
+
+impl Default for FastFormat {
+    fn default() -> Self {
+        Self {
+            full: Format::default().with_timer(FastTime),
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for FastFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        // Colours, the spans' names and fields, and a `log` record's normalized metadata
+        // (its callsites have target `log`) are `Format<Full>`'s to write.
+        if writer.has_ansi_escapes() || meta.target() == "log" || ctx.event_scope().is_some() {
+            return self.full.format_event(ctx, writer, event);
+        }
+        if FastTime.format_time(&mut writer).is_err() {
+            writer.write_str("<unknown time>")?;
+        }
+        writer.write_str(match *meta.level() {
+            Level::TRACE => " TRACE ",
+            Level::DEBUG => " DEBUG ",
+            Level::INFO => "  INFO ",
+            Level::WARN => "  WARN ",
+            Level::ERROR => " ERROR ",
+        })?;
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writer.write_char('\n')
+    }
+}
 
 /// Use with `tracing_subscriber::fmt().with_timer(FastTime)`: `2026-12-03T13:52:47.897398Z`,
 /// as `tracing_subscriber::fmt::time::SystemTime` writes it.
@@ -42,6 +103,8 @@ impl FormatTime for FastTime {
 }
 
 thread_local! {
+    /// The message of the event being formatted on this thread.
+    static MESSAGE: RefCell<String> = const { RefCell::new(String::new()) };
     /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS`.
     static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
@@ -158,6 +221,41 @@ impl FastVisitor<'_> {
             .and_then(|()| write!(self.writer, "{value:?}"));
     }
 
+    /// The message (colours off): `DefaultVisitor` writes its `Debug` through a writer that
+    /// escapes terminal controls (`\x1b`, `\x07`, `\x08`, `\x0c`, `\x7f`, U+0080..U+009F)
+    /// when the writer sanitizes. Formatted once here; when it holds none of them (UTF-8
+    /// `0xC2` starts every U+0080..U+00BF, so any such byte counts as one) it is written as
+    /// it is, else `DefaultVisitor` writes it.
+    fn message(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        MESSAGE.with(|buffer| {
+            let Ok(mut text) = buffer.try_borrow_mut() else {
+                // Formatting the message logged another event on this thread.
+                return self.delegate(field, |v| v.record_debug(field, value));
+            };
+            text.clear();
+            let sanitize = self.writer.sanitizes_ansi_escapes();
+            let clean = fmt::Write::write_fmt(&mut *text, format_args!("{value:?}")).is_ok()
+                && !(sanitize
+                    && text
+                        .bytes()
+                        .any(|b| matches!(b, 0x1b | 0x07 | 0x08 | 0x0c | 0x7f | 0xc2)));
+            if !clean {
+                drop(text);
+                return self.delegate(field, |v| v.record_debug(field, value));
+            }
+            if self.is_empty {
+                self.is_empty = false;
+            } else if let Err(e) = self.writer.write_char(' ') {
+                self.result = Err(e);
+                return;
+            }
+            self.result = self.writer.write_str(&text);
+        });
+    }
+
     fn display(&mut self, field: &Field, value: impl fmt::Display) {
         if self.result.is_err() {
             return;
@@ -222,6 +320,9 @@ impl Visit for FastVisitor<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.plain && field.name() == "message" {
+            return self.message(field, value);
+        }
         if !self.fast(field) {
             return self.delegate(field, |v| v.record_debug(field, value));
         }
@@ -308,22 +409,72 @@ mod tests {
         tracing::error!(only = 1u64);
         tracing::info!("no fields");
         tracing::info!(first = "a", message = "explicit message field", last = 2u64);
+        // Messages the sanitizer changes, or might (`0xC2` starts U+0080..U+00BF), and
+        // ones it leaves.
+        tracing::warn!("bell \u{7} and C1 \u{85} here");
+        tracing::debug!("a cent \u{a2}, an e acute \u{e9}, a snowman \u{2603}");
+        tracing::trace!(n = 1u64, "{} formatted {:?}", "args", "quoted");
+        // Floats, `Debug` writing some with an exponent.
+        for ms in [
+            0.412,
+            0.001,
+            0.000_999,
+            0.000_1,
+            0.000_01,
+            1.0,
+            1.5,
+            12.345_678_9,
+            999.999_5,
+            1e15,
+            9.999e14,
+            1e16,
+            123_456_789.123,
+            0.0,
+            -0.0,
+            -1.5,
+            f64::NAN,
+            f64::INFINITY,
+        ] {
+            tracing::info!(target: "agentgate::access", ms, "proxied");
+        }
+        // Inside spans: `Format<Full>` writes these lines.
+        let span = tracing::info_span!("connection", peer = 7u64);
+        span.in_scope(|| {
+            tracing::info!(status = 200u64, "in a span");
+            tracing::info_span!("inner").in_scope(|| tracing::warn!("nested"));
+        });
+        tracing::error!("after the spans");
     }
 
+    /// Every line of [`events`] through tracing-subscriber's own formatters (with our
+    /// timer) or ours, timestamps masked.
     fn render(fast: bool, ansi: bool) -> String {
         let buffer = Buffer::default();
         let builder = tracing_subscriber::fmt()
             .with_writer(buffer.clone())
             .with_ansi(ansi)
-            .without_time()
             .with_max_level(tracing::Level::TRACE);
         if fast {
-            tracing::subscriber::with_default(builder.fmt_fields(FastFields).finish(), events);
+            let subscriber = builder
+                .fmt_fields(FastFields)
+                .event_format(FastFormat::default())
+                .finish();
+            tracing::subscriber::with_default(subscriber, events);
         } else {
-            tracing::subscriber::with_default(builder.finish(), events);
+            tracing::subscriber::with_default(builder.with_timer(FastTime).finish(), events);
         }
         let bytes = buffer.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+        let text = String::from_utf8(bytes).unwrap();
+        let mut masked = String::new();
+        for line in text.lines() {
+            // `YYYY-MM-DDTHH:MM:SS.uuuuuuZ`, after the colour code when there is one.
+            let at = line.find('T').and_then(|t| t.checked_sub(10)).unwrap();
+            let stamp = &line[at..at + 27];
+            assert!(stamp.ends_with('Z'), "{line}");
+            masked.push_str(&line.replacen(stamp, "<time>", 1));
+            masked.push('\n');
+        }
+        masked
     }
 
     /// The cached timestamp is RFC 3339 with microseconds, the same instant as the `time`
@@ -373,6 +524,10 @@ mod tests {
         for ansi in [false, true] {
             let default = render(false, ansi);
             assert!(default.contains("route=") || ansi, "{default}");
+            assert!(
+                default.contains("connection{peer=7}:inner:") || ansi,
+                "{default}"
+            );
             assert_eq!(render(true, ansi), default, "ansi {ansi}");
         }
     }

@@ -229,7 +229,7 @@ fn init_logging(format: LogFormat) -> Result<WorkerGuard, String> {
     match format {
         LogFormat::Text => builder
             .fmt_fields(agentgate::log_fields::FastFields)
-            .with_timer(agentgate::log_fields::FastTime)
+            .event_format(agentgate::log_fields::FastFormat::default())
             .init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }

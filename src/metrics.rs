@@ -4,7 +4,8 @@
 //! store size, earliest certificate expiry) are read from their owners at scrape time, so
 //! they can never drift from the truth.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -41,8 +42,8 @@ pub struct EventLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    pub method: String,
-    pub route: String,
+    pub method: Cow<'static, str>,
+    pub route: Cow<'static, str>,
     pub status: u16,
 }
 
@@ -417,24 +418,21 @@ impl Metrics {
         self.inner.state.resyncs.inc();
     }
 
-    pub fn http_request(&self, method: &str, route: &str, status: u16) {
+    /// One request counted by method, route and status. A borrowed `route` (`proxy`,
+    /// `unmatched`, `/socket.io`) with a standard method makes the label set without
+    /// allocating.
+    pub fn http_request(&self, method: &http::Method, route: Cow<'static, str>, status: u16) {
         let labels = HttpLabels {
-            method: method.to_owned(),
-            route: route.to_owned(),
+            method: method_label(method),
+            route,
             status,
         };
         self.inner.http_requests.get_or_create(&labels).inc();
     }
 
-    /// One proxied request, counted when its response head is sent.
-    pub fn proxied(&self, route: &str, status: u16, upstream: &str, seconds: f64) {
-        let status_class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
+    /// The `proxy_requests` series of (`route`, `status_class`, `upstream`), created now if
+    /// it is new: a handle on the same counter as the family's.
+    fn proxy_counter(&self, route: &str, status_class: &'static str, upstream: &str) -> Counter {
         self.inner
             .proxy_requests
             .get_or_create(&ProxyLabels {
@@ -442,13 +440,16 @@ impl Metrics {
                 status_class,
                 upstream: upstream.to_owned(),
             })
-            .inc();
+            .clone()
+    }
+
+    fn proxy_histogram(&self, route: &str) -> Histogram {
         self.inner
             .proxy_seconds
             .get_or_create(&RouteLabels {
                 route: route.to_owned(),
             })
-            .observe(seconds);
+            .clone()
     }
 
     /// An upstream entered (`true`) or left its route's rotation.
@@ -612,6 +613,84 @@ impl RecentCounts {
     }
 }
 
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The index in [`STATUS_CLASSES`] of `status`'s class (anything else counts as `5xx`).
+fn status_class(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// The method as a label, borrowed for the standard ones.
+fn method_label(method: &http::Method) -> Cow<'static, str> {
+    use http::Method;
+    let known = match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return Cow::Owned(method.as_str().to_owned()),
+    };
+    Cow::Borrowed(known)
+}
+
+/// The `proxy_requests` and `proxy_request_duration_seconds` series of one route, each
+/// looked up in its family on first use and then held: a proxied request increments a
+/// counter and observes a histogram without building, hashing and comparing a label set
+/// (and allocating its strings) per request. The series are the families' own (a family
+/// hands out handles on its series), so the exposition is the same as without this, and a
+/// series appears when its first request is counted, as before.
+pub struct ProxySeries {
+    metrics: Metrics,
+    route: String,
+    /// `[upstream][status class]`; the last row is the upstream `-` (answered before an
+    /// upstream was chosen).
+    requests: Vec<[OnceLock<Counter>; 5]>,
+    upstreams: Vec<String>,
+    seconds: OnceLock<Histogram>,
+}
+
+impl ProxySeries {
+    pub fn new(metrics: &Metrics, route: &str, upstreams: Vec<String>) -> Self {
+        Self {
+            metrics: metrics.clone(),
+            route: route.to_owned(),
+            requests: (0..=upstreams.len()).map(|_| Default::default()).collect(),
+            upstreams,
+            seconds: OnceLock::new(),
+        }
+    }
+
+    /// One request answered with `status` by upstream number `upstream` of the route
+    /// (`None`: by the gateway before one was chosen), `seconds` after it arrived.
+    pub fn proxied(&self, upstream: Option<usize>, status: u16, seconds: f64) {
+        let row = upstream
+            .filter(|i| *i < self.upstreams.len())
+            .unwrap_or(self.upstreams.len());
+        let class = status_class(status);
+        let label = self.upstreams.get(row).map_or("-", String::as_str);
+        self.requests[row][class]
+            .get_or_init(|| {
+                self.metrics
+                    .proxy_counter(&self.route, STATUS_CLASSES[class], label)
+            })
+            .inc();
+        self.seconds
+            .get_or_init(|| self.metrics.proxy_histogram(&self.route))
+            .observe(seconds);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,5 +710,43 @@ mod tests {
         // 300 s after the first two, only the later one is left.
         assert_eq!(recent.by_key(t0 + RECENT_WINDOW), [("expired", 1)]);
         assert_eq!(recent.by_key(t0 + Duration::from_secs(401)), []);
+    }
+
+    /// A route's series are the families' own: counted through `ProxySeries` (two tables'
+    /// worth, as a reload makes a new one), they show in the exposition by upstream,
+    /// status class and `-`, and only once counted.
+    #[test]
+    fn proxy_series_count_into_the_families() {
+        let metrics = Metrics::new();
+        let upstreams = vec!["http://a:1".to_owned(), "http://b:2".to_owned()];
+        let first = ProxySeries::new(&metrics, "svc", upstreams.clone());
+        first.proxied(Some(0), 200, 0.001);
+        first.proxied(Some(1), 503, 0.002);
+        first.proxied(None, 401, 0.0001);
+        let reloaded = ProxySeries::new(&metrics, "svc", upstreams);
+        reloaded.proxied(Some(0), 204, 0.001);
+        reloaded.proxied(Some(7), 101, 0.001);
+        let text = metrics.render(Snapshot {
+            connected_agents: 0,
+            socket_sessions: 0,
+            store_certificates: 0,
+            earliest_expiry: None,
+            cluster: None,
+        });
+        for line in [
+            r#"agentgate_proxy_requests_total{route="svc",status_class="2xx",upstream="http://a:1"} 2"#,
+            r#"agentgate_proxy_requests_total{route="svc",status_class="5xx",upstream="http://b:2"} 1"#,
+            r#"agentgate_proxy_requests_total{route="svc",status_class="4xx",upstream="-"} 1"#,
+            r#"agentgate_proxy_requests_total{route="svc",status_class="1xx",upstream="-"} 1"#,
+            r#"agentgate_proxy_request_duration_seconds_count{route="svc"} 5"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(!text.contains(r#"status_class="3xx""#), "{text}");
+        assert_eq!(
+            text.matches("agentgate_proxy_requests_total{").count(),
+            4,
+            "{text}"
+        );
     }
 }

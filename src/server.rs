@@ -694,23 +694,27 @@ impl ConnShared {
             // Per request, so that a deleted or replaced certificate stops counting on a
             // connection that is kept alive.
             let identity = identity.clone().filter(|id| this.store.is_current(id));
-            req.extensions_mut().insert(Peer {
+            let peer = Peer {
                 identity,
                 ..peer.clone()
-            });
-            req.extensions_mut().insert(request_gate.clone());
-            // A configured route's request goes straight to the proxy; everything else
-            // (built-in endpoints, Socket.IO, the 404 of a path nothing serves) through
-            // the API stack.
+            };
+            // A configured route's request goes straight to the proxy, the peer handed
+            // over as it is; everything else (built-in endpoints, Socket.IO, the 404 of a
+            // path nothing serves) through the API stack, which finds the peer and the
+            // Socket.IO read gate among the request's extensions.
             let direct = this
                 .direct
                 .as_ref()
                 .and_then(|d| Some((d.clone(), d.route_for(req.uri().path())?)));
             match direct {
                 Some((direct, route)) => futures_util::future::Either::Left(async move {
-                    Ok::<_, std::convert::Infallible>(direct.serve(route, req).await)
+                    Ok::<_, std::convert::Infallible>(direct.serve(route, req, peer).await)
                 }),
-                None => futures_util::future::Either::Right(this.app.clone().oneshot(req)),
+                None => {
+                    req.extensions_mut().insert(peer);
+                    req.extensions_mut().insert(request_gate.clone());
+                    futures_util::future::Either::Right(this.app.clone().oneshot(req))
+                }
             }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -8,6 +8,9 @@
 #   NICE=-10 scripts/bench/proxy.sh   # every process of the benchmark ahead of other work (root)
 #   PARTS=throughput WRK_ROUNDS=5 scripts/bench/proxy.sh   # one part only (latency, throughput)
 #   PARTS=instructions scripts/bench/proxy.sh   # instructions per request under callgrind
+#   CARGO_TARGET_DIR=target/nolto CARGO_PROFILE_RELEASE_LTO=false \
+#     CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 PARTS=instructions scripts/bench/proxy.sh
+#       # the same without LTO: callgrind then sees functions that fat LTO inlines away
 #
 # One upstream (`agentgate-bench upstream`: 200 with a 64-byte body, plain HTTP for the
 # proxies, TLS for the direct TLS baseline) behind two proxies with the same certificate
@@ -64,8 +67,9 @@ up_pid=
 run_nice=(nice -n "${NICE:-0}")
 
 cargo build --release --locked --quiet -p agentgate -p agentgate-bench
-bin=$PWD/target/release/agentgate
-sim=$PWD/target/release/agentgate-bench
+target_dir=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)
+bin=$target_dir/release/agentgate
+sim=$target_dir/release/agentgate-bench
 
 cleanup() {
     [ -n "$gw_pid" ] && kill "$gw_pid" 2>/dev/null || true

@@ -2,6 +2,7 @@
 //! scope each endpoint needs ([`scope`]) and the request observer ([`observe`]: metrics,
 //! in-flight tracking, access log).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use super::{ApiError, AppState};
@@ -127,19 +128,19 @@ pub async fn require_scope(
 /// Counts requests by route and status, and tracks in-flight API requests for shutdown.
 /// Mounted outermost, so Socket.IO requests are counted too (route `/socket.io`).
 pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().as_str().to_owned();
-    let route = match req.extensions().get::<MatchedPath>() {
-        Some(p) => p.as_str().to_owned(),
+    let method = req.method().clone();
+    let route: Cow<'static, str> = match req.extensions().get::<MatchedPath>() {
+        Some(p) => Cow::Owned(p.as_str().to_owned()),
         None if crate::agents::session_guard::is_socket_io_path(req.uri().path()) => {
-            "/socket.io".to_owned()
+            Cow::Borrowed("/socket.io")
         }
-        None => "unmatched".to_owned(),
+        None => Cow::Borrowed("unmatched"),
     };
     // What the access log needs is copied only when its line will be written: with the
     // default filter, a long-polling request (one per agent per ping interval) copies
     // nothing.
     let routine = matches!(
-        route.as_str(),
+        route.as_ref(),
         "/socket.io" | "/health" | "/ready" | "/metrics"
     );
     let logged = if routine {
@@ -162,15 +163,19 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     let status = response.status().as_u16();
     let proxied = response.extensions().get::<Proxied>().is_some();
     // A proxied request is counted and logged by the proxy, with its route and upstream.
-    let route = if proxied { "proxy".to_owned() } else { route };
-    state.metrics.http_request(&method, &route, status);
+    let route = if proxied {
+        Cow::Borrowed("proxy")
+    } else {
+        route
+    };
+    state.metrics.http_request(&method, route, status);
     if let Some((path, peer)) = access.filter(|_| !proxied) {
         let key = response
             .extensions()
             .get::<ApiKey>()
             .map(|k| k.name.clone());
         access_log(
-            &method,
+            method.as_str(),
             &path,
             routine,
             status,

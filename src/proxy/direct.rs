@@ -29,6 +29,7 @@ use super::Proxy;
 use super::forward::Proxied;
 use super::table::Route;
 use crate::api::head_limits::HeadCheck;
+use crate::identity::Peer;
 use crate::metrics::Metrics;
 
 /// What a proxied request meets instead of the API stack; one per listener.
@@ -63,11 +64,12 @@ impl Direct {
         self.proxy.inner.table.load().find(path).cloned()
     }
 
-    /// Serves `req` on `route`.
+    /// Serves `req` from `peer` on `route`.
     pub(crate) async fn serve(
         self: Arc<Self>,
         route: Arc<Route>,
         req: Request<hyper::body::Incoming>,
+        peer: Peer,
     ) -> Response {
         let started = std::time::Instant::now();
         let req = req.map(Body::new);
@@ -81,14 +83,19 @@ impl Direct {
                     false,
                     refused.status().as_u16(),
                     started.elapsed(),
-                    req.extensions().get::<crate::identity::Peer>(),
+                    Some(&peer),
                     None,
                 );
                 refused
             }
             None => {
                 self.requests
-                    .track_future(super::forward::handle_route(self.proxy.clone(), route, req))
+                    .track_future(super::forward::handle_route(
+                        self.proxy.clone(),
+                        route,
+                        req,
+                        Some(peer),
+                    ))
                     .await
             }
         };
@@ -104,8 +111,11 @@ impl Direct {
         } else {
             "unmatched"
         };
-        self.metrics
-            .http_request(method.as_str(), label, response.status().as_u16());
+        self.metrics.http_request(
+            &method,
+            std::borrow::Cow::Borrowed(label),
+            response.status().as_u16(),
+        );
         response
     }
 }

@@ -62,17 +62,25 @@ pub struct Proxied;
 pub async fn handle(proxy: Proxy, req: Request) -> Response {
     let route = proxy.inner.table.load().find(req.uri().path()).cloned();
     match route {
-        Some(route) => handle_route(proxy, route, req).await,
+        Some(route) => {
+            let peer = req.extensions().get::<Peer>().cloned();
+            handle_route(proxy, route, req, peer).await
+        }
         None => ProxyError::NoRoute(req.uri().path().to_owned()).into_response(),
     }
 }
 
-/// One request on `route` (found by [`handle`] or by [`super::direct::Direct`]).
-pub(crate) async fn handle_route(proxy: Proxy, route: Arc<Route>, mut req: Request) -> Response {
+/// One request from `peer` on `route` (found by [`handle`] or by
+/// [`super::direct::Direct`]).
+pub(crate) async fn handle_route(
+    proxy: Proxy,
+    route: Arc<Route>,
+    mut req: Request,
+    peer: Option<Peer>,
+) -> Response {
     let started = Instant::now();
     let path = req.uri().path().to_owned();
     let request_id = request_id(req.headers());
-    let peer = req.extensions().get::<Peer>().cloned();
     let method = req.method().clone();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -123,13 +131,12 @@ pub(crate) async fn handle_route(proxy: Proxy, route: Arc<Route>, mut req: Reque
             (e.into_response(), upstream)
         }
     };
-    let upstream = upstream.as_deref().unwrap_or("-");
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    proxy
-        .inner
-        .metrics
-        .proxied(&route.config.name, status, upstream, elapsed.as_secs_f64());
+    route
+        .series
+        .proxied(upstream, status, elapsed.as_secs_f64());
+    let upstream = upstream.map_or("-", |i| route.upstreams[i].label.as_str());
     tracing::info!(
         target: "agentgate::access",
         route = %route.config.name,
@@ -148,7 +155,8 @@ pub(crate) async fn handle_route(proxy: Proxy, route: Arc<Route>, mut req: Reque
     response
 }
 
-type Forwarded = (hyper::Response<Incoming>, String);
+/// The upstream's response and the upstream's index in the route.
+type Forwarded = (hyper::Response<Incoming>, usize);
 
 /// Sends the request to an upstream of `route`, retrying as the route allows.
 async fn forward(
@@ -158,7 +166,7 @@ async fn forward(
     peer: Option<&Peer>,
     caller: &Caller,
     request_id: &HeaderValue,
-) -> Result<Forwarded, (ProxyError, Option<String>)> {
+) -> Result<Forwarded, (ProxyError, Option<usize>)> {
     let (mut parts, body) = req.into_parts();
     let headers = std::mem::take(&mut parts.headers);
     let mut headers = Some(upstream_headers(
@@ -185,7 +193,7 @@ async fn forward(
         };
         tried.push(i);
         let upstream = &route.upstreams[i];
-        let label = upstream.label.clone();
+        let label = &upstream.label;
         let uri = match upstream_uri(
             upstream.base.path(),
             &route.config.prefix,
@@ -193,7 +201,7 @@ async fn forward(
             route.config.strip_prefix,
         ) {
             Ok(uri) => uri,
-            Err(e) => return Err((e, Some(label))),
+            Err(e) => return Err((e, Some(i))),
         };
         let mut builder = http::Request::builder()
             .method(parts.method.clone())
@@ -214,7 +222,7 @@ async fn forward(
         };
         let request = match builder.body(this_body) {
             Ok(r) => r,
-            Err(e) => return Err((ProxyError::BadRequest(e.to_string()), Some(label))),
+            Err(e) => return Err((ProxyError::BadRequest(e.to_string()), Some(i))),
         };
         match tokio::time::timeout_at(deadline, proxy.inner.client.send(&upstream.pool, request))
             .await
@@ -225,19 +233,19 @@ async fn forward(
                         upstream: label.clone(),
                         ms: route.config.timeout.as_millis(),
                     },
-                    Some(label),
+                    Some(i),
                 ));
             }
             Ok(Ok(response)) => {
                 upstream.answered();
-                return Ok((response, label));
+                return Ok((response, i));
             }
             Ok(Err(e)) if e.is_body_over_limit() => {
                 return Err((
                     ProxyError::BodyTooLarge {
                         limit: proxy.inner.max_body,
                     },
-                    Some(label),
+                    Some(i),
                 ));
             }
             Ok(Err(e)) => {
@@ -258,7 +266,7 @@ async fn forward(
                     }
                 };
                 tracing::debug!(route = %route.config.name, upstream = %label, error = %error, "upstream attempt failed");
-                last = Some((error, Some(label)));
+                last = Some((error, Some(i)));
             }
         }
     }
@@ -313,19 +321,31 @@ fn upstream_headers(
     let upgrade = is_upgrade(&headers)
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
-    let host = headers.get(header::HOST).cloned().or_else(|| {
+    // The upstream client writes the upstream's authority when Host is absent.
+    let client_host = if route.config.preserve_host {
+        headers.get(header::HOST).cloned()
+    } else {
+        headers.remove(header::HOST)
+    };
+    let host = client_host.or_else(|| {
         uri.authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut headers);
-    for name in [
+    // Client-sent copies of what the gateway sets or withholds. `insert` below replaces
+    // every value of its name, but not every one is always inserted: all are removed, in
+    // one pass over the names present when there is one (most requests carry none).
+    let spoofable = [
         X_AGENT_ID,
         X_FORWARDED_FOR,
         X_FORWARDED_PROTO,
         X_FORWARDED_HOST,
         header::FORWARDED,
-    ] {
-        headers.remove(name);
+    ];
+    if headers.keys().any(|name| spoofable.contains(name)) {
+        for name in spoofable {
+            headers.remove(name);
+        }
     }
     if let Some(peer) = peer {
         headers.insert(X_FORWARDED_FOR, peer.forwarded_for.clone());
@@ -342,10 +362,6 @@ fn upstream_headers(
         && let Ok(v) = HeaderValue::from_str(id.as_str())
     {
         headers.insert(X_AGENT_ID, v);
-    }
-    if !route.config.preserve_host {
-        // The upstream client writes the upstream's authority when Host is absent.
-        headers.remove(header::HOST);
     }
     if let Some(upgrade) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

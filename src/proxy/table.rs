@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::upstream::Upstream;
 use crate::clock::Clock;
 use crate::config::{RESERVED_SEGMENTS, RouteConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ProxySeries};
 
 /// Where a route comes from: `[[routes]]` of the file, or `POST /routes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +30,8 @@ pub(crate) struct Route {
     pub config: RouteConfig,
     pub source: RouteSource,
     pub upstreams: Vec<Arc<Upstream>>,
+    /// The route's metric series, by upstream index.
+    pub series: ProxySeries,
     next: AtomicUsize,
 }
 
@@ -59,11 +61,17 @@ impl Route {
                         ))
                     })
             })
-            .collect();
+            .collect::<Vec<Arc<Upstream>>>();
+        let series = ProxySeries::new(
+            metrics,
+            &config.name,
+            upstreams.iter().map(|u| u.label.clone()).collect(),
+        );
         Self {
             config,
             source,
             upstreams,
+            series,
             next: AtomicUsize::new(0),
         }
     }
