@@ -11,13 +11,20 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// Lower-case hex without separators. A table lookup per nibble, not `format!` per byte:
 /// every proxied request without a valid `X-Request-Id` gets a new one through here.
 pub fn hex(bytes: &[u8]) -> String {
+    let mut text = vec![0u8; bytes.len() * 2];
+    hex_into(bytes, &mut text);
+    // Only ASCII digits and letters were written.
+    String::from_utf8(text).unwrap_or_default()
+}
+
+/// `bytes` in lower-case hex into `out`, which holds exactly two bytes per byte (the
+/// proxy's request ids: no allocation).
+pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
     }
-    s
 }
 
 /// `hex(sha256(bytes))`: how install tokens are kept.

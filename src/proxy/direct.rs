@@ -26,7 +26,6 @@ use http::{HeaderName, HeaderValue, Request};
 use tokio_util::task::TaskTracker;
 
 use super::Proxy;
-use super::forward::Proxied;
 use super::table::Route;
 use crate::api::head_limits::HeadCheck;
 use crate::identity::Peer;
@@ -74,7 +73,7 @@ impl Direct {
         let started = std::time::Instant::now();
         let req = req.map(Body::new);
         let method = req.method().clone();
-        let mut response = match self.head.refuse(&req) {
+        let (mut response, label) = match self.head.refuse(&req) {
             // Refused before any route: the API's access line, as `api::observe` writes it.
             Some(refused) => {
                 crate::api::middleware::access_log(
@@ -86,17 +85,20 @@ impl Direct {
                     Some(&peer),
                     None,
                 );
-                refused
+                // As `api::observe` labels it: refused before routing.
+                (refused, "unmatched")
             }
             None => {
-                self.requests
+                let response = self
+                    .requests
                     .track_future(super::forward::handle_route(
                         self.proxy.clone(),
                         route,
                         req,
                         Some(peer),
                     ))
-                    .await
+                    .await;
+                (response, "proxy")
             }
         };
         let headers = response.headers_mut();
@@ -105,12 +107,6 @@ impl Direct {
                 headers.insert(name.clone(), value.clone());
             }
         }
-        // As `api::observe` labels them: "unmatched" for a request refused before routing.
-        let label = if response.extensions().get::<Proxied>().is_some() {
-            "proxy"
-        } else {
-            "unmatched"
-        };
         self.metrics.http_request(
             &method,
             std::borrow::Cow::Borrowed(label),

@@ -64,7 +64,9 @@ pub async fn handle(proxy: Proxy, req: Request) -> Response {
     match route {
         Some(route) => {
             let peer = req.extensions().get::<Peer>().cloned();
-            handle_route(proxy, route, req, peer).await
+            let mut response = handle_route(proxy, route, req, peer).await;
+            response.extensions_mut().insert(Proxied);
+            response
         }
         None => ProxyError::NoRoute(req.uri().path().to_owned()).into_response(),
     }
@@ -151,7 +153,6 @@ pub(crate) async fn handle_route(
         "proxied"
     );
     response.headers_mut().insert(X_REQUEST_ID, request_id);
-    response.extensions_mut().insert(Proxied);
     response
 }
 
@@ -185,13 +186,16 @@ async fn forward(
     let limit = usize::try_from(proxy.inner.max_body).unwrap_or(usize::MAX);
     let mut body = Some(Body::new(http_body_util::Limited::new(body, limit)));
     let deadline = tokio::time::Instant::now() + route.config.timeout;
+    // The upstreams tried, for the attempts after the first (the first allocates nothing).
     let mut tried = Vec::new();
     let mut last = None;
     for attempt in 1..=attempts {
         let Some(i) = route.pick(&tried) else {
             break;
         };
-        tried.push(i);
+        if attempt < attempts {
+            tried.push(i);
+        }
         let upstream = &route.upstreams[i];
         let label = &upstream.label;
         let uri = match upstream_uri(
@@ -438,7 +442,9 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     // SystemRandom made one `getrandom` per id).
     let mut bytes = [0u8; 16];
     rand::fill(&mut bytes[..]);
-    HeaderValue::from_str(&crate::digest::hex(&bytes)).unwrap_or(HeaderValue::from_static("-"))
+    let mut text = [0u8; 32];
+    crate::digest::hex_into(&bytes, &mut text);
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// The `Content-Length` the client declared, if it declared a valid one (hyper refuses a

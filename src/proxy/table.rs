@@ -144,7 +144,10 @@ pub(crate) fn upstream_path(base_path: &str, prefix: &str, path: &str, strip: bo
         path
     };
     let base = base_path.trim_end_matches('/');
-    format!("{base}{rest}")
+    let mut path = String::with_capacity(base.len() + rest.len() + 1);
+    path.push_str(base);
+    path.push_str(rest);
+    path
 }
 
 #[cfg(test)]
