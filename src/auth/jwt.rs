@@ -207,31 +207,46 @@ impl JwtVerifier {
         if !signed {
             return Err(TokenError::Signature);
         }
-        let payload: serde_json::Map<String, Value> = URL_SAFE_NO_PAD
+        // The registered claims the check reads, then the route's claims, in that order.
+        const REGISTERED: [&str; 4] = ["exp", "nbf", "iat", "jti"];
+        let payload = URL_SAFE_NO_PAD
             .decode(payload_b64)
             .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .and_then(|bytes| {
+                pick(&bytes, REGISTERED.len() + claims.len(), |name| {
+                    REGISTERED.iter().position(|r| *r == name).or_else(|| {
+                        claims
+                            .keys()
+                            .position(|c| c == name)
+                            .map(|i| REGISTERED.len() + i)
+                    })
+                })
+            })
             .ok_or(TokenError::Malformed)?;
+        let (registered, route_claims) = payload.split_at(REGISTERED.len());
+        let [exp, nbf, iat, jti] = registered else {
+            return Err(TokenError::Malformed);
+        };
         let now = i128::from(now);
         let leeway = i128::from(self.leeway);
-        let Some(exp) = seconds(&payload, "exp") else {
+        let Some(exp) = seconds(exp.as_ref()) else {
             return Err(TokenError::MissingClaim("exp".to_owned()));
         };
         if exp < now - leeway {
             return Err(TokenError::Expired);
         }
-        if seconds(&payload, "nbf").is_some_and(|nbf| nbf > now + leeway) {
+        if seconds(nbf.as_ref()).is_some_and(|nbf| nbf > now + leeway) {
             return Err(TokenError::NotYetValid);
         }
-        if payload
-            .get("iat")
+        if iat
+            .as_ref()
             .and_then(Value::as_i64)
             .is_some_and(|iat| i128::from(iat) > now + leeway)
         {
             return Err(TokenError::IssuedInFuture);
         }
-        for (claim, allowed) in claims {
-            let ok = match payload.get(claim) {
+        for ((claim, allowed), value) in claims.iter().zip(route_claims) {
+            let ok = match value {
                 Some(Value::String(s)) => allowed.iter().any(|a| a == s),
                 Some(Value::Array(items)) => items
                     .iter()
@@ -247,7 +262,7 @@ impl JwtVerifier {
                 });
             }
         }
-        let jti = match payload.get("jti") {
+        let jti = match jti {
             Some(Value::String(jti)) => Some(jti.as_str()),
             _ => None,
         };
@@ -265,8 +280,8 @@ impl JwtVerifier {
 /// A NumericDate claim (`exp`, `nbf`) as jsonwebtoken 9 reads it: a non-negative integer,
 /// or a finite non-negative float (rounded); `None` when absent or anything else (so an
 /// `exp` of another type is a missing `exp`, and such an `nbf` is not checked).
-fn seconds(payload: &serde_json::Map<String, Value>, claim: &str) -> Option<i128> {
-    let Some(Value::Number(n)) = payload.get(claim) else {
+fn seconds(claim: Option<&Value>) -> Option<i128> {
+    let Some(Value::Number(n)) = claim else {
         return None;
     };
     if let Some(u) = n.as_u64() {
@@ -289,17 +304,87 @@ fn header(header: &str) -> Result<(String, Option<String>), TokenError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(header)
         .map_err(|_| TokenError::Malformed)?;
-    let header: serde_json::Map<String, Value> =
-        serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)?;
-    let kid = match header.get("kid") {
+    let mut header = pick(&bytes, 2, |name| match name {
+        "alg" => Some(0),
+        "kid" => Some(1),
+        _ => None,
+    })
+    .ok_or(TokenError::Malformed)?
+    .into_iter();
+    let (alg, kid) = (header.next().flatten(), header.next().flatten());
+    let kid = match kid {
         None => None,
-        Some(Value::String(kid)) => Some(kid.clone()),
+        Some(Value::String(kid)) => Some(kid),
         Some(_) => return Err(TokenError::Malformed),
     };
-    match header.get("alg") {
-        Some(Value::String(alg)) => Ok((alg.clone(), kid)),
+    match alg {
+        Some(Value::String(alg)) => Ok((alg, kid)),
         _ => Err(TokenError::Malformed),
     }
+}
+
+/// Parses `json`, which must be one JSON object, keeping only the members `slot` names:
+/// `slot(name)` is the index in the result (`0..slots`) of a member to keep, `None` for one
+/// to skip. What parsing the object into a `serde_json::Map` and reading those names gives
+/// (`None` when the document is not one JSON object, the same syntax and nesting limits,
+/// a name given twice read as its last value, as `Map` keeps it), without building the
+/// map: the skipped members are checked, not stored. A token's claims are parsed once per
+/// request on `jwt` routes (BENCHMARKS.md, "Proxy").
+fn pick(
+    json: &[u8],
+    slots: usize,
+    slot: impl Fn(&str) -> Option<usize>,
+) -> Option<Vec<Option<Value>>> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    struct Members<'a, F> {
+        slot: &'a F,
+        values: Vec<Option<Value>>,
+    }
+    impl<'de, F: Fn(&str) -> Option<usize>> Visitor<'de> for Members<'_, F> {
+        type Value = Vec<Option<Value>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Self::Value, A::Error> {
+            while let Some(kept) = map.next_key_seed(Name(self.slot))? {
+                match kept.and_then(|i| self.values.get_mut(i)) {
+                    Some(value) => *value = Some(map.next_value()?),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(self.values)
+        }
+    }
+    /// A member's name, mapped to its slot without being kept.
+    struct Name<'a, F>(&'a F);
+    impl<'de, F: Fn(&str) -> Option<usize>> DeserializeSeed<'de> for Name<'_, F> {
+        type Value = Option<usize>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de, F: Fn(&str) -> Option<usize>> Visitor<'de> for Name<'_, F> {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a member name")
+        }
+        fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+            Ok((self.0)(name))
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let values = de
+        .deserialize_map(Members {
+            slot: &slot,
+            values: vec![None; slots],
+        })
+        .ok()?;
+    de.end().ok()?;
+    Some(values)
 }
 
 fn load_jwks(path: &Path) -> Result<Vec<Key>, JwtKeyError> {
@@ -512,6 +597,46 @@ mod tests {
             Err(TokenError::Algorithm("none".into())),
         ] {
             assert!(decisions.contains(&expected), "no case gives {expected:?}");
+        }
+    }
+
+    /// `pick` reads what a whole `serde_json::Map` parse reads, for every kind of document.
+    #[test]
+    fn pick_reads_what_a_map_parse_reads() {
+        let names = ["exp", "nbf", "jti", "project", "e\u{301}", "x"];
+        let deep = format!("{{\"x\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        let docs = [
+            r#"{"exp":1,"nbf":2.5,"jti":"a","project":["p","q"],"other":{"exp":9}}"#.to_owned(),
+            r#"{"exp":1,"exp":2,"jti":null,"jti":"last"}"#.to_owned(),
+            r#"{"\u0065xp":7,"project":"\"quoted\"","e\u0301":true}"#.to_owned(),
+            r#" { "exp" : 1 } "#.to_owned(),
+            r#"{"exp":1} trailing"#.to_owned(),
+            r#"{"exp":1,}"#.to_owned(),
+            r#"{"exp":1,"skip":[1,{"a":}]}"#.to_owned(),
+            r#"{"exp":18446744073709551616,"nbf":-3,"x":1e400}"#.to_owned(),
+            r#"{"x":"\ud800"}"#.to_owned(),
+            r#"{"skip":"\q"}"#.to_owned(),
+            r#"[{"exp":1}]"#.to_owned(),
+            r#""exp""#.to_owned(),
+            "{}".to_owned(),
+            String::new(),
+            "{\"exp\":1,\"bad\":\"\u{1}\"}".to_owned(),
+            deep,
+            format!("{{\"x\":{}1{}}}", "[".repeat(100), "]".repeat(100)),
+        ];
+        for doc in &docs {
+            let ours = pick(doc.as_bytes(), names.len(), |n| {
+                names.iter().position(|k| *k == n)
+            });
+            let theirs = serde_json::from_slice::<serde_json::Map<String, Value>>(doc.as_bytes())
+                .ok()
+                .map(|map| {
+                    names
+                        .iter()
+                        .map(|n| map.get(*n).cloned())
+                        .collect::<Vec<_>>()
+                });
+            assert_eq!(ours, theirs, "{doc}");
         }
     }
 
