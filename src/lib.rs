@@ -63,6 +63,7 @@ pub(crate) mod killable;
 pub mod limits;
 pub(crate) mod listener;
 pub mod log_fields;
+pub mod log_writer;
 pub mod metrics;
 pub mod proxy;
 pub(crate) mod redirect;

@@ -4,8 +4,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use agentgate::log_writer::{BatchWriter, Flush};
 use clap::{Parser, Subcommand};
-use tracing_appender::non_blocking::WorkerGuard;
 
 use agentgate::config::{Config, LogFormat, TlsSource};
 use agentgate::identity::AgentId;
@@ -203,14 +203,12 @@ fn store_import(config_path: Option<PathBuf>, from: PathBuf) -> ExitCode {
 /// container log gets plain text). An unparsable `RUST_LOG` stops start-up rather than
 /// silently logging something else.
 ///
-/// A line is formatted on the thread that logs it and written to stderr by a thread of
-/// its own (tracing-appender), which takes every line waiting and writes them with one
-/// system call: under load one `write` per batch instead of one per line on the runtime's
-/// threads (the proxy's access log; BENCHMARKS.md, "Proxy"). No line is dropped: with
-/// 128,000 lines waiting, the logging thread waits (`lossy(false)`). Lines are written as
-/// soon as the writer thread gets them; the returned guard flushes what is left when it is
-/// dropped, so it lives as long as the command.
-fn init_logging(format: LogFormat) -> Result<WorkerGuard, String> {
+/// A line is formatted on the thread that logs it and written to stderr in batches by a
+/// thread of its own (`log_writer`): under load one `write` per batch instead of one per
+/// line on the runtime's threads (the proxy's access log; BENCHMARKS.md, "Proxy"). No line
+/// is dropped, and lines appear within a few milliseconds; the returned guard writes what
+/// is left when it is dropped, so it lives as long as the command.
+fn init_logging(format: LogFormat) -> Result<Flush, String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&spec)
             .map_err(|e| {
@@ -218,10 +216,8 @@ fn init_logging(format: LogFormat) -> Result<WorkerGuard, String> {
             })?,
         _ => tracing_subscriber::EnvFilter::new("info"),
     };
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("agentgate-log")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let (writer, guard) = BatchWriter::new(std::io::stderr())
+        .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -21,7 +21,11 @@
 #              proxy_http_version 1.1, the same X-Forwarded-*/X-Request-Id headers;
 #              worker_processes = number of cores. (nginx has no HS256 check: the jwt
 #              route is compared with agentgate's own open route.)
-# Both log every request (agentgate's access line, nginx's access_log) to a file in the
+#   haproxy:   the same /open/ with TLS termination, `http-reuse always` to the upstream,
+#              X-Forwarded-For (`option forwardfor`) and the other headers, a request id;
+#              nbthread = number of cores. A third proxy, for what a proxy hop costs on
+#              the machine at all (when haproxy is installed; HAPROXY=0 leaves it out).
+# All log every request (agentgate's access line, nginx's access_log, haproxy's httplog) to a file in the
 # first throughput pass and nothing in the second (LOGS="on off").
 #
 # 1. Latency (`agentgate-bench proxy`, open loop): p50/p99 at each rate in RATES for the
@@ -53,6 +57,9 @@ port=${PORT:-18470}
 nginx_port=$((port + 1))
 up_port=$((port + 2))
 up_tls_port=$((port + 3))
+haproxy_port=$((port + 4))
+with_haproxy=${HAPROXY:-1}
+command -v haproxy >/dev/null || with_haproxy=0
 cores=$(nproc)
 for tool in nginx wrk openssl python3 curl; do
     command -v "$tool" >/dev/null || { echo "$tool is not installed (apt-get install nginx wrk openssl python3 curl)" >&2; exit 1; }
@@ -62,6 +69,7 @@ out=$(cd "$out" && pwd)
 work=$(mktemp -d /tmp/agentgate-proxybench.XXXXXX)
 gw_pid=
 up_pid=
+hp_pid=
 # On a machine shared with other work (compile jobs), a negative niceness (root only) for
 # every process of the benchmark alike: proxies, upstream, load generators.
 run_nice=(nice -n "${NICE:-0}")
@@ -75,6 +83,7 @@ cleanup() {
     [ -n "$gw_pid" ] && kill "$gw_pid" 2>/dev/null || true
     [ -n "$up_pid" ] && kill "$up_pid" 2>/dev/null || true
     [ -s "$work/nginx/nginx.pid" ] && kill "$(cat "$work/nginx/nginx.pid")" 2>/dev/null || true
+    [ -n "$hp_pid" ] && kill "$hp_pid" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -215,6 +224,51 @@ stop_nginx() {
     fi
 }
 
+start_haproxy() { # on|off: the access log
+    stop_haproxy
+    [ "$with_haproxy" = 1 ] || return 0
+    local logging="" httplog=""
+    if [ "$1" = on ]; then logging="log stdout format raw local0"; httplog="option httplog"; fi
+    cat "$work/cert.pem" "$work/key.pem" > "$work/haproxy.pem"
+    cat > "$work/haproxy.cfg" <<CONF
+global
+    nbthread $cores
+    $logging
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    log global
+    $httplog
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$haproxy_port ssl crt $work/haproxy.pem alpn http/1.1
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    unique-id-format %[uuid()]
+    unique-id-header X-Request-Id
+    http-after-response set-header X-Request-Id %[unique-id]
+    use_backend be if { path_beg /open/ }
+backend be
+    http-request replace-path /open(/.*) \1
+    server up 127.0.0.1:$up_port
+CONF
+    "${run_nice[@]}" haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy-$1.log" 2>&1 &
+    hp_pid=$!
+    wait_for "https://127.0.0.1:$haproxy_port/open/x" "$work/haproxy-$1.log"
+}
+
+stop_haproxy() {
+    if [ -n "$hp_pid" ]; then
+        kill "$hp_pid" 2>/dev/null || true
+        timeout 30 tail --pid="$hp_pid" -f /dev/null || true
+        hp_pid=
+    fi
+}
+
 nginx_pids() {
     local master
     master=$(cat "$work/nginx/nginx.pid")
@@ -232,13 +286,16 @@ ticks() {
 
 auth="Authorization: Bearer $token"
 started=$(date -u +%FT%TZ)
-echo "# $started $cores CPUs, $(uname -r), git $(git rev-parse --short HEAD), nice ${NICE:-0}, $(nginx -v 2>&1), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)" | tee "$out/log.txt"
+echo "# $started $cores CPUs, $(uname -r), git $(git rev-parse --short HEAD), nice ${NICE:-0}, $(nginx -v 2>&1), $( [ "$with_haproxy" = 1 ] && haproxy -v | head -1 | cut -d' ' -f1-3), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)" | tee "$out/log.txt"
 uptime | tee -a "$out/log.txt"
 
 # 1. Latency at fixed rates, with both access logs on (the production setting).
 if [[ " $parts " == *" latency "* ]]; then
 start_gateway on
 start_nginx on
+start_haproxy on
+haproxy_target=()
+[ "$with_haproxy" = 1 ] && haproxy_target=(--target "haproxy=https://127.0.0.1:$haproxy_port/open/x")
 echo "== latency: agentgate-bench proxy --rates $rates --secs $secs --rounds $rounds" | tee -a "$out/log.txt"
 "${run_nice[@]}" "$sim" proxy --rates "$rates" --secs "$secs" --rounds "$rounds" --connections 32 \
     --baseline direct-tls --header "$auth" \
@@ -247,6 +304,7 @@ echo "== latency: agentgate-bench proxy --rates $rates --secs $secs --rounds $ro
     --target "agentgate=https://127.0.0.1:$port/open/x" \
     --target "agentgate-jwt=https://127.0.0.1:$port/jwt/x" \
     --target "nginx=https://127.0.0.1:$nginx_port/open/x" \
+    "${haproxy_target[@]}" \
     --json "$out/latency.json" 2>&1 | tee -a "$out/log.txt"
 fi
 
@@ -256,13 +314,17 @@ echo "side,logs,round,requests_per_sec,server_cpu_ticks,requests" > "$out/wrk.cs
 for log in $logs; do
     start_gateway "$log"
     start_nginx "$log"
+    start_haproxy "$log"
+    sides="agentgate agentgate-jwt nginx direct-tls"
+    [ "$with_haproxy" = 1 ] && sides="agentgate agentgate-jwt nginx haproxy direct-tls"
     for round in $(seq "$wrk_rounds"); do
-        for side in agentgate agentgate-jwt nginx direct-tls; do
+        for side in $sides; do
             header=()
             case $side in
             agentgate) url=https://127.0.0.1:$port/open/x; pids=$gw_pid ;;
             agentgate-jwt) url=https://127.0.0.1:$port/jwt/x; pids=$gw_pid; header=(-H "$auth") ;;
             nginx) url=https://127.0.0.1:$nginx_port/open/x; pids=$(nginx_pids) ;;
+            haproxy) url=https://127.0.0.1:$haproxy_port/open/x; pids=$hp_pid ;;
             direct-tls) url=https://127.0.0.1:$up_tls_port/x; pids=$up_pid ;;
             esac
             # shellcheck disable=SC2086 # pids is a list
@@ -283,6 +345,7 @@ for log in $logs; do
 done
 stop_gateway
 stop_nginx
+stop_haproxy
 
 # 3. Instructions per request under callgrind (see the head of this file).
 if [[ " $parts " == *" instructions "* ]]; then
