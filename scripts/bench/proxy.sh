@@ -158,12 +158,16 @@ start_gateway() { # on|off: the access log
     wait_for "https://127.0.0.1:$port/health" "$work/gateway-$1.log"
 }
 
-stop_gateway() {
-    if [ -n "$gw_pid" ]; then
-        kill "$gw_pid" 2>/dev/null || true
-        timeout 30 tail --pid="$gw_pid" -f /dev/null || true
-        gw_pid=
+stop_pid() { # PID (may be empty): ends it and waits for it to be gone
+    if [ -n "$1" ]; then
+        kill "$1" 2>/dev/null || true
+        timeout 30 tail --pid="$1" -f /dev/null || true
     fi
+}
+
+stop_gateway() {
+    stop_pid "$gw_pid"
+    gw_pid=
 }
 
 start_nginx() { # on|off: the access log
@@ -216,10 +220,7 @@ CONF
 stop_nginx() {
     local pidfile=$work/nginx/nginx.pid
     if [ -s "$pidfile" ]; then
-        local pid
-        pid=$(cat "$pidfile")
-        kill "$pid" 2>/dev/null || true
-        timeout 30 tail --pid="$pid" -f /dev/null || true
+        stop_pid "$(cat "$pidfile")"
         rm -f "$pidfile"
     fi
 }
@@ -262,11 +263,8 @@ CONF
 }
 
 stop_haproxy() {
-    if [ -n "$hp_pid" ]; then
-        kill "$hp_pid" 2>/dev/null || true
-        timeout 30 tail --pid="$hp_pid" -f /dev/null || true
-        hp_pid=
-    fi
+    stop_pid "$hp_pid"
+    hp_pid=
 }
 
 nginx_pids() {
