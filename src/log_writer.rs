@@ -10,7 +10,8 @@
 //! BENCHMARKS.md, "Proxy").
 //!
 //! No line is dropped: past [`MAX_WAITING`] bytes waiting, a thread that logs waits for the
-//! writing thread. Lines appear at most [`BATCH_DELAY`] after they were logged. The
+//! writing thread. Lines appear within [`BATCH_DELAY`] of being logged while the output
+//! keeps up (a stalled pipe holds them, then the threads that log). The
 //! [`Flush`] guard, held by `main`, writes what is left when it is dropped; lines logged
 //! after that are written directly.
 
