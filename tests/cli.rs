@@ -436,17 +436,29 @@ async fn sigterm_with_a_connected_python_agent_ends_cleanly_and_the_agent_comes_
     let extra = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\nshutdown_grace_secs = 5");
     let config = files_mode_config(dir.path(), &pki, port, &extra);
     let ca = dir.path().join("ca.pem");
-    let start = || {
+    // Each gateway's log goes to a file, shown when an assertion below fails: the test has
+    // failed now and then with the agent's heartbeat unanswered (1 run in 4-8 of this file's
+    // tests together, also before the proxy work; not understood yet), and the next
+    // failure should say what the gateway did.
+    let log_of = |run: usize| dir.path().join(format!("gateway-{run}.log"));
+    let logs = || {
+        (0..2)
+            .map(|run| std::fs::read_to_string(log_of(run)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("--- restarted ---\n")
+    };
+    let start = |run: usize| {
         Proc(
             agentgate()
                 .args(["serve", "--config"])
                 .arg(&config)
-                .stderr(Stdio::null())
+                .env("RUST_LOG", "info,agentgate::access=debug")
+                .stderr(std::fs::File::create(log_of(run)).unwrap())
                 .spawn()
                 .unwrap(),
         )
     };
-    let mut proc = start();
+    let mut proc = start(0);
     wait_healthy(port).await;
     // Metrics are on the separate plain-HTTP listener, not on the TLS one.
     let metrics = Command::new("curl")
@@ -491,13 +503,19 @@ async fn sigterm_with_a_connected_python_agent_ends_cleanly_and_the_agent_comes_
     use tokio::io::AsyncBufReadExt;
     while !seen.contains("heartbeat_ack") {
         let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no heartbeat_ack in 30 s; the agent printed:\n{seen}\nthe gateway logged:\n{}",
+                    logs()
+                )
+            })
+            .unwrap();
         assert!(
-            tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
-                .await
-                .unwrap()
-                .unwrap()
-                > 0,
-            "{seen}"
+            read > 0,
+            "agent ended: {seen}\nthe gateway logged:\n{}",
+            logs()
         );
         seen.push_str(&line);
     }
@@ -525,7 +543,7 @@ async fn sigterm_with_a_connected_python_agent_ends_cleanly_and_the_agent_comes_
         "agent would not reconnect: {until_disconnect}"
     );
     // Restart: the agent comes back by itself and heartbeats.
-    let _proc = start();
+    let _proc = start(1);
     let mut rest = String::new();
     use tokio::io::AsyncReadExt;
     tokio::time::timeout(Duration::from_secs(40), stdout.read_to_string(&mut rest))
@@ -534,11 +552,13 @@ async fn sigterm_with_a_connected_python_agent_ends_cleanly_and_the_agent_comes_
         .unwrap();
     assert!(
         rest.contains("\"reconnected\""),
-        "agent did not reconnect: {rest}"
+        "agent did not reconnect: {rest}\nthe gateway logged:\n{}",
+        logs()
     );
     assert!(
         rest.contains("heartbeat_ack") && rest.contains("term-1"),
-        "no heartbeat after reconnect: {rest}"
+        "no heartbeat after reconnect: {rest}\nthe gateway logged:\n{}",
+        logs()
     );
 }
 
