@@ -185,13 +185,19 @@ impl FastVisitor<'_> {
         self.plain && name != "message" && !name.starts_with("log.") && !name.starts_with("r#")
     }
 
-    /// Writes ` name=` (the space only after another field).
-    fn name(&mut self, field: &Field) -> fmt::Result {
+    /// A space before every field but the first.
+    fn separate(&mut self) -> fmt::Result {
         if self.is_empty {
             self.is_empty = false;
+            Ok(())
         } else {
-            self.writer.write_char(' ')?;
+            self.writer.write_char(' ')
         }
+    }
+
+    /// Writes ` name=` (the space only after another field).
+    fn name(&mut self, field: &Field) -> fmt::Result {
+        self.separate()?;
         self.writer.write_str(field.name())?;
         self.writer.write_char('=')
     }
@@ -246,13 +252,7 @@ impl FastVisitor<'_> {
                 drop(text);
                 return self.delegate(field, |v| v.record_debug(field, value));
             }
-            if self.is_empty {
-                self.is_empty = false;
-            } else if let Err(e) = self.writer.write_char(' ') {
-                self.result = Err(e);
-                return;
-            }
-            self.result = self.writer.write_str(&text);
+            self.result = self.separate().and_then(|()| self.writer.write_str(&text));
         });
     }
 

@@ -287,7 +287,7 @@ impl Pool {
         while i > 0 {
             i -= 1;
             let entry = &idle[i];
-            if entry.sender.is_closed() || now.duration_since(entry.since) > self.idle_timeout {
+            if self.is_spent(entry, now) {
                 idle.remove(i);
             } else if entry.sender.is_ready() {
                 return Some(idle.remove(i).sender);
@@ -309,8 +309,12 @@ impl Pool {
     /// Drops the connections unused for longer than the idle time, and closed ones, with
     /// no request to trigger it (the proxy's sweep, every few seconds).
     pub fn prune(&self, now: Instant) {
-        self.idle()
-            .retain(|e| !e.sender.is_closed() && now.duration_since(e.since) <= self.idle_timeout);
+        self.idle().retain(|e| !self.is_spent(e, now));
+    }
+
+    /// Closed, or unused for longer than the idle time: to be dropped, not used.
+    fn is_spent(&self, entry: &Idle, now: Instant) -> bool {
+        entry.sender.is_closed() || now.duration_since(entry.since) > self.idle_timeout
     }
 
     fn idle(&self) -> MutexGuard<'_, Vec<Idle>> {

@@ -53,6 +53,15 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// What only the gateway sets (or withholds): a client-sent copy is always removed.
+const GATEWAY_SET: [HeaderName; 5] = [
+    X_AGENT_ID,
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    header::FORWARDED,
+];
+
 /// Marks a response the proxy produced, so the request observer leaves the access log to
 /// the proxy's own, richer line.
 #[derive(Debug, Clone, Copy)]
@@ -108,7 +117,17 @@ pub(crate) async fn handle_route(
         ),
         Ok(caller) => {
             let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-            let r = forward(&proxy, &route, req, peer.as_ref(), &caller, &request_id).await;
+            let upgrade = client_upgrade.is_some();
+            let r = forward(
+                &proxy,
+                &route,
+                req,
+                upgrade,
+                peer.as_ref(),
+                &caller,
+                &request_id,
+            )
+            .await;
             let r = r.map(|(resp, upstream)| (upgrade_or_plain(resp, client_upgrade), upstream));
             (r, caller.describe())
         }
@@ -159,11 +178,13 @@ pub(crate) async fn handle_route(
 /// The upstream's response and the upstream's index in the route.
 type Forwarded = (hyper::Response<Incoming>, usize);
 
-/// Sends the request to an upstream of `route`, retrying as the route allows.
+/// Sends the request to an upstream of `route`, retrying as the route allows; `upgrade`:
+/// the client asked for a protocol upgrade ([`is_upgrade`]).
 async fn forward(
     proxy: &Proxy,
     route: &Route,
     req: Request,
+    upgrade: bool,
     peer: Option<&Peer>,
     caller: &Caller,
     request_id: &HeaderValue,
@@ -171,7 +192,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let headers = std::mem::take(&mut parts.headers);
     let mut headers = Some(upstream_headers(
-        headers, &parts.uri, route, peer, caller, request_id,
+        headers, upgrade, &parts.uri, route, peer, caller, request_id,
     ));
     // A request without a body can be sent again as it was; one with a body was streamed
     // and is gone (the body is never buffered).
@@ -313,16 +334,18 @@ fn upgrade_or_plain(
     Response::from_parts(parts, Body::new(body))
 }
 
-/// The client's headers made into the upstream request's (in place: no copy of the map).
+/// The client's headers made into the upstream request's (in place: no copy of the map);
+/// `upgrade`: they ask for a protocol upgrade ([`is_upgrade`], already looked at).
 fn upstream_headers(
     mut headers: HeaderMap,
+    upgrade: bool,
     uri: &Uri,
     route: &Route,
     peer: Option<&Peer>,
     caller: &Caller,
     request_id: &HeaderValue,
 ) -> HeaderMap {
-    let upgrade = is_upgrade(&headers)
+    let upgrade = upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
     // The upstream client writes the upstream's authority when Host is absent.
@@ -336,18 +359,11 @@ fn upstream_headers(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut headers);
-    // Client-sent copies of what the gateway sets or withholds. `insert` below replaces
-    // every value of its name, but not every one is always inserted: all are removed, in
-    // one pass over the names present when there is one (most requests carry none).
-    let spoofable = [
-        X_AGENT_ID,
-        X_FORWARDED_FOR,
-        X_FORWARDED_PROTO,
-        X_FORWARDED_HOST,
-        header::FORWARDED,
-    ];
-    if headers.keys().any(|name| spoofable.contains(name)) {
-        for name in spoofable {
+    // `insert` below replaces every value of its name, but not every one of these is
+    // always inserted: all are removed, in one pass over the names present when there is
+    // one (most requests carry none).
+    if headers.keys().any(|name| GATEWAY_SET.contains(name)) {
+        for name in &GATEWAY_SET {
             headers.remove(name);
         }
     }
