@@ -9,6 +9,13 @@
 //! requests in 3 s, 0.8 `write`, 0.8 `sched_yield` and 0.3 `futex` calls per request;
 //! BENCHMARKS.md, "Proxy").
 //!
+//! While lines keep coming, the writing thread does not wait to be woken: it looks at the
+//! buffer again every [`BATCH_DELAY`] and only after [`LINGER`] without a line sleeps
+//! until the next one. So a steady stream of lines (the proxy's access log at any rate
+//! above a few a second) never has a thread that logs make the `futex` call that wakes
+//! it, a call that sits in the request's path and, on an idle CPU of a virtual machine,
+//! costs an inter-processor interrupt. An idle process still has a sleeping log thread.
+//!
 //! No line is dropped: past [`MAX_WAITING`] bytes waiting, a thread that logs waits for the
 //! writing thread. Lines appear within [`BATCH_DELAY`] of being logged while the output
 //! keeps up (a stalled pipe holds them, then the threads that log). The
@@ -16,6 +23,7 @@
 //! after that are written directly.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,6 +32,10 @@ use tracing_subscriber::fmt::MakeWriter;
 
 /// How long the writing thread lets lines gather once the first one of a batch came.
 pub const BATCH_DELAY: Duration = Duration::from_millis(5);
+
+/// How long the writing thread keeps looking every [`BATCH_DELAY`] after the last line
+/// before it sleeps until woken.
+pub const LINGER: Duration = Duration::from_millis(100);
 
 /// Bytes waiting past which a thread that logs waits for the writing thread.
 pub const MAX_WAITING: usize = 4 << 20;
@@ -51,6 +63,8 @@ struct Shared {
     /// Threads that log wait here while [`State::max_waiting`] bytes are waiting.
     room: Condvar,
     out: Mutex<Box<dyn Write + Send>>,
+    /// How often a thread that logs woke the writing thread.
+    wakes: AtomicUsize,
 }
 
 struct State {
@@ -89,6 +103,7 @@ impl BatchWriter {
             lines: Condvar::new(),
             room: Condvar::new(),
             out: Mutex::new(Box::new(out)),
+            wakes: AtomicUsize::new(0),
         });
         let thread = std::thread::Builder::new()
             .name("agentgate-log".into())
@@ -139,6 +154,7 @@ impl Shared {
         state.idle = false;
         drop(state);
         if wake {
+            self.wakes.fetch_add(1, Ordering::Relaxed);
             self.lines.notify_one();
         }
     }
@@ -146,16 +162,34 @@ impl Shared {
     /// The writing thread.
     fn write_batches(&self) {
         let mut batch = Vec::new();
+        let linger_rounds = LINGER.as_millis() / BATCH_DELAY.as_millis().max(1);
+        // Rounds since the last line; at the start there was none for a long time.
+        let mut quiet = linger_rounds;
         loop {
             let mut state = self.state();
-            while state.buf.is_empty() && !state.closing {
-                state.idle = true;
-                state = self
-                    .lines
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
+            if state.buf.is_empty() && !state.closing {
+                if quiet < linger_rounds {
+                    // Lines came lately: look again after a batch's delay.
+                    quiet += 1;
+                    drop(state);
+                    std::thread::sleep(BATCH_DELAY);
+                    continue;
+                }
+                while state.buf.is_empty() && !state.closing {
+                    state.idle = true;
+                    state = self
+                        .lines
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                state.idle = false;
+                if !state.closing {
+                    // Let the batch gather.
+                    drop(state);
+                    std::thread::sleep(BATCH_DELAY);
+                    state = self.state();
+                }
             }
-            state.idle = false;
             if state.buf.is_empty() {
                 // Closing, and everything is written.
                 state.direct = true;
@@ -166,12 +200,7 @@ impl Shared {
                 }
                 return;
             }
-            if !state.closing {
-                // Let the batch gather.
-                drop(state);
-                std::thread::sleep(BATCH_DELAY);
-                state = self.state();
-            }
+            quiet = 0;
             std::mem::swap(&mut state.buf, &mut batch);
             let blocked = state.blocked > 0;
             drop(state);
@@ -182,6 +211,10 @@ impl Shared {
             batch.clear();
             if batch.capacity() > KEEP_CAPACITY {
                 batch = Vec::new();
+            }
+            if !self.state().closing {
+                // What came during the write waits for the next batch.
+                std::thread::sleep(BATCH_DELAY);
             }
         }
     }
@@ -226,7 +259,7 @@ impl<'a> MakeWriter<'a> for BatchWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     use std::time::Instant;
 
     /// A sink that records what it got, and the number of `write` calls; it blocks while
@@ -313,6 +346,40 @@ mod tests {
             }
         }
         assert_eq!(sink.text(), "first\nsecond\n");
+    }
+
+    /// While lines keep coming, the writing thread looks for them itself: threads that log
+    /// wake it only for the first line after a quiet spell (at most a few times here, where
+    /// waking it for each batch would be 20 times and more), also when lines come further
+    /// apart than a batch's delay; and it goes back to sleep when the lines stop, so an idle
+    /// process has no thread waking every few milliseconds.
+    #[test]
+    fn a_steady_stream_of_lines_does_not_wake_the_writing_thread_for_each_batch() {
+        let sink = Sink::default();
+        let (writer, _flush) = BatchWriter::new(sink.clone()).unwrap();
+        let asleep = || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !writer.shared.state().idle {
+                assert!(Instant::now() < deadline, "the writing thread never slept");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        asleep();
+        for i in 0..60 {
+            line(&writer, &format!("line {i}\n"));
+            let gap = if i < 40 {
+                2
+            } else {
+                3 * BATCH_DELAY.as_millis() as u64
+            };
+            std::thread::sleep(Duration::from_millis(gap));
+        }
+        let wakes = writer.shared.wakes.load(Ordering::Relaxed);
+        assert!((1..=3).contains(&wakes), "{wakes} wake-ups for 60 lines");
+        asleep();
+        assert_eq!(sink.text().lines().count(), 60);
+        line(&writer, "after a quiet spell\n");
+        assert_eq!(writer.shared.wakes.load(Ordering::Relaxed), wakes + 1);
     }
 
     /// Past the limit of bytes waiting, a thread that logs waits for the writing thread
