@@ -25,6 +25,11 @@
 #              X-Forwarded-For (`option forwardfor`) and the other headers, a request id;
 #              nbthread = number of cores. A third proxy, for what a proxy hop costs on
 #              the machine at all (when haproxy is installed; HAPROXY=0 leaves it out).
+#   tcp-relay: the same haproxy relaying TCP (`mode tcp`) to the upstream's TLS port: the
+#              client's TLS session ends at the upstream as in direct-tls, so its overhead
+#              is what one hop through a process costs here (two more wake-ups, two more
+#              loopback sends) with no TLS, HTTP or header work: the floor under any
+#              TLS-terminating proxy's overhead on the machine. Latency part only.
 # All log every request (agentgate's access line, nginx's access_log, haproxy's httplog) to a file in the
 # first throughput pass and nothing in the second (LOGS="on off").
 #
@@ -58,6 +63,7 @@ nginx_port=$((port + 1))
 up_port=$((port + 2))
 up_tls_port=$((port + 3))
 haproxy_port=$((port + 4))
+relay_port=$((port + 5))
 with_haproxy=${HAPROXY:-1}
 command -v haproxy >/dev/null || with_haproxy=0
 cores=$(nproc)
@@ -239,13 +245,13 @@ global
 defaults
     mode http
     log global
-    $httplog
     timeout connect 5s
     timeout client 30s
     timeout server 30s
     http-reuse always
 frontend fe
     bind 127.0.0.1:$haproxy_port ssl crt $work/haproxy.pem alpn http/1.1
+    $httplog
     option forwardfor
     http-request set-header X-Forwarded-Proto https
     http-request set-header X-Forwarded-Host %[req.hdr(host)]
@@ -256,6 +262,13 @@ frontend fe
 backend be
     http-request replace-path /open(/.*) \1
     server up 127.0.0.1:$up_port
+frontend relay
+    mode tcp
+    bind 127.0.0.1:$relay_port
+    default_backend relay_up
+backend relay_up
+    mode tcp
+    server up_tls 127.0.0.1:$up_tls_port
 CONF
     "${run_nice[@]}" haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy-$1.log" 2>&1 &
     hp_pid=$!
@@ -293,7 +306,8 @@ start_gateway on
 start_nginx on
 start_haproxy on
 haproxy_target=()
-[ "$with_haproxy" = 1 ] && haproxy_target=(--target "haproxy=https://127.0.0.1:$haproxy_port/open/x")
+[ "$with_haproxy" = 1 ] && haproxy_target=(--target "haproxy=https://127.0.0.1:$haproxy_port/open/x"
+    --target "tcp-relay=https://127.0.0.1:$relay_port/x")
 echo "== latency: agentgate-bench proxy --rates $rates --secs $secs --rounds $rounds" | tee -a "$out/log.txt"
 "${run_nice[@]}" "$sim" proxy --rates "$rates" --secs "$secs" --rounds "$rounds" --connections 32 \
     --baseline direct-tls --header "$auth" \
