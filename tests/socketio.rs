@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use tokio_tungstenite::tungstenite::Message;
 
 const HEARTBEAT: fn() -> Value =
@@ -70,6 +71,83 @@ async fn heartbeat_over_websocket_is_acknowledged_and_recorded() {
     let hb = state.last_heartbeat.expect("heartbeat recorded");
     assert_eq!(hb.payload["disk_usage"], 7);
     assert_eq!(state.sessions[0].remote_addr.ip().to_string(), "127.0.0.1");
+    server.stop().await;
+}
+
+/// Two threads that spin until dropped: the server's tasks get preempted as on a busy
+/// machine.
+struct Spinners(
+    Arc<std::sync::atomic::AtomicBool>,
+    Vec<std::thread::JoinHandle<()>>,
+);
+
+impl Spinners {
+    fn start(n: usize) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self(stop, threads)
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.1.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The session is registered and its handlers installed before the agent is told it is
+/// connected (`handlers::register`, a connect middleware), so an agent that emits its
+/// first heartbeat the moment it is connected, as python-socketio agents do, gets it
+/// answered. socketioxide runs the connect handler after it sent the CONNECT answer, in a
+/// task of its own; when the registration was there, a busy machine lost about 1 first
+/// heartbeat in 60 connects. Each of 60 connects here looks at the registry the moment
+/// the answer is read, with threads spinning beside the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_registered_before_it_is_told_that_it_is_connected() {
+    let server = TestServer::start().await;
+    let agent = server.pki.agent("early-1");
+    assert_eq!(server.upload(&agent).await.0, 200);
+    let id = "early-1".parse().unwrap();
+    let spinners = Spinners::start(2);
+    let mut unregistered = Vec::new();
+    for i in 0..60 {
+        let mut sio = connected(&server, Some(&agent)).await;
+        let sid = sio
+            .sid
+            .clone()
+            .expect("a v5 CONNECT answer carries the sid");
+        let sessions = server.agents.registry.sessions_of(&id, None);
+        if !sessions.iter().any(|s| s.to_string() == sid) {
+            unregistered.push(i);
+        }
+        sio.emit("heartbeat", HEARTBEAT()).await;
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), sio.next_event())
+            .await
+            .ok()
+            .flatten();
+        assert_eq!(
+            answer.map(|(name, _)| name).as_deref(),
+            Some("heartbeat_ack"),
+            "connect {i}: the first heartbeat went unanswered"
+        );
+    }
+    drop(spinners);
+    assert!(
+        unregistered.is_empty(),
+        "connects told before their session was registered: {unregistered:?}"
+    );
     server.stop().await;
 }
 

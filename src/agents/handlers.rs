@@ -62,17 +62,26 @@ pub async fn authenticate(
     }
 }
 
-/// Registers the session, joins the agent's room (`agent:<id>`, which commands from any
-/// node address) and installs the event handlers. Generic over the adapter: the same
-/// code runs on one node and in a cluster.
-pub async fn on_connect<A: Adapter>(
+/// Connect middleware, run after [`authenticate`]: registers the session, joins the
+/// agent's room (`agent:<id>`, which commands from any node address) and installs the
+/// event handlers. Generic over the adapter: the same code runs on one node and in a
+/// cluster.
+///
+/// A middleware, not the connect handler, because of the order socketioxide keeps:
+/// middlewares run before it sends the client its namespace CONNECT packet, the handler
+/// after, in a task of its own. Done in the handler, an agent that emits as soon as it is
+/// connected (python-socketio agents send their first heartbeat then) could have that
+/// event read before the handler had run: no `heartbeat` handler yet, the event dropped
+/// unanswered, and the session unregistered for a while. On a busy machine that lost
+/// about 1 first heartbeat in 60 connects (tests/cli.rs).
+pub async fn register<A: Adapter>(
     socket: SocketRef<A>,
     MaybeHttpExtension(peer): MaybeHttpExtension<Peer>,
     State(state): State<AgentsState>,
-) {
+) -> Result<(), ConnectRefused> {
     let Some(peer) = peer else {
         // Every request gets a Peer from the server; a socket without one cannot exist.
-        return;
+        return Ok(());
     };
     let identity = peer.identity.clone();
     state.registry.connect(
@@ -100,7 +109,12 @@ pub async fn on_connect<A: Adapter>(
     }
     socket.on("heartbeat", OnHeartbeat);
     socket.on_disconnect(on_disconnect::<A>);
+    Ok(())
 }
+
+/// The connect handler: [`authenticate`] and [`register`] did everything before the
+/// client was told it is connected.
+pub async fn on_connect() {}
 
 /// The `heartbeat` handler, run inline where socketioxide would spawn a task.
 ///

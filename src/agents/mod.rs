@@ -165,7 +165,8 @@ impl Agents {
         // With the local adapter, initialising a namespace cannot fail or wait.
         io.ns(
             "/",
-            handlers::on_connect::<socketioxide::adapter::LocalAdapter>
+            handlers::on_connect
+                .with(handlers::register::<socketioxide::adapter::LocalAdapter>)
                 .with(handlers::authenticate),
         );
         (
@@ -205,7 +206,9 @@ impl Agents {
         // With a remote adapter the namespace exists only once this resolves (DESIGN.md).
         io.ns(
             "/",
-            handlers::on_connect::<ClusterAdapter>.with(handlers::authenticate),
+            handlers::on_connect
+                .with(handlers::register::<ClusterAdapter>)
+                .with(handlers::authenticate),
         )
         .await
         .map_err(|e| ClusterStartError::Namespace(e.to_string()))?;
