@@ -106,6 +106,20 @@ fn answer_one(mut sio: Box<SioWs>) -> tokio::task::JoinHandle<(String, Box<SioWs
     })
 }
 
+/// Answers every command on `sio` with `{"done": <data>}` (events without an ack id are
+/// read and left) until the task is aborted. For commands sent while Redis heals: a try
+/// that fails with 503 or 504 is tried again, and one that reached the agent must not use
+/// up the agent's only answer.
+fn answer_all(mut sio: Box<SioWs>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some((_, data, ack)) = sio.next_event_with_ack().await {
+            if let Some(id) = ack {
+                sio.ack(id, json!({ "done": data })).await;
+            }
+        }
+    })
+}
+
 /// The agents of a `GET /agents` page, by id.
 fn agents_of(body: &Value) -> Vec<(String, Value)> {
     body["agents"]
@@ -412,7 +426,7 @@ async fn a_redis_outage_keeps_local_agents_serving_answers_503_for_cluster_opera
 
     // Redis comes back on the same port (empty: no persistence); nothing is restarted.
     redis.restart();
-    let answering = answer_one(sio_b);
+    let answering = answer_all(sio_b);
     let patience = Patience::new("a cross-node command works again");
     let body = loop {
         let (status, body) = a
@@ -428,7 +442,7 @@ async fn a_redis_outage_keeps_local_agents_serving_answers_503_for_cluster_opera
         patience.again((status, body)).await;
     };
     assert_eq!(body["reply"], json!({"done": 2}));
-    answering.await.unwrap();
+    answering.abort();
     wait_connected(&a, 2).await;
     let text = metrics_of(&a).await;
     assert_eq!(metric(&text, "agentgate_redis_connected"), 1.0, "{text}");
