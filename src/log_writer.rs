@@ -159,22 +159,45 @@ impl Shared {
         }
     }
 
-    /// The writing thread.
+    /// The writing thread: each round takes what is waiting and writes it, then waits a
+    /// batch's delay, or, after [`LINGER`] without a line, until a line wakes it.
     fn write_batches(&self) {
         let mut batch = Vec::new();
         let linger_rounds = LINGER.as_millis() / BATCH_DELAY.as_millis().max(1);
-        // Rounds since the last line; at the start there was none for a long time.
+        // Rounds without a line; at the start there was none for a long time.
         let mut quiet = linger_rounds;
         loop {
             let mut state = self.state();
-            if state.buf.is_empty() && !state.closing {
-                if quiet < linger_rounds {
-                    // Lines came lately: look again after a batch's delay.
-                    quiet += 1;
-                    drop(state);
-                    std::thread::sleep(BATCH_DELAY);
-                    continue;
+            std::mem::swap(&mut state.buf, &mut batch);
+            let closing = state.closing;
+            let blocked = state.blocked > 0;
+            if batch.is_empty() && closing {
+                // Everything is written.
+                state.direct = true;
+            }
+            drop(state);
+            if blocked {
+                self.room.notify_all();
+            }
+            if batch.is_empty() {
+                if closing {
+                    return;
                 }
+                quiet += 1;
+            } else {
+                quiet = 0;
+                self.write_out(&batch);
+                batch.clear();
+                if batch.capacity() > KEEP_CAPACITY {
+                    batch = Vec::new();
+                }
+            }
+            if closing {
+                // Write what is left at once.
+                continue;
+            }
+            if quiet >= linger_rounds {
+                let mut state = self.state();
                 while state.buf.is_empty() && !state.closing {
                     state.idle = true;
                     state = self
@@ -183,39 +206,12 @@ impl Shared {
                         .unwrap_or_else(PoisonError::into_inner);
                 }
                 state.idle = false;
-                if !state.closing {
-                    // Let the batch gather.
-                    drop(state);
-                    std::thread::sleep(BATCH_DELAY);
-                    state = self.state();
+                if state.closing {
+                    continue;
                 }
             }
-            if state.buf.is_empty() {
-                // Closing, and everything is written.
-                state.direct = true;
-                let blocked = state.blocked > 0;
-                drop(state);
-                if blocked {
-                    self.room.notify_all();
-                }
-                return;
-            }
-            quiet = 0;
-            std::mem::swap(&mut state.buf, &mut batch);
-            let blocked = state.blocked > 0;
-            drop(state);
-            if blocked {
-                self.room.notify_all();
-            }
-            self.write_out(&batch);
-            batch.clear();
-            if batch.capacity() > KEEP_CAPACITY {
-                batch = Vec::new();
-            }
-            if !self.state().closing {
-                // What came during the write waits for the next batch.
-                std::thread::sleep(BATCH_DELAY);
-            }
+            // Let the batch gather.
+            std::thread::sleep(BATCH_DELAY);
         }
     }
 }
